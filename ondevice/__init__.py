@@ -1,0 +1,1 @@
+"""ondevice: privacy-first personalization on the user's own machine."""

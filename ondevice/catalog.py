@@ -1,0 +1,101 @@
+"""The catalog: what the operator knows about items, shipped to the device in a bundle.
+
+A :class:`Catalog` holds nothing about any single user. It is built by the operator from a
+consenting panel's interactions (``ondevice.operator``), written and signed as a bundle
+file (``ondevice.operator.bundle_writer``) and verified and loaded on the device
+(``ondevice.bundle``). The device-side levels read it; they never write it.
+
+Arrays are numpy arrays with fixed dtypes so they can be memory-mapped straight from
+the bundle file:
+
+- ``popularity``: ``float32[n]``, global popularity (higher is more popular).
+- ``neighbours``: CSR adjacency of the sparse item-item similarity graph: for item ``i``
+  its top-N neighbours are ``nbr_indices[nbr_indptr[i]:nbr_indptr[i+1]]`` (``int32``,
+  item indices) with similarities ``nbr_weights[...]`` (``float32``), sorted by weight,
+  descending. ``nbr_indptr`` is ``int64[n + 1]``.
+- ``item_factors``: ``float32[n, f]`` implicit-ALS item factors ``Y`` or ``None``;
+  ``gram``: ``float32[f, f]`` equal to ``Y.T @ Y`` (``None`` with the factors).
+- each segment's ``top_items``: ``int32`` item indices, best first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["AlsParams", "Catalog", "Segment", "SegmentRule"]
+
+FloatArray = npt.NDArray[np.float32]
+IntArray = npt.NDArray[np.int32]
+Int64Array = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentRule:
+    """Assigns a segment from declared signals: every named signal must take one of the
+    listed values (``when={"plan": ("pro", "team")}``). Rules are tried in order; the
+    first that matches wins."""
+
+    segment: int
+    when: Mapping[str, Sequence[str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """One segment: a coarse group of at least ``panel_users`` panel users.
+
+    ``centroid`` (``float32[f]``, unit length, in item-factor space) is set for
+    behaviour segments, assigned by cosine to the user's folded-in vector; it is
+    ``None`` for rule-only segments.
+    """
+
+    id: int
+    name: str
+    panel_users: int
+    top_items: IntArray
+    centroid: FloatArray | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AlsParams:
+    """The implicit-ALS hyper-parameters the item factors were trained with; the device
+    must fold in with the same ones. Confidence is ``1 + alpha * r``."""
+
+    factors: int
+    regularization: float
+    alpha: float
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    """Everything a device needs to recommend, with no user's data in it."""
+
+    item_ids: tuple[str, ...]
+    titles: tuple[str, ...]
+    popularity: FloatArray
+    nbr_indptr: Int64Array
+    nbr_indices: IntArray
+    nbr_weights: FloatArray
+    segments: tuple[Segment, ...] = ()
+    segment_rules: tuple[SegmentRule, ...] = ()
+    default_segment: int = 0
+    categories: tuple[tuple[str, ...], ...] | None = None
+    item_factors: FloatArray | None = None
+    gram: FloatArray | None = None
+    als: AlsParams | None = None
+    name: str = "catalog"
+    created_at: float = 0.0
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def n_items(self) -> int:
+        """How many items the catalog holds."""
+        return len(self.item_ids)
+
+    def neighbours_of(self, index: int) -> tuple[IntArray, FloatArray]:
+        """The top-N neighbours of item ``index`` and their similarities."""
+        lo, hi = int(self.nbr_indptr[index]), int(self.nbr_indptr[index + 1])
+        return self.nbr_indices[lo:hi], self.nbr_weights[lo:hi]
