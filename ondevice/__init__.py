@@ -1,1 +1,67 @@
-"""ondevice: privacy-first personalization on the user's own machine."""
+"""ondevice: privacy-first personalization on the user's own machine.
+
+Every profile, interaction and recommendation lives in one encrypted SQLCipher file on
+the user's machine; the only thing that may ever leave it is a randomized segment ID.
+Start with :class:`PersonalizationEngine`.
+"""
+
+from __future__ import annotations
+
+from .engine import PersonalizationEngine, ProfileReport, UserReport
+from .errors import (
+    BudgetExhaustedError,
+    BundleError,
+    ExportError,
+    InvalidInputError,
+    KeychainUnavailableError,
+    KeyProviderError,
+    OndeviceError,
+    PolicyViolationError,
+    ProfileBusyError,
+    ProfileClosedError,
+    ProfileError,
+    ProfileNotFoundError,
+    ProfileUnreadableError,
+    ProfileVersionError,
+    StorageError,
+    SyncError,
+    ValidationError,
+)
+from .keys import Argon2Params, Keychain, KeyProvider, Passphrase, RawKey
+from .policy import ContextField, FieldPurpose, Interaction, Policy, PrivacyLevel, Signal
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Argon2Params",
+    "BudgetExhaustedError",
+    "BundleError",
+    "ContextField",
+    "ExportError",
+    "FieldPurpose",
+    "Interaction",
+    "InvalidInputError",
+    "KeyProvider",
+    "KeyProviderError",
+    "Keychain",
+    "KeychainUnavailableError",
+    "OndeviceError",
+    "Passphrase",
+    "PersonalizationEngine",
+    "Policy",
+    "PolicyViolationError",
+    "PrivacyLevel",
+    "ProfileBusyError",
+    "ProfileClosedError",
+    "ProfileError",
+    "ProfileNotFoundError",
+    "ProfileReport",
+    "ProfileUnreadableError",
+    "ProfileVersionError",
+    "RawKey",
+    "Signal",
+    "StorageError",
+    "SyncError",
+    "UserReport",
+    "ValidationError",
+]

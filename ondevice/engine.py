@@ -1,0 +1,758 @@
+"""``PersonalizationEngine``: the one front door.
+
+Opens (or creates) an encrypted profile directory, validates every write against the
+declared policy and the privacy level, enforces the rolling window and the retention
+period inside the write transaction, and answers "what do you know about me?",
+"give me my data" and "forget me".
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final
+
+from . import _db
+from .errors import (
+    ExportError,
+    InvalidInputError,
+    KeyProviderError,
+    OndeviceError,
+    PolicyViolationError,
+    ProfileClosedError,
+    ProfileError,
+    ProfileNotFoundError,
+    ProfileUnreadableError,
+    StorageError,
+)
+from .export import (
+    EXPORT_FORMAT,
+    EXPORT_VERSION,
+    day_to_iso,
+    decode_export,
+    encode_export,
+    iso_to_day,
+)
+from .keys import KEY_FILE, KeyProvider, Keychain, Passphrase, fsync_dir, write_atomic
+from .policy import (
+    FieldPurpose,
+    Interaction,
+    Policy,
+    PrivacyLevel,
+    SignalValue,
+    check_id,
+)
+from .store import SCHEMA_VERSION, Store
+
+__all__ = ["PersonalizationEngine", "ProfileReport", "UserReport"]
+
+log = logging.getLogger(__name__)
+
+DB_FILE: Final = "profile.db"
+_SIDE_FILES: Final = ("-wal", "-shm", "-journal")
+
+
+@dataclass(frozen=True, slots=True)
+class UserReport:
+    """What the profile holds about one user, and why."""
+
+    user_id: str
+    created_at: float
+    signals: Mapping[str, SignalValue]
+    interactions: int
+    oldest_interaction: float | None
+    newest_interaction: float | None
+    context_values: int
+    active_days: int
+    derived: tuple[str, ...]
+    blocked_items: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "user_id": self.user_id,
+            "created_at": self.created_at,
+            "signals": dict(self.signals),
+            "interactions": self.interactions,
+            "oldest_interaction": self.oldest_interaction,
+            "newest_interaction": self.newest_interaction,
+            "context_values": self.context_values,
+            "active_days": self.active_days,
+            "derived": list(self.derived),
+            "blocked_items": self.blocked_items,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileReport:
+    """The answer to "what do you know about me, and why?".
+
+    ``fields`` lists every field the profile may store, with its purpose, retention and
+    the level from which it is collected; ``collected`` is True for the fields the
+    current level collects.
+    """
+
+    privacy_level: PrivacyLevel
+    window: int
+    retention_days: float
+    fields: tuple[FieldPurpose, ...]
+    users: tuple[UserReport, ...]
+    encryption: str = "SQLCipher 4 (AES-256-CBC + HMAC-SHA512 per page), raw 256-bit key"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "privacy_level": self.privacy_level.value,
+            "window": self.window,
+            "retention_days": self.retention_days,
+            "encryption": self.encryption,
+            "fields": [
+                {**f.to_dict(), "collected": self.privacy_level.allows(f.min_level)}
+                for f in self.fields
+            ],
+            "users": [u.to_dict() for u in self.users],
+            **dict(self.extra),
+        }
+
+
+class PersonalizationEngine:
+    """Personalization on the user's machine, from one encrypted profile directory.
+
+    ::
+
+        with PersonalizationEngine("~/.myapp/profile", key=Passphrase("...")) as engine:
+            engine.update_profile("alice", {"item_id": "sku-1", "event": "view"})
+            print(engine.report("alice").to_dict())
+
+    Parameters (all keyword-only except ``path``):
+
+    ``path``
+        The profile directory (created with mode 0700 if missing). It holds
+        ``profile.db`` (SQLCipher; plus ``-wal``/``-shm`` while open) and ``key.json``.
+    ``privacy_level``
+        One of ``none``, ``segment``, ``behavioral``, ``contextual``, ``individual``.
+        ``None`` keeps the stored level (``behavioral`` for a new profile). A level lower
+        than the stored one *purges* what it does not collect, at open.
+    ``key``
+        A :class:`~ondevice.keys.KeyProvider`: :class:`~ondevice.keys.RawKey`,
+        :class:`~ondevice.keys.Passphrase` or :class:`~ondevice.keys.Keychain`. ``None``
+        means the OS keychain, and fails with KeychainUnavailableError if there is no
+        secure one.
+    ``policy``
+        The declared signals, context fields, events, window and retention. ``None``
+        keeps the stored policy (the defaults for a new profile). Fields no longer
+        declared are purged at open.
+    ``create``
+        Create the profile if the directory holds none (else ProfileNotFoundError).
+    ``clock``
+        Returns Unix seconds; injectable for tests of retention.
+    ``busy_timeout``
+        Seconds to wait for another process's write lock.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        privacy_level: PrivacyLevel | str | None = None,
+        key: KeyProvider | None = None,
+        policy: Policy | None = None,
+        create: bool = True,
+        clock: Callable[[], float] = time.time,
+        busy_timeout: float = 10.0,
+    ) -> None:
+        self._dir = Path(path).expanduser()
+        self._clock = clock
+        self._provider: KeyProvider = key if key is not None else Keychain()
+        if not isinstance(self._provider, KeyProvider):
+            raise InvalidInputError("key must be a RawKey, Passphrase or Keychain")
+        if policy is not None and not isinstance(policy, Policy):
+            raise InvalidInputError("policy must be an ondevice.Policy")
+        wanted = PrivacyLevel.parse(privacy_level) if privacy_level is not None else None
+        if not (isinstance(busy_timeout, int | float) and 0 < busy_timeout <= 3600):
+            raise InvalidInputError("busy_timeout must be between 0 and 3600 seconds")
+        self._busy_timeout = float(busy_timeout)
+        self._store = self._open(create)
+        try:
+            self._level, self._policy = self._settle(wanted, policy)
+        except BaseException:
+            self._store.close()
+            raise
+
+    # -- opening ----------------------------------------------------------------------
+
+    @property
+    def _db_path(self) -> Path:
+        return self._dir / DB_FILE
+
+    def _open(self, create: bool) -> Store:
+        if self._db_path.exists():
+            return Store(self._connect_existing())
+        if not create:
+            raise ProfileNotFoundError(f"no ondevice profile in {self._dir}")
+        try:
+            self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create {self._dir}: {exc.strerror}") from exc
+        if (self._dir / KEY_FILE).exists():
+            # Key material without a database: a creation interrupted before the
+            # database was written. Nothing can be encrypted under it; start afresh.
+            log.warning("removing key material left by an interrupted profile creation")
+            with contextlib.suppress(OndeviceError):
+                self._provider.release(self._dir)
+            self._provider.destroy(self._dir)
+        key = self._provider.create(self._dir)
+        conn = _db.connect(self._db_path, key, busy_timeout=self._busy_timeout)
+        os.chmod(self._db_path, 0o600)
+        return Store(conn)
+
+    def _connect_existing(self) -> _db.Connection:
+        keys = self._provider.load_candidates(self._dir)
+        last: ProfileError | None = None
+        for i, key in enumerate(keys):
+            try:
+                conn = _db.connect(self._db_path, key, busy_timeout=self._busy_timeout)
+            except ProfileUnreadableError as exc:
+                last = exc
+                continue
+            if len(keys) > 1:
+                if i == 0:  # the rotation never reached the database: forget it
+                    self._provider.discard_pending(self._dir)
+                else:  # the database was re-keyed: finish switching the key file
+                    log.info("finishing an interrupted key rotation")
+                    self._provider.commit_pending(self._dir)
+            return conn
+        assert last is not None
+        raise last
+
+    def _settle(
+        self, wanted: PrivacyLevel | None, policy: Policy | None
+    ) -> tuple[PrivacyLevel, Policy]:
+        """Migrate the schema, reconcile level and policy with what is stored, and apply
+        retention: the open-time minimization pass."""
+        self._store.migrate()
+        now = self._clock()
+        with self._store.write() as conn:
+            stored_level = Store.get_meta(conn, "privacy_level")
+            stored_policy = Store.get_meta(conn, "policy")
+            if Store.get_meta(conn, "profile_id") is None:
+                Store.set_meta(conn, "profile_id", str(uuid.uuid4()))
+                Store.set_meta(conn, "created_at", repr(now))
+            level = wanted or (
+                PrivacyLevel(stored_level) if stored_level else PrivacyLevel.BEHAVIORAL
+            )
+            old_policy = Policy.from_dict(_json(stored_policy)) if stored_policy else None
+            new_policy = policy or old_policy or Policy()
+            purged = 0
+            if stored_level and not level.allows(PrivacyLevel(stored_level)):
+                purged += Store.purge_for_level(conn, level)
+                log.info("privacy level lowered from %s to %s", stored_level, level.value)
+            if old_policy is not None and policy is not None:
+                purged += _purge_changed_declarations(conn, old_policy, new_policy)
+            purged += Store.purge_undeclared(conn, new_policy)
+            purged += Store.purge_expired(conn, new_policy, now)
+            for user_id in Store.user_ids(conn):
+                purged += Store.enforce_window(conn, user_id, new_policy.window)
+            Store.set_meta(conn, "privacy_level", level.value)
+            Store.set_meta(conn, "policy", new_policy.to_json())
+        if purged:
+            self._store.checkpoint()
+        return level, new_policy
+
+    # -- properties ---------------------------------------------------------------------
+
+    @property
+    def path(self) -> Path:
+        """The profile directory."""
+        return self._dir
+
+    @property
+    def privacy_level(self) -> PrivacyLevel:
+        """The current privacy level."""
+        return self._level
+
+    @property
+    def policy(self) -> Policy:
+        """The current policy (declarations, window, retention)."""
+        return self._policy
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close` or :meth:`wipe`."""
+        return self._store.closed
+
+    def now(self) -> float:
+        """The engine's clock, in Unix seconds."""
+        return float(self._clock())
+
+    # -- writes -------------------------------------------------------------------------
+
+    def update_profile(self, user_id: str, interaction: Interaction | Mapping[str, Any]) -> bool:
+        """Record one interaction of ``user_id``, in one transaction.
+
+        ``interaction`` is an :class:`~ondevice.Interaction` or a mapping with its fields
+        (``item_id``, ``event``, ``timestamp``, ``value``, ``context``). It is validated
+        against the policy first: an undeclared field raises PolicyViolationError,
+        malformed input InvalidInputError, and nothing is written.
+
+        What is stored depends on the privacy level (``none`` stores nothing). The
+        rolling window and the retention period are enforced in the same transaction.
+        Returns True if anything was stored (False at level ``none`` or when the
+        interaction is already older than the retention period).
+        """
+        return self.update_profile_many([(user_id, interaction)]) > 0
+
+    def update_profile_many(
+        self, records: Iterable[tuple[str, Interaction | Mapping[str, Any]]]
+    ) -> int:
+        """Record many ``(user_id, interaction)`` pairs in one transaction.
+
+        All records are validated before anything is written: one bad record refuses
+        the whole batch. Returns how many interactions were recorded (counted in the
+        activity counters; only the newest ``window`` per user are kept as rows).
+        """
+        now = self.now()
+        policy = self._policy
+        grouped: dict[str, list[Interaction]] = {}
+        for n, record in enumerate(records):
+            try:
+                user_id, interaction = record
+            except (TypeError, ValueError):
+                raise InvalidInputError(
+                    f"record {n} must be a (user_id, interaction) pair"
+                ) from None
+            check_id(user_id, "user_id")
+            grouped.setdefault(user_id, []).append(policy.validate_interaction(interaction, now))
+        if self._level is PrivacyLevel.NONE or not grouped:
+            return 0
+        cutoff = now - policy.retention_seconds
+        keep_items = self._level.allows(PrivacyLevel.BEHAVIORAL)
+        keep_context = self._level.allows(PrivacyLevel.CONTEXTUAL)
+        stored = 0
+        with self._store.write() as conn:
+            for user_id, items in grouped.items():
+                fresh = [it for it in items if it.timestamp is not None and it.timestamp >= cutoff]
+                if not fresh:
+                    continue
+                stored += len(fresh)
+                Store.ensure_user(conn, user_id, now)
+                Store.count_activity(conn, user_id, fresh)
+                if keep_items:
+                    if len(fresh) > policy.window:
+                        # Only the newest `window` can survive: do not write the rest.
+                        order = sorted(range(len(fresh)), key=lambda i: (fresh[i].timestamp, i))
+                        fresh = [fresh[i] for i in sorted(order[-policy.window :])]
+                    Store.insert_interactions(conn, user_id, fresh, keep_context=keep_context)
+                    Store.enforce_window(conn, user_id, policy.window)
+                Store.purge_expired(conn, policy, now, user_id)
+        return stored
+
+    def set_signals(self, user_id: str, signals: Mapping[str, SignalValue]) -> bool:
+        """Set declared profile signals of ``user_id`` (e.g. ``{"plan": "pro"}``).
+
+        Every name must be declared in the policy and every value must fit its
+        declaration, or nothing is written. Signals are stored from the ``segment``
+        level up; at ``none`` they are validated and dropped (returns False).
+        """
+        check_id(user_id, "user_id")
+        clean = self._policy.validate_signals(signals)
+        if self._level is PrivacyLevel.NONE:
+            return False
+        now = self.now()
+        with self._store.write() as conn:
+            Store.ensure_user(conn, user_id, now)
+            Store.set_signals(conn, user_id, clean, now)
+        return True
+
+    def set_privacy_level(self, level: PrivacyLevel | str) -> None:
+        """Change the privacy level. Lowering it purges, at once, everything the new
+        level does not collect (and the purged rows are overwritten in the file)."""
+        new = PrivacyLevel.parse(level)
+        with self._store.write() as conn:
+            purged = 0 if new.allows(self._level) else Store.purge_for_level(conn, new)
+            Store.set_meta(conn, "privacy_level", new.value)
+        self._level = new
+        if purged:
+            self._store.checkpoint()
+
+    def purge_expired(self) -> int:
+        """Apply the retention rules now (they also run at open and on every write).
+        Returns how many rows were deleted."""
+        with self._store.write() as conn:
+            purged = Store.purge_expired(conn, self._policy, self.now())
+        if purged:
+            self._store.checkpoint()
+        return purged
+
+    # -- transparency -------------------------------------------------------------------
+
+    def users(self) -> list[str]:
+        """The user ids that have a profile, sorted."""
+        with self._store.read() as conn:
+            return Store.user_ids(conn)
+
+    def report(self, user_id: str | None = None) -> ProfileReport:
+        """What is stored (about ``user_id``, or everyone) and why: every field with its
+        purpose and retention, and per user what the profile holds."""
+        if user_id is not None:
+            check_id(user_id, "user_id")
+        users: list[UserReport] = []
+        with self._store.read() as conn:
+            ids = [user_id] if user_id is not None else Store.user_ids(conn)
+            for uid in ids:
+                row = Store.user_row(conn, uid)
+                if row is None:
+                    continue
+                window = Store.interactions(conn, uid)
+                users.append(
+                    UserReport(
+                        user_id=uid,
+                        created_at=row[1],
+                        signals={n: v for n, v, _ in Store.signals(conn, uid)},
+                        interactions=len(window),
+                        oldest_interaction=window[0].timestamp if window else None,
+                        newest_interaction=window[-1].timestamp if window else None,
+                        context_values=sum(len(i.context) for i in window),
+                        active_days=len({d for d, _, _ in Store.activity(conn, uid)}),
+                        derived=tuple(n for n, _, _ in Store.derived(conn, uid)),
+                        blocked_items=len(Store.blocks(conn, uid)),
+                    )
+                )
+        return ProfileReport(
+            privacy_level=self._level,
+            window=self._policy.window,
+            retention_days=self._policy.retention_days,
+            fields=tuple(self._policy.purposes()),
+            users=tuple(users),
+        )
+
+    def export_profile(self, user_id: str | None = None) -> dict[str, Any]:
+        """Everything stored about ``user_id`` (or about every user), with each field's
+        purpose, as a JSON-ready dict in the documented export format
+        (:mod:`ondevice.export`). Nothing is written to disk."""
+        if user_id is not None:
+            check_id(user_id, "user_id")
+        with self._store.read() as conn:
+            ids = [user_id] if user_id is not None else Store.user_ids(conn)
+            users = [_export_user(conn, uid) for uid in ids if Store.user_row(conn, uid)]
+        return {
+            "format": EXPORT_FORMAT,
+            "version": EXPORT_VERSION,
+            "exported_at": self.now(),
+            "schema_version": SCHEMA_VERSION,
+            "privacy_level": self._level.value,
+            "policy": self._policy.to_dict(),
+            "purposes": [p.to_dict() for p in self._policy.purposes()],
+            "users": users,
+        }
+
+    def export_profile_to(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        user_id: str | None = None,
+        passphrase: str | bytes | None = None,
+        allow_plaintext: bool = False,
+    ) -> Path:
+        """Write an export file atomically (mode 0600) and return its path.
+
+        With ``passphrase`` the file is encrypted (AES-256-GCM, Argon2id). Writing a
+        readable, plaintext export needs ``allow_plaintext=True``: nothing readable
+        reaches the disk unless the caller asks for it explicitly.
+        """
+        if passphrase is None and not allow_plaintext:
+            raise InvalidInputError(
+                "an export file is encrypted unless you ask otherwise: pass passphrase=... "
+                "or allow_plaintext=True"
+            )
+        data = encode_export(self.export_profile(user_id), passphrase=passphrase)
+        target = Path(path).expanduser()
+        try:
+            write_atomic(target, data)
+        except OSError as exc:
+            raise StorageError(f"cannot write {target}: {exc.strerror}") from exc
+        return target
+
+    def import_profile(
+        self,
+        source: Mapping[str, Any] | str | os.PathLike[str] | bytes,
+        *,
+        passphrase: str | bytes | None = None,
+    ) -> list[str]:
+        """Restore users from an export (a dict, a file path, or the file's bytes).
+
+        Each user in the export replaces that user's profile, all in one transaction:
+        an invalid export (undeclared signals, malformed interactions, wrong passphrase)
+        raises and writes nothing. What the current privacy level does not collect is
+        dropped, and retention and the window apply. Returns the imported user ids.
+        """
+        doc = self._read_export(source, passphrase)
+        now = self.now()
+        policy = self._policy
+        plans = [_plan_user(u, policy, now) for u in doc["users"]]
+        level = self._level
+        if level is PrivacyLevel.NONE:
+            return []
+        with self._store.write() as conn:
+            for plan in plans:
+                Store.delete_user(conn, plan.user_id)
+                Store.ensure_user(conn, plan.user_id, plan.created_at)
+                if plan.signals:
+                    for name, (value, updated) in plan.signals.items():
+                        Store.set_signals(conn, plan.user_id, {name: value}, updated)
+                Store.restore_activity(conn, plan.user_id, plan.activity)
+                for name, blob, updated in plan.derived:
+                    if level.allows(PrivacyLevel.INDIVIDUAL) or name not in ("user_vector",):
+                        Store.set_derived(conn, plan.user_id, name, blob, updated)
+                if level.allows(PrivacyLevel.BEHAVIORAL):
+                    Store.insert_interactions(
+                        conn,
+                        plan.user_id,
+                        plan.interactions,
+                        keep_context=level.allows(PrivacyLevel.CONTEXTUAL),
+                    )
+                    Store.enforce_window(conn, plan.user_id, policy.window)
+                    Store.restore_blocks(conn, plan.user_id, plan.blocks)
+                Store.purge_expired(conn, policy, now, plan.user_id)
+        return [p.user_id for p in plans]
+
+    def _read_export(
+        self, source: Mapping[str, Any] | str | os.PathLike[str] | bytes, passphrase: Any
+    ) -> dict[str, Any]:
+        if isinstance(source, Mapping):
+            if source.get("format") != EXPORT_FORMAT:
+                raise ExportError("not an ondevice export (unknown format)")
+            return decode_export(_dumps(source), passphrase=None)
+        if isinstance(source, bytes):
+            return decode_export(source, passphrase=passphrase)
+        try:
+            raw = Path(source).expanduser().read_bytes()
+        except OSError as exc:
+            raise ExportError(f"cannot read the export {source}: {exc.strerror}") from exc
+        return decode_export(raw, passphrase=passphrase)
+
+    # -- forgetting ---------------------------------------------------------------------
+
+    def wipe_profile(self, user_id: str) -> bool:
+        """Delete everything stored about ``user_id``. The rows are overwritten in the
+        database pages (``secure_delete``) and the WAL is checkpointed and truncated.
+        Returns False if there was no such user."""
+        check_id(user_id, "user_id")
+        with self._store.write() as conn:
+            deleted = Store.delete_user(conn, user_id)
+        self._store.checkpoint()
+        return deleted > 0
+
+    def wipe(self) -> None:
+        """Forget everything: crypto-shred the profile.
+
+        Destroys the key material this SDK keeps (the key file is overwritten and
+        deleted, the keychain entry deleted), then deletes the database, WAL and SHM
+        files. A copy of the database taken before cannot be opened with anything left
+        behind. A :class:`~ondevice.keys.RawKey` lives in the host app: forget it there.
+        What no software can promise: a *backup* of the key file plus the passphrase
+        reopens a *backup* of the database. The engine is closed afterwards.
+        """
+        self._store.close()
+        self._provider.destroy(self._dir)
+        for suffix in ("", *_SIDE_FILES):
+            try:
+                (self._dir / (DB_FILE + suffix)).unlink(missing_ok=True)
+            except OSError as exc:
+                raise StorageError(
+                    f"the key was destroyed but {DB_FILE}{suffix} could not be deleted: "
+                    f"{exc.strerror}"
+                ) from exc
+        fsync_dir(self._dir)
+        with contextlib.suppress(OSError):
+            self._dir.rmdir()  # only if empty: never delete the host app's own files
+
+    # -- keys ---------------------------------------------------------------------------
+
+    def change_passphrase(self, new_passphrase: str | bytes) -> None:
+        """Re-wrap the data key under a new passphrase (the database is not
+        re-encrypted). Only for profiles protected by a passphrase."""
+        if not isinstance(self._provider, Passphrase):
+            raise KeyProviderError("this profile is not protected by a passphrase")
+        new = Passphrase(new_passphrase)
+        keys = self._provider.load_candidates(self._dir)
+        new.store(self._dir, keys[0])
+        self._provider = new
+
+    def rekey(self, key: KeyProvider | None = None) -> None:
+        """Rotate the data key: re-encrypt the whole database under a new random key
+        (or the given :class:`~ondevice.keys.RawKey`), optionally moving to another key
+        provider. Crash-safe: the new key is stored as *pending* before the database is
+        re-encrypted, and an interrupted rotation is finished at the next open."""
+        new = key if key is not None else self._provider
+        if not isinstance(new, KeyProvider):
+            raise InvalidInputError("key must be a RawKey, Passphrase or Keychain")
+        new_key = new._initial_key()
+        new.store(self._dir, new_key, pending=True)
+        try:
+            with self._store._lock, _db.translating():
+                self._store.conn.execute(f"PRAGMA rekey = \"x'{new_key.hex()}'\"")
+        except BaseException:
+            new.discard_pending(self._dir)
+            raise
+        if type(new) is not type(self._provider) or isinstance(new, Keychain):
+            self._provider.release(self._dir)
+        new.commit_pending(self._dir)
+        self._provider = new
+        log.info("profile data key rotated")
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the profile (idempotent). Committed data is already on disk."""
+        self._store.close()
+
+    def __enter__(self) -> PersonalizationEngine:
+        if self._store.closed:
+            raise ProfileClosedError("the engine is closed")
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else self._level.value
+        return f"PersonalizationEngine({str(self._dir)!r}, {state})"
+
+
+# -- helpers --------------------------------------------------------------------------
+
+
+def _json(text: str) -> Any:
+    import json
+
+    return json.loads(text)
+
+
+def _dumps(data: Mapping[str, Any]) -> bytes:
+    import json
+
+    try:
+        return json.dumps(data).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise ExportError(f"malformed export: {exc}") from exc
+
+
+def _purge_changed_declarations(conn: _db.Connection, old: Policy, new: Policy) -> int:
+    """Delete stored values whose declaration changed shape (type, choices, length):
+    they were validated against rules that no longer hold."""
+    total = 0
+    for kind, table, old_fields, new_fields in (
+        ("signal", "signals", old.signals, new.signals),
+        ("context", "context", old.context, new.context),
+    ):
+        before = {f.name: f for f in old_fields}
+        for f in new_fields:
+            prev = before.get(f.name)
+            if prev is not None and (prev.type, prev.choices, prev.max_length) != (
+                f.type,
+                f.choices,
+                f.max_length,
+            ):
+                log.info("%s %r changed its declaration: purging its stored values", kind, f.name)
+                total += conn.execute(f"DELETE FROM {table} WHERE name = ?", (f.name,)).rowcount
+    return total
+
+
+def _export_user(conn: _db.Connection, user_id: str) -> dict[str, Any]:
+    row = Store.user_row(conn, user_id)
+    assert row is not None
+    return {
+        "user_id": user_id,
+        "created_at": row[1],
+        "signals": [
+            {"name": n, "value": v, "updated_at": t} for n, v, t in Store.signals(conn, user_id)
+        ],
+        "interactions": [i.to_dict() for i in Store.interactions(conn, user_id)],
+        "activity": [
+            {"day": day_to_iso(d), "event": e, "count": c}
+            for d, e, c in Store.activity(conn, user_id)
+        ],
+        "derived": [
+            {"name": n, "value_b64": base64.b64encode(v).decode("ascii"), "updated_at": t}
+            for n, v, t in Store.derived(conn, user_id)
+        ],
+        "blocked_items": [
+            {"item_id": i, "created_at": t} for i, t in Store.blocks(conn, user_id)
+        ],
+    }
+
+
+@dataclass(slots=True)
+class _UserPlan:
+    user_id: str
+    created_at: float
+    signals: dict[str, tuple[SignalValue, float]]
+    interactions: list[Interaction]
+    activity: list[tuple[int, str, int]]
+    derived: list[tuple[str, bytes, float]]
+    blocks: list[tuple[str, float]]
+
+
+def _num(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ExportError(f"malformed export: {what} must be a number")
+    return float(value)
+
+
+def _plan_user(data: Any, policy: Policy, now: float) -> _UserPlan:
+    """Validate one exported user completely, before any write."""
+    if not isinstance(data, Mapping):
+        raise ExportError("malformed export: each user must be an object")
+    try:
+        user_id = check_id(data.get("user_id"), "user_id")
+        created = _num(data.get("created_at"), "created_at")
+        signals: dict[str, tuple[SignalValue, float]] = {}
+        for s in data.get("signals", []):
+            clean = policy.validate_signals({s["name"]: s["value"]})
+            signals[s["name"]] = (clean[s["name"]], _num(s["updated_at"], "updated_at"))
+        # Imported history may be older than the window of "now"-relative checks, but
+        # never in the future of this device's clock.
+        interactions = [policy.validate_interaction(i, now) for i in data.get("interactions", [])]
+        activity = []
+        for a in data.get("activity", []):
+            event = a["event"]
+            if event not in policy.events:
+                raise PolicyViolationError(f"event {event!r} is not declared")
+            count = a["count"]
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ExportError("malformed export: activity count must be a positive int")
+            activity.append((iso_to_day(a["day"]), event, count))
+        derived = []
+        for d in data.get("derived", []):
+            name = d["name"]
+            if name not in _DERIVED_NAMES:
+                raise PolicyViolationError(f"derived state {name!r} is not declared")
+            blob = base64.b64decode(d["value_b64"], validate=True)
+            derived.append((name, blob, _num(d["updated_at"], "updated_at")))
+        blocks = [
+            (check_id(b["item_id"], "item_id"), _num(b["created_at"], "created_at"))
+            for b in data.get("blocked_items", [])
+        ]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        if isinstance(exc, OndeviceError):
+            raise
+        raise ExportError(f"malformed export: {exc!r}") from exc
+    return _UserPlan(user_id, created, signals, interactions, activity, derived, blocks)
+
+
+_DERIVED_NAMES: Final = frozenset({"user_vector", "taste_aggregates"})

@@ -1,0 +1,122 @@
+"""The export format: everything stored about a user, with each field's purpose.
+
+An export is a JSON document (``format: "ondevice.export"``, ``version: 1``)::
+
+    {
+      "format": "ondevice.export", "version": 1,
+      "exported_at": 1764244800.0,          # Unix seconds, by the engine's clock
+      "privacy_level": "behavioral",
+      "policy": {...},                       # the declarations (Policy.to_dict())
+      "purposes": [{"name", "purpose", "retention_days", "collected_from_level"}],
+      "users": [{
+          "user_id": "alice", "created_at": 1764200000.0,
+          "signals": [{"name", "value", "updated_at"}],
+          "interactions": [{"item_id", "event", "timestamp", "value", "context"}],
+          "activity": [{"day": "2026-11-27", "event": "view", "count": 3}],
+          "derived": [{"name", "value_b64", "updated_at"}],
+          "blocked_items": [{"item_id", "created_at"}]
+      }]
+    }
+
+An *encrypted* export wraps those bytes (``format: "ondevice.export.encrypted"``):
+AES-256-GCM under a key derived from the export passphrase with Argon2id; the header
+(format, version, KDF parameters) is authenticated as associated data, so changing
+any byte of the file is detected.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Mapping
+from typing import Any, Final
+
+from cryptography.exceptions import InvalidTag
+
+from .errors import ExportError
+from .keys import Argon2Params, canonical, seal, unseal
+
+__all__ = [
+    "ENCRYPTED_FORMAT",
+    "EXPORT_FORMAT",
+    "EXPORT_VERSION",
+    "decode_export",
+    "encode_export",
+]
+
+EXPORT_FORMAT: Final = "ondevice.export"
+ENCRYPTED_FORMAT: Final = "ondevice.export.encrypted"
+EXPORT_VERSION: Final = 1
+#: Largest export file read (a window of 100 interactions per user makes exports small).
+MAX_EXPORT_BYTES: Final = 512 * 1024 * 1024
+
+
+def day_to_iso(day: int) -> str:
+    """Day number (days since 1970-01-01) as an ISO date."""
+    return (_dt.date(1970, 1, 1) + _dt.timedelta(days=day)).isoformat()
+
+
+def iso_to_day(text: str) -> int:
+    """Inverse of :func:`day_to_iso`; ValueError if malformed."""
+    return (_dt.date.fromisoformat(text) - _dt.date(1970, 1, 1)).days
+
+
+def encode_export(
+    data: Mapping[str, Any], *, passphrase: str | bytes | None, kdf: Argon2Params | None = None
+) -> bytes:
+    """Serialize an export; encrypted when a passphrase is given."""
+    plain = json.dumps(data, sort_keys=True, indent=1, ensure_ascii=False).encode("utf-8")
+    if passphrase is None:
+        return plain
+    secret = passphrase.encode("utf-8") if isinstance(passphrase, str) else passphrase
+    if not secret:
+        raise ExportError("the export passphrase must not be empty")
+    params = kdf or Argon2Params()
+    header = {"format": ENCRYPTED_FORMAT, "version": EXPORT_VERSION, "kdf": params.to_dict()}
+    sealed = seal(secret, params, plain, canonical(header))
+    return canonical({**header, "sealed": sealed})
+
+
+def decode_export(raw: bytes, *, passphrase: str | bytes | None) -> dict[str, Any]:
+    """Parse (and if encrypted, decrypt and verify) an export; ExportError otherwise."""
+    if len(raw) > MAX_EXPORT_BYTES:
+        raise ExportError("export file too large")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ExportError("not an ondevice export (malformed JSON)") from None
+    if not isinstance(doc, dict):
+        raise ExportError("not an ondevice export")
+    if doc.get("format") == ENCRYPTED_FORMAT:
+        if passphrase is None:
+            raise ExportError("this export is encrypted: give its passphrase")
+        secret = passphrase.encode("utf-8") if isinstance(passphrase, str) else passphrase
+        _check_version(doc)
+        try:
+            params = Argon2Params.from_dict(doc["kdf"])
+            header = {k: v for k, v in doc.items() if k != "sealed"}
+            plain = unseal(secret, params, doc["sealed"], canonical(header))
+            doc = json.loads(plain)
+        except (InvalidTag, ValueError, TypeError, KeyError):
+            raise ExportError(
+                "cannot decrypt the export: wrong passphrase, or the file was modified"
+            ) from None
+        if not isinstance(doc, dict):
+            raise ExportError("not an ondevice export")
+    if doc.get("format") != EXPORT_FORMAT:
+        raise ExportError("not an ondevice export (unknown format)")
+    _check_version(doc)
+    if not isinstance(doc.get("users"), list):
+        raise ExportError("malformed export: 'users' must be a list")
+    return doc
+
+
+def _check_version(doc: Mapping[str, Any]) -> None:
+    version = doc.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ExportError("malformed export: missing version")
+    if version > EXPORT_VERSION:
+        raise ExportError(
+            f"this export was written by a newer ondevice (format {version}; this version "
+            f"reads up to {EXPORT_VERSION})"
+        )

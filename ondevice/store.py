@@ -1,0 +1,482 @@
+"""The encrypted profile store: schema, migrations, retention, purges and row access.
+
+One SQLCipher database per profile directory. Every write runs in one ``BEGIN
+IMMEDIATE`` transaction, so a refused or failed call writes nothing and two processes
+never interleave half-writes. The connection is shared by the engine's threads behind
+a lock (SQLite serializes writers anyway).
+
+Schema (``PRAGMA user_version`` is the schema version; :data:`MIGRATIONS` lists the
+forward steps):
+
+- ``meta(key, value)``: the privacy level, the stored policy, the profile id.
+- ``users(user_id, created_at)``.
+- ``signals(user_id, name, value, updated_at)``: declared signals, JSON values.
+- ``interactions(id, user_id, item_id, event, ts, value)``: the rolling window.
+- ``context(interaction_id, name, value)``: declared context of an interaction.
+- ``activity(user_id, day, event, count)``: per-day event counts (no item ids).
+- ``derived(user_id, name, value, updated_at)``: derived state (blobs).
+- ``blocks(user_id, item_id, created_at)``: items the user asked never to see (v2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Final
+
+from . import _db
+from .errors import ProfileClosedError, ProfileVersionError
+from .policy import Interaction, Policy, PrivacyLevel, SignalValue
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Store"]
+
+log = logging.getLogger(__name__)
+
+DAY: Final = 86400.0
+
+MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
+    1: (
+        "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
+        "CREATE TABLE users(user_id TEXT PRIMARY KEY, created_at REAL NOT NULL) WITHOUT ROWID",
+        """CREATE TABLE signals(
+            user_id TEXT NOT NULL, name TEXT NOT NULL, value TEXT NOT NULL,
+            updated_at REAL NOT NULL, PRIMARY KEY(user_id, name)) WITHOUT ROWID""",
+        """CREATE TABLE interactions(
+            id INTEGER PRIMARY KEY, user_id TEXT NOT NULL, item_id TEXT NOT NULL,
+            event TEXT NOT NULL, ts REAL NOT NULL, value REAL)""",
+        "CREATE INDEX interactions_user_ts ON interactions(user_id, ts)",
+        """CREATE TABLE context(
+            interaction_id INTEGER NOT NULL REFERENCES interactions(id) ON DELETE CASCADE,
+            name TEXT NOT NULL, value TEXT NOT NULL,
+            PRIMARY KEY(interaction_id, name)) WITHOUT ROWID""",
+        """CREATE TABLE activity(
+            user_id TEXT NOT NULL, day INTEGER NOT NULL, event TEXT NOT NULL,
+            count INTEGER NOT NULL, PRIMARY KEY(user_id, day, event)) WITHOUT ROWID""",
+        """CREATE TABLE derived(
+            user_id TEXT NOT NULL, name TEXT NOT NULL, value BLOB NOT NULL,
+            updated_at REAL NOT NULL, PRIMARY KEY(user_id, name)) WITHOUT ROWID""",
+    ),
+    2: (
+        """CREATE TABLE blocks(
+            user_id TEXT NOT NULL, item_id TEXT NOT NULL, created_at REAL NOT NULL,
+            PRIMARY KEY(user_id, item_id)) WITHOUT ROWID""",
+    ),
+}
+SCHEMA_VERSION: Final = max(MIGRATIONS)
+
+#: Tables holding a user's data, in the order they are deleted.
+USER_TABLES: Final = ("signals", "activity", "derived", "blocks", "interactions", "users")
+
+#: Derived state kept only at the individual level (everything else in ``derived``
+#: is aggregate state kept from the segment level up).
+INDIVIDUAL_DERIVED: Final = ("user_vector",)
+
+
+def _day(ts: float) -> int:
+    return int(ts // DAY)
+
+
+class Store:
+    """Row access to one open profile database. Not part of the public API."""
+
+    def __init__(self, conn: _db.Connection) -> None:
+        self._conn: _db.Connection | None = conn
+        self._lock = threading.RLock()
+
+    # -- connection and transactions ------------------------------------------------
+
+    @property
+    def conn(self) -> _db.Connection:
+        """The live connection (ProfileClosedError after close)."""
+        if self._conn is None:
+            raise ProfileClosedError("the profile is closed")
+        return self._conn
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        with self._lock:
+            if self._conn is not None:
+                with contextlib.suppress(_db.DriverError):
+                    self._conn.close()
+                self._conn = None
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._conn is None
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[_db.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction: committed on success, rolled back on any
+        exception (including a refused validation inside the block)."""
+        with self._lock:
+            conn = self.conn
+            with _db.translating():
+                conn.execute("BEGIN IMMEDIATE")
+            try:
+                with _db.translating():
+                    yield conn
+                    conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(_db.DriverError):
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                raise
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[_db.Connection]:
+        """A consistent read snapshot (deferred transaction)."""
+        with self._lock:
+            conn = self.conn
+            with _db.translating():
+                conn.execute("BEGIN")
+            try:
+                with _db.translating():
+                    yield conn
+            finally:
+                with contextlib.suppress(_db.DriverError):
+                    if conn.in_transaction:
+                        conn.execute("COMMIT")
+
+    def checkpoint(self) -> None:
+        """Move the WAL into the database and truncate it, so old page images of
+        deleted rows do not linger in the WAL file."""
+        with self._lock, _db.translating():
+            busy, _, _ = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            log.warning(
+                "WAL checkpoint could not complete (another connection is reading); deleted "
+                "rows stay in the encrypted WAL until the next checkpoint"
+            )
+
+    # -- schema ---------------------------------------------------------------------
+
+    def schema_version(self) -> int:
+        """``PRAGMA user_version``."""
+        with self._lock, _db.translating():
+            return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def migrate(self, target: int = SCHEMA_VERSION) -> None:
+        """Bring the schema forward to ``target`` (each step in its own transaction).
+
+        A database written by a newer schema raises ProfileVersionError untouched.
+        """
+        with self.write() as conn:
+            current = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if current > SCHEMA_VERSION:
+                raise ProfileVersionError(
+                    f"this profile was written by a newer ondevice (schema {current}; this "
+                    f"version reads up to {SCHEMA_VERSION}); upgrade ondevice to open it"
+                )
+            for version in range(current + 1, target + 1):
+                for statement in MIGRATIONS[version]:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {version}")
+                log.info("profile schema migrated to version %d", version)
+
+    # -- meta -----------------------------------------------------------------------
+
+    @staticmethod
+    def get_meta(conn: _db.Connection, key: str) -> str | None:
+        """A meta value, or None."""
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    @staticmethod
+    def set_meta(conn: _db.Connection, key: str, value: str) -> None:
+        """Set a meta value."""
+        conn.execute(
+            "INSERT INTO meta(key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    # -- writes ---------------------------------------------------------------------
+
+    @staticmethod
+    def ensure_user(conn: _db.Connection, user_id: str, now: float) -> None:
+        """Create the user row if missing."""
+        conn.execute(
+            "INSERT OR IGNORE INTO users(user_id, created_at) VALUES (?, ?)", (user_id, now)
+        )
+
+    @staticmethod
+    def count_activity(
+        conn: _db.Connection, user_id: str, interactions: Sequence[Interaction]
+    ) -> None:
+        """Add interactions to the per-day event counters (no item ids)."""
+        counts: dict[tuple[int, str], int] = {}
+        for it in interactions:
+            assert it.timestamp is not None
+            key = (_day(it.timestamp), it.event)
+            counts[key] = counts.get(key, 0) + 1
+        Store.restore_activity(conn, user_id, [(d, e, n) for (d, e), n in counts.items()])
+
+    @staticmethod
+    def restore_activity(
+        conn: _db.Connection, user_id: str, rows: Sequence[tuple[int, str, int]]
+    ) -> None:
+        """Add (day, event, count) rows to the activity counters."""
+        conn.executemany(
+            "INSERT INTO activity(user_id, day, event, count) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(user_id, day, event) DO UPDATE SET count = count + excluded.count",
+            [(user_id, day, event, n) for day, event, n in rows],
+        )
+
+    @staticmethod
+    def insert_interactions(
+        conn: _db.Connection,
+        user_id: str,
+        interactions: Sequence[Interaction],
+        *,
+        keep_context: bool,
+    ) -> None:
+        """Insert interaction rows, with their context when ``keep_context``."""
+        if not keep_context or not any(it.context for it in interactions):
+            conn.executemany(
+                "INSERT INTO interactions(user_id, item_id, event, ts, value) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(user_id, it.item_id, it.event, it.timestamp, it.value) for it in interactions],
+            )
+            return
+        for it in interactions:
+            cur = conn.execute(
+                "INSERT INTO interactions(user_id, item_id, event, ts, value) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (user_id, it.item_id, it.event, it.timestamp, it.value),
+            )
+            if it.context:
+                conn.executemany(
+                    "INSERT INTO context(interaction_id, name, value) VALUES (?, ?, ?)",
+                    [(cur.lastrowid, k, json.dumps(v)) for k, v in it.context.items()],
+                )
+
+    @staticmethod
+    def restore_blocks(
+        conn: _db.Connection, user_id: str, rows: Sequence[tuple[str, float]]
+    ) -> None:
+        """Insert (item_id, created_at) block rows."""
+        conn.executemany(
+            "INSERT OR IGNORE INTO blocks(user_id, item_id, created_at) VALUES (?, ?, ?)",
+            [(user_id, item, ts) for item, ts in rows],
+        )
+
+    @staticmethod
+    def enforce_window(conn: _db.Connection, user_id: str, window: int) -> int:
+        """Evict the user's oldest interactions beyond ``window``; return how many."""
+        (count,) = conn.execute(
+            "SELECT count(*) FROM interactions WHERE user_id = ?", (user_id,)
+        ).fetchone()
+        excess = int(count) - window
+        if excess <= 0:
+            return 0
+        conn.execute(
+            "DELETE FROM interactions WHERE id IN (SELECT id FROM interactions "
+            "WHERE user_id = ? ORDER BY ts, id LIMIT ?)",
+            (user_id, excess),
+        )
+        return excess
+
+    @staticmethod
+    def set_signals(
+        conn: _db.Connection, user_id: str, signals: dict[str, SignalValue], now: float
+    ) -> None:
+        """Upsert declared signal values."""
+        conn.executemany(
+            "INSERT INTO signals(user_id, name, value, updated_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(user_id, name) DO UPDATE SET value = excluded.value, "
+            "updated_at = excluded.updated_at",
+            [(user_id, k, json.dumps(v), now) for k, v in signals.items()],
+        )
+
+    @staticmethod
+    def delete_signals(conn: _db.Connection, user_id: str, names: Iterable[str]) -> int:
+        """Delete some of a user's signals; return how many rows went."""
+        total = 0
+        for name in names:
+            total += conn.execute(
+                "DELETE FROM signals WHERE user_id = ? AND name = ?", (user_id, name)
+            ).rowcount
+        return total
+
+    @staticmethod
+    def set_derived(
+        conn: _db.Connection, user_id: str, name: str, value: bytes, now: float
+    ) -> None:
+        """Upsert one piece of derived state."""
+        conn.execute(
+            "INSERT INTO derived(user_id, name, value, updated_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(user_id, name) DO UPDATE SET value = excluded.value, "
+            "updated_at = excluded.updated_at",
+            (user_id, name, value, now),
+        )
+
+    @staticmethod
+    def delete_user(conn: _db.Connection, user_id: str) -> int:
+        """Delete every row of one user; return how many rows went."""
+        total = 0
+        for table in USER_TABLES:
+            total += conn.execute(f"DELETE FROM {table} WHERE user_id = ?", (user_id,)).rowcount
+        return total
+
+    # -- minimization ---------------------------------------------------------------
+
+    @staticmethod
+    def purge_expired(
+        conn: _db.Connection, policy: Policy, now: float, user_id: str | None = None
+    ) -> int:
+        """Delete what outlived its retention: interactions and activity past the
+        profile's retention, context and signals past their field's retention, stale
+        derived state, and users left with nothing. ``user_id`` limits it to one user."""
+        cutoff = now - policy.retention_seconds
+        who, args = ("AND user_id = ?", (user_id,)) if user_id is not None else ("", ())
+        total = 0
+
+        def run(sql: str, *params: Any) -> None:
+            nonlocal total
+            total += conn.execute(sql, (*params, *args)).rowcount
+
+        run(f"DELETE FROM interactions WHERE ts < ? {who}", cutoff)
+        run(f"DELETE FROM activity WHERE day < ? {who}", _day(cutoff))
+        run(f"DELETE FROM derived WHERE updated_at < ? {who}", cutoff)
+        for field in policy.context:
+            if field.retention_days < policy.retention_days:
+                run(
+                    "DELETE FROM context WHERE name = ? AND interaction_id IN (SELECT id FROM "
+                    f"interactions WHERE ts < ? {who})",
+                    field.name,
+                    now - field.retention_days * DAY,
+                )
+        for signal in policy.signals:
+            run(
+                f"DELETE FROM signals WHERE name = ? AND updated_at < ? {who}",
+                signal.name,
+                now - signal.retention_days * DAY,
+            )
+        if user_id is None:
+            total += conn.execute(
+                "DELETE FROM users WHERE "
+                + " AND ".join(
+                    f"user_id NOT IN (SELECT user_id FROM {t})" for t in USER_TABLES[:-1]
+                )
+            ).rowcount
+        return total
+
+    @staticmethod
+    def purge_undeclared(conn: _db.Connection, policy: Policy) -> int:
+        """Delete signal and context values whose field is no longer declared."""
+        total = 0
+        signals = [s.name for s in policy.signals]
+        fields = [c.name for c in policy.context]
+        total += conn.execute(
+            f"DELETE FROM signals WHERE name NOT IN ({','.join('?' * len(signals))})", signals
+        ).rowcount
+        total += conn.execute(
+            f"DELETE FROM context WHERE name NOT IN ({','.join('?' * len(fields))})", fields
+        ).rowcount
+        events = list(policy.events)
+        total += conn.execute(
+            f"DELETE FROM interactions WHERE event NOT IN ({','.join('?' * len(events))})",
+            events,
+        ).rowcount
+        return total
+
+    @staticmethod
+    def purge_for_level(conn: _db.Connection, level: PrivacyLevel) -> int:
+        """Delete everything the given level does not collect."""
+        total = 0
+        if not level.allows(PrivacyLevel.INDIVIDUAL):
+            marks = ",".join("?" * len(INDIVIDUAL_DERIVED))
+            total += conn.execute(
+                f"DELETE FROM derived WHERE name IN ({marks})", INDIVIDUAL_DERIVED
+            ).rowcount
+        if not level.allows(PrivacyLevel.CONTEXTUAL):
+            total += conn.execute("DELETE FROM context").rowcount
+        if not level.allows(PrivacyLevel.BEHAVIORAL):
+            total += conn.execute("DELETE FROM interactions").rowcount
+            total += conn.execute("DELETE FROM blocks").rowcount
+        if not level.allows(PrivacyLevel.SEGMENT):
+            for table in USER_TABLES:
+                total += conn.execute(f"DELETE FROM {table}").rowcount
+        return total
+
+    # -- reads ----------------------------------------------------------------------
+
+    @staticmethod
+    def user_ids(conn: _db.Connection) -> list[str]:
+        """Every user with a profile, sorted."""
+        return [r[0] for r in conn.execute("SELECT user_id FROM users ORDER BY user_id")]
+
+    @staticmethod
+    def user_row(conn: _db.Connection, user_id: str) -> tuple[str, float] | None:
+        """(user_id, created_at) or None."""
+        row = conn.execute(
+            "SELECT user_id, created_at FROM users WHERE user_id = ?", (user_id,)
+        ).fetchone()
+        return None if row is None else (str(row[0]), float(row[1]))
+
+    @staticmethod
+    def signals(conn: _db.Connection, user_id: str) -> list[tuple[str, SignalValue, float]]:
+        """(name, value, updated_at) for each stored signal, by name."""
+        rows = conn.execute(
+            "SELECT name, value, updated_at FROM signals WHERE user_id = ? ORDER BY name",
+            (user_id,),
+        )
+        return [(str(n), json.loads(v), float(t)) for n, v, t in rows]
+
+    @staticmethod
+    def interactions(conn: _db.Connection, user_id: str) -> list[Interaction]:
+        """The user's window, oldest first, with context."""
+        rows = conn.execute(
+            "SELECT id, item_id, event, ts, value FROM interactions WHERE user_id = ? "
+            "ORDER BY ts, id",
+            (user_id,),
+        ).fetchall()
+        ctx: dict[int, dict[str, SignalValue]] = {}
+        for iid, name, value in conn.execute(
+            "SELECT c.interaction_id, c.name, c.value FROM context c JOIN interactions i "
+            "ON i.id = c.interaction_id WHERE i.user_id = ? ORDER BY c.name",
+            (user_id,),
+        ):
+            ctx.setdefault(int(iid), {})[str(name)] = json.loads(value)
+        return [
+            Interaction(str(item), str(event), float(ts), value, ctx.get(int(iid), {}))
+            for iid, item, event, ts, value in rows
+        ]
+
+    @staticmethod
+    def activity(conn: _db.Connection, user_id: str) -> list[tuple[int, str, int]]:
+        """(day number, event, count) rows, oldest first."""
+        rows = conn.execute(
+            "SELECT day, event, count FROM activity WHERE user_id = ? ORDER BY day, event",
+            (user_id,),
+        )
+        return [(int(d), str(e), int(c)) for d, e, c in rows]
+
+    @staticmethod
+    def derived(conn: _db.Connection, user_id: str) -> list[tuple[str, bytes, float]]:
+        """(name, value, updated_at) rows."""
+        rows = conn.execute(
+            "SELECT name, value, updated_at FROM derived WHERE user_id = ? ORDER BY name",
+            (user_id,),
+        )
+        return [(str(n), bytes(v), float(t)) for n, v, t in rows]
+
+    @staticmethod
+    def blocks(conn: _db.Connection, user_id: str) -> list[tuple[str, float]]:
+        """(item_id, created_at) of blocked items."""
+        rows = conn.execute(
+            "SELECT item_id, created_at FROM blocks WHERE user_id = ? ORDER BY item_id",
+            (user_id,),
+        )
+        return [(str(i), float(t)) for i, t in rows]
+
+    @staticmethod
+    def count_rows(conn: _db.Connection) -> dict[str, int]:
+        """Row count of every data table (for tests and diagnostics)."""
+        tables = ("users", "signals", "interactions", "context", "activity", "derived", "blocks")
+        return {t: int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in tables}
+
