@@ -41,7 +41,7 @@ from .export import (
     encode_export,
     iso_to_day,
 )
-from .keys import KEY_FILE, KeyProvider, Keychain, Passphrase, fsync_dir, write_atomic
+from .keys import KEY_FILE, UNREADABLE, KeyProvider, Keychain, Passphrase, fsync_dir, write_atomic
 from .policy import (
     FieldPurpose,
     Interaction,
@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 DB_FILE: Final = "profile.db"
 _SIDE_FILES: Final = ("-wal", "-shm", "-journal")
+_PAGE_SIZE: Final = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,11 +212,32 @@ class PersonalizationEngine:
                 self._provider.release(self._dir)
             self._provider.destroy(self._dir)
         key = self._provider.create(self._dir)
-        conn = _db.connect(self._db_path, key, busy_timeout=self._busy_timeout)
-        os.chmod(self._db_path, 0o600)
-        return Store(conn)
+        # Build the database under a temporary name and rename it into place, so an
+        # existing profile.db always holds a complete schema: a crash mid-creation
+        # leaves no half-made profile, and an empty profile.db can only be tampering.
+        staging = self._dir / (DB_FILE + ".new")
+        for suffix in ("", *_SIDE_FILES):
+            Path(str(staging) + suffix).unlink(missing_ok=True)
+        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        store = Store(_db.connect(staging, key, busy_timeout=self._busy_timeout))
+        try:
+            store.migrate()
+        finally:
+            store.close()
+        os.replace(staging, self._db_path)
+        fsync_dir(self._dir)
+        return Store(_db.connect(self._db_path, key, busy_timeout=self._busy_timeout))
 
     def _connect_existing(self) -> _db.Connection:
+        try:
+            size = self._db_path.stat().st_size
+        except OSError as exc:
+            raise StorageError(f"cannot read {self._db_path}: {exc.strerror}") from exc
+        if size == 0 or size % _PAGE_SIZE:
+            # SQLite would take an empty file for a new database; a partial page is a
+            # truncation. Either way the file is not the profile that was written.
+            raise ProfileUnreadableError(UNREADABLE)
         keys = self._provider.load_candidates(self._dir)
         last: ProfileError | None = None
         for i, key in enumerate(keys):
