@@ -5,8 +5,6 @@ the user's machine; the only thing that may ever leave it is a randomized segmen
 Start with :class:`PersonalizationEngine`.
 """
 
-from __future__ import annotations
-
 from .engine import PersonalizationEngine, ProfileReport, UserReport
 from .errors import (
     BudgetExhaustedError,

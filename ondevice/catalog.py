@@ -43,7 +43,7 @@ class SegmentRule:
     when: Mapping[str, Sequence[str]]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Segment:
     """One segment: a coarse group of at least ``panel_users`` panel users.
 
@@ -69,7 +69,7 @@ class AlsParams:
     alpha: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Catalog:
     """Everything a device needs to recommend, with no user's data in it."""
 

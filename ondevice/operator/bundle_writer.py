@@ -1,0 +1,314 @@
+"""Write and sign catalog bundles (operator side; the device never imports this module).
+
+The file layout is documented in :mod:`ondevice.bundle`, which reads it. A typical run::
+
+    key = generate_signing_key()          # once; keep it secret, ship public_key_bytes(key)
+    write_bundle(catalog, "catalog.odb", private_key=key)
+
+:func:`write_bundle` checks the catalog with the same invariants the device checks, plus
+a few only the operator can afford (finite values, neighbours sorted by weight, Gram
+matrix equal to ``Y.T @ Y``), so that a bundle it writes is a bundle the device accepts.
+The file is written next to its destination under a temporary name, flushed to disk,
+then renamed over the destination: a device never sees a half-written bundle, and a
+memory-mapped previous bundle stays valid.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import numpy.typing as npt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from ondevice.bundle import (
+    ALIGNMENT,
+    FORMAT_VERSION,
+    MAGIC,
+    PREFIX,
+    SIGNATURE_CONTEXT,
+    BundleInfo,
+    content_hasher,
+    validate_catalog,
+)
+from ondevice.catalog import Catalog
+from ondevice.errors import BundleError
+
+__all__ = [
+    "generate_signing_key",
+    "private_key_bytes",
+    "public_key_bytes",
+    "signing_key_from_bytes",
+    "write_bundle",
+]
+
+logger = logging.getLogger(__name__)
+
+_GRAM_RTOL = 1e-3
+_ZEROS = bytes(ALIGNMENT)
+
+
+def generate_signing_key() -> Ed25519PrivateKey:
+    """A new random Ed25519 signing key for bundles."""
+    return Ed25519PrivateKey.generate()
+
+
+def public_key_bytes(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
+    """The 32 raw bytes of the public key to pin on devices (from either half of the pair)."""
+    public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+    return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def private_key_bytes(key: Ed25519PrivateKey) -> bytes:
+    """The 32 raw secret bytes of a signing key, to store it (keep them secret)."""
+    return key.private_bytes(
+        serialization.Encoding.Raw,
+        serialization.PrivateFormat.Raw,
+        serialization.NoEncryption(),
+    )
+
+
+def signing_key_from_bytes(raw: bytes) -> Ed25519PrivateKey:
+    """The signing key whose 32 raw secret bytes are ``raw``."""
+    if not isinstance(raw, bytes) or len(raw) != 32:
+        raise BundleError("an Ed25519 signing key is exactly 32 raw bytes")
+    return Ed25519PrivateKey.from_private_bytes(raw)
+
+
+@dataclass(frozen=True, slots=True)
+class _Planned:
+    name: str
+    array: npt.NDArray[Any]
+    offset: int
+
+
+def write_bundle(
+    catalog: Catalog,
+    path: str | os.PathLike[str],
+    *,
+    private_key: Ed25519PrivateKey | bytes,
+) -> BundleInfo:
+    """Write ``catalog`` to ``path`` as a bundle signed with ``private_key``; atomically.
+
+    ``private_key`` is an :class:`Ed25519PrivateKey` or its 32 raw bytes. Returns what
+    :func:`ondevice.bundle.verify_bundle` would report for the new file.
+
+    Raises :class:`BundleError` if the catalog breaks an invariant (nothing is written)
+    or if the file cannot be written (the destination is left as it was).
+    """
+    key = (
+        private_key
+        if isinstance(private_key, Ed25519PrivateKey)
+        else (signing_key_from_bytes(private_key))
+    )
+    validate_catalog(catalog)
+    _check_values(catalog)
+
+    category_sets, category_index = _category_sets(catalog)
+    planned, region_len = _plan(catalog, category_index)
+    header = _header(catalog, planned, category_sets)
+    data_start = _align(PREFIX.size + len(header))
+    prefix = PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(header), data_start, region_len)
+
+    dest = Path(path)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    except OSError as exc:
+        raise BundleError(f"cannot write bundle {str(dest)!r}: {exc}") from exc
+    try:
+        with os.fdopen(fd, "wb") as f:
+            hasher = content_hasher()
+            _emit(f, hasher, prefix)
+            _emit(f, hasher, header)
+            _emit(f, hasher, _ZEROS[: data_start - PREFIX.size - len(header)])
+            pos = 0
+            for item in planned:
+                _emit(f, hasher, _ZEROS[: item.offset - pos])
+                _emit(f, hasher, item.array.reshape(-1).view(np.uint8).data)
+                pos = item.offset + item.array.nbytes
+            _emit(f, hasher, _ZEROS[: region_len - pos])
+            digest = hasher.digest()
+            f.write(key.sign(SIGNATURE_CONTEXT + digest))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, dest)
+    except OSError as exc:
+        _remove_quietly(tmp_name)
+        raise BundleError(f"cannot write bundle {str(dest)!r}: {exc}") from exc
+    except BaseException:
+        _remove_quietly(tmp_name)
+        raise
+    _fsync_dir(dest.parent)
+    size = data_start + region_len + 64
+    logger.info("wrote bundle %s: %d items, %d bytes", dest, catalog.n_items, size)
+    factors = catalog.item_factors
+    return BundleInfo(
+        format_version=FORMAT_VERSION,
+        name=catalog.name,
+        created_at=float(catalog.created_at),
+        n_items=catalog.n_items,
+        n_factors=0 if factors is None else int(factors.shape[1]),
+        n_segments=len(catalog.segments),
+        size=size,
+        sha256=digest.hex(),
+    )
+
+
+def _category_sets(
+    catalog: Catalog,
+) -> tuple[list[tuple[str, ...]] | None, npt.NDArray[np.int32] | None]:
+    """The distinct category tuples, in order of first use, and each item's index."""
+    if catalog.categories is None:
+        return None, None
+    numbering: dict[tuple[str, ...], int] = {}
+    index = np.fromiter(
+        (numbering.setdefault(c, len(numbering)) for c in catalog.categories),
+        dtype=np.int32,
+        count=catalog.n_items,
+    )
+    return list(numbering), index
+
+
+def _plan(
+    catalog: Catalog, category_index: npt.NDArray[np.int32] | None
+) -> tuple[list[_Planned], int]:
+    """Every array in file order, little-endian and C-contiguous, with aligned offsets."""
+    named: list[tuple[str, npt.NDArray[Any]]] = [
+        ("popularity", catalog.popularity),
+        ("nbr_indptr", catalog.nbr_indptr),
+        ("nbr_indices", catalog.nbr_indices),
+        ("nbr_weights", catalog.nbr_weights),
+    ]
+    if category_index is not None:
+        named.append(("category_set_index", category_index))
+    if catalog.item_factors is not None and catalog.gram is not None:
+        named += [("item_factors", catalog.item_factors), ("gram", catalog.gram)]
+    for k, seg in enumerate(catalog.segments):
+        named.append((f"segments/{k}/top_items", seg.top_items))
+        if seg.centroid is not None:
+            named.append((f"segments/{k}/centroid", seg.centroid))
+    planned = []
+    offset = 0
+    for name, array in named:
+        little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        planned.append(_Planned(name, little, offset))
+        offset = _align(offset + little.nbytes)
+    return planned, offset
+
+
+def _header(
+    catalog: Catalog, planned: list[_Planned], category_sets: list[tuple[str, ...]] | None
+) -> bytes:
+    segments = [
+        {
+            "id": seg.id,
+            "name": seg.name,
+            "panel_users": seg.panel_users,
+            "top_items": f"segments/{k}/top_items",
+            "centroid": None if seg.centroid is None else f"segments/{k}/centroid",
+        }
+        for k, seg in enumerate(catalog.segments)
+    ]
+    als = catalog.als
+    header = {
+        "name": catalog.name,
+        "created_at": float(catalog.created_at),
+        "extra": dict(catalog.extra),
+        "n_items": catalog.n_items,
+        "item_ids": list(catalog.item_ids),
+        "titles": list(catalog.titles),
+        "category_sets": None if category_sets is None else [list(c) for c in category_sets],
+        "default_segment": catalog.default_segment,
+        "segments": segments,
+        "segment_rules": [
+            {"segment": r.segment, "when": {k: list(v) for k, v in r.when.items()}}
+            for r in catalog.segment_rules
+        ],
+        "als": None
+        if als is None
+        else {
+            "factors": als.factors,
+            "regularization": float(als.regularization),
+            "alpha": float(als.alpha),
+        },
+        "arrays": [
+            {
+                "name": p.name,
+                "dtype": p.array.dtype.str,
+                "shape": list(p.array.shape),
+                "offset": p.offset,
+                "length": p.array.nbytes,
+            }
+            for p in planned
+        ],
+    }
+    return json.dumps(header, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(
+        "utf-8"
+    )
+
+
+def _check_values(catalog: Catalog) -> None:
+    """Invariants too costly for every device load: finite values, sorted neighbour
+    weights, and a Gram matrix that really is ``Y.T @ Y``."""
+    arrays = {"popularity": catalog.popularity, "nbr_weights": catalog.nbr_weights}
+    if catalog.item_factors is not None and catalog.gram is not None:
+        arrays["item_factors"] = catalog.item_factors
+        arrays["gram"] = catalog.gram
+    for k, seg in enumerate(catalog.segments):
+        if seg.centroid is not None:
+            arrays[f"segment {k} centroid"] = seg.centroid
+    for name, array in arrays.items():
+        if not np.isfinite(array).all():
+            raise BundleError(f"{name} holds NaN or infinite values")
+    weights, indptr = catalog.nbr_weights, catalog.nbr_indptr
+    rises = np.flatnonzero(weights[1:] > weights[:-1]) + 1
+    if rises.size and not np.isin(rises, indptr).all():
+        raise BundleError("each item's neighbours must be sorted by weight, descending")
+    factors, gram = catalog.item_factors, catalog.gram
+    if factors is not None and gram is not None:
+        y = factors.astype(np.float64)
+        expected = y.T @ y
+        scale = max(float(np.abs(expected).max()), 1e-12)
+        if float(np.abs(gram - expected).max()) > _GRAM_RTOL * scale:
+            raise BundleError("gram is not item_factors.T @ item_factors")
+
+
+def _emit(f: BinaryIO, hasher: Any, data: bytes | memoryview) -> None:
+    f.write(data)
+    hasher.update(data)
+
+
+def _align(offset: int) -> int:
+    return -(-offset // ALIGNMENT) * ALIGNMENT
+
+
+def _remove_quietly(name: str) -> None:
+    try:
+        os.unlink(name)
+    except OSError:
+        logger.warning("could not remove temporary bundle file %s", name)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        logger.debug("fsync of directory %s failed", directory)
+    finally:
+        os.close(dir_fd)

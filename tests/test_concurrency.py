@@ -1,0 +1,102 @@
+"""Several threads and processes on one profile; a process killed mid-write."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import disk_bytes
+
+from ondevice import PersonalizationEngine, Policy, RawKey
+from ondevice.store import Store
+
+WRITER = Path(__file__).with_name("profile_writer.py")
+
+
+def _spawn(path: Path, key: bytes, name: str, count: int) -> subprocess.Popen[str]:
+    env = {**os.environ, "ONDEVICE_TEST_KEY": key.hex()}
+    return subprocess.Popen(
+        [sys.executable, str(WRITER), str(path), name, str(count)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def _integrity(engine: PersonalizationEngine) -> tuple[list[str], list[str]]:
+    conn = engine._store.conn
+    cipher = [r[0] for r in conn.execute("PRAGMA cipher_integrity_check")]
+    plain = [r[0] for r in conn.execute("PRAGMA integrity_check")]
+    return cipher, plain
+
+
+@pytest.mark.slow
+def test_two_processes_writing_at_once_lose_nothing(tmp_path, raw_key):
+    path = tmp_path / "p"
+    PersonalizationEngine(path, key=RawKey(raw_key), policy=Policy(window=100_000)).close()
+    procs = [_spawn(path, raw_key, name, 500) for name in ("a", "b")]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err
+        assert "locked" not in err.lower()
+        assert out.strip().splitlines()[-1] == "committed 500"
+    with PersonalizationEngine(path, key=RawKey(raw_key)) as engine:
+        with engine._store.read() as conn:
+            assert Store.count_rows(conn)["interactions"] == 1000
+        assert _integrity(engine) == ([], ["ok"])
+
+
+def test_threads_sharing_one_engine_lose_nothing(make_engine):
+    engine = make_engine(policy=Policy(window=100_000))
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            for i in range(100):
+                engine.update_profile(f"t{n}", {"item_id": f"i{i}"})
+                engine.report(f"t{n}")
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with engine._store.read() as conn:
+        assert Store.count_rows(conn)["interactions"] == 400
+
+
+@pytest.mark.slow
+def test_sigkill_mid_write_loses_no_committed_interaction(tmp_path, raw_key):
+    path = tmp_path / "p"
+    PersonalizationEngine(path, key=RawKey(raw_key), policy=Policy(window=100_000)).close()
+    proc = _spawn(path, raw_key, "k", 100_000)
+    assert proc.stdout is not None
+    acknowledged = 0
+    for line in proc.stdout:
+        if line.startswith("committed"):
+            acknowledged = int(line.split()[1])
+            if acknowledged >= 300:
+                break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stdout.close()
+    assert proc.stderr is not None
+    proc.stderr.close()
+    # The WAL is still there, unchecked-pointed: and still encrypted.
+    assert (path / "profile.db-wal").exists()
+    assert b"CRASH-marker" not in disk_bytes(path)
+    with PersonalizationEngine(path, key=RawKey(raw_key)) as engine:
+        with engine._store.read() as conn:
+            stored = Store.count_rows(conn)["interactions"]
+        assert stored >= acknowledged
+        assert stored <= acknowledged + 1  # at most the one in flight when killed
+        assert _integrity(engine) == ([], ["ok"])
