@@ -41,7 +41,7 @@ from .export import (
     encode_export,
     iso_to_day,
 )
-from .keys import KEY_FILE, UNREADABLE, KeyProvider, Keychain, Passphrase, fsync_dir, write_atomic
+from .keys import KEY_FILE, UNREADABLE, Keychain, KeyProvider, Passphrase, fsync_dir, write_atomic
 from .policy import (
     FieldPurpose,
     Interaction,
@@ -713,9 +713,7 @@ def _export_user(conn: _db.Connection, user_id: str) -> dict[str, Any]:
             {"name": n, "value_b64": base64.b64encode(v).decode("ascii"), "updated_at": t}
             for n, v, t in Store.derived(conn, user_id)
         ],
-        "blocked_items": [
-            {"item_id": i, "created_at": t} for i, t in Store.blocks(conn, user_id)
-        ],
+        "blocked_items": [{"item_id": i, "created_at": t} for i, t in Store.blocks(conn, user_id)],
     }
 
 

@@ -270,7 +270,7 @@ class KeyProvider(ABC):
             try:
                 data = json.loads(pending.read_bytes())
                 keys.append(self.load(directory, data))
-            except (OndeviceKeyErrors, ValueError, OSError):
+            except (KeyProviderError, ProfileUnreadableError, ValueError, OSError):
                 log.warning("ignoring an unreadable pending key from an interrupted rotation")
         return keys
 
@@ -288,13 +288,13 @@ class KeyProvider(ABC):
     def release(self, directory: Path) -> None:
         """Delete key material kept outside the directory (a keychain entry) for the
         current ``key.json``; called on the old provider when a rotation completes."""
+        return None
 
     def _check_kind(self, descriptor: dict[str, Any]) -> None:
         kind = descriptor.get("provider")
         if kind != self.kind:
             raise KeyProviderError(
-                f"this profile is protected by a {kind!r} key, but a {self.kind!r} key "
-                "was given"
+                f"this profile is protected by a {kind!r} key, but a {self.kind!r} key was given"
             )
 
     def _descriptor(self, **fields: Any) -> dict[str, Any]:
@@ -303,9 +303,6 @@ class KeyProvider(ABC):
     def _write(self, directory: Path, data: dict[str, Any], pending: bool) -> None:
         name = KEY_FILE + (".pending" if pending else "")
         write_atomic(directory / name, canonical(data))
-
-
-OndeviceKeyErrors = (KeyProviderError, ProfileUnreadableError)
 
 
 class RawKey(KeyProvider):

@@ -514,7 +514,9 @@ class Policy:
         """Every field this policy lets the profile store, with its purpose."""
         out: list[FieldPurpose] = []
         for f in BUILTIN_FIELDS:
-            days = self.retention_days if f.retention_days == PROFILE_RETENTION else f.retention_days
+            days = (
+                self.retention_days if f.retention_days == PROFILE_RETENTION else f.retention_days
+            )
             out.append(FieldPurpose(f.name, f.purpose, days, f.min_level))
         out.extend(s.describe(PrivacyLevel.SEGMENT) for s in self.signals)
         out.extend(c.describe(PrivacyLevel.CONTEXTUAL) for c in self.context)

@@ -157,7 +157,8 @@ class Store:
     def schema_version(self) -> int:
         """``PRAGMA user_version``."""
         with self._lock, _db.translating():
-            return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+            version: int = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            return int(version)
 
     def migrate(self, target: int = SCHEMA_VERSION) -> None:
         """Bring the schema forward to ``target`` (each step in its own transaction).
@@ -382,7 +383,7 @@ class Store:
             f"DELETE FROM interactions WHERE event NOT IN ({','.join('?' * len(events))})",
             events,
         ).rowcount
-        return total
+        return int(total)
 
     @staticmethod
     def purge_for_level(conn: _db.Connection, level: PrivacyLevel) -> int:
@@ -479,4 +480,3 @@ class Store:
         """Row count of every data table (for tests and diagnostics)."""
         tables = ("users", "signals", "interactions", "context", "activity", "derived", "blocks")
         return {t: int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in tables}
-

@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from ondevice import (  # noqa: E402
+from ondevice import (
     Argon2Params,
     ContextField,
     PersonalizationEngine,

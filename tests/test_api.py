@@ -10,7 +10,9 @@ from ondevice import errors
 
 
 def test_all_is_sorted_and_equals_the_public_names():
-    public = {n for n, v in vars(ondevice).items() if not n.startswith("_") and not inspect.ismodule(v)}
+    public = {
+        n for n, v in vars(ondevice).items() if not n.startswith("_") and not inspect.ismodule(v)
+    }
     assert ondevice.__all__ == sorted(ondevice.__all__)
     assert set(ondevice.__all__) == public
 

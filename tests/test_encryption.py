@@ -244,7 +244,7 @@ def test_crypto_shred_leaves_nothing_that_opens_a_copy(tmp_path):
     assert engine.closed
     assert not path.exists()  # db, wal, shm and key file all gone, dir removed
     # Put back everything the SDK left behind (nothing) next to the copy: no key.
-    with pytest.raises(KeyProviderError, match="no key.json"):
+    with pytest.raises(KeyProviderError, match=r"no key\.json"):
         PersonalizationEngine(stash, key=Passphrase("pw"))
     # And the copy's bytes are unchanged and still encrypted.
     assert MARKER.encode() not in (stash / "profile.db").read_bytes()

@@ -42,7 +42,9 @@ def _strip(export: dict) -> dict:
     return {k: v for k, v in export.items() if k != "exported_at"}
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(users=st.dictionaries(_ids, _user, min_size=1, max_size=4))
 def test_export_wipe_import_restores_an_identical_profile(make_engine, users):
     engine = make_engine(privacy_level="contextual")
@@ -64,7 +66,9 @@ def test_export_wipe_import_restores_an_identical_profile(make_engine, users):
 
 def test_import_into_a_fresh_profile_through_an_encrypted_file(make_engine, tmp_path, raw_key):
     engine = make_engine(privacy_level="contextual")
-    engine.update_profile("alice", {"item_id": MARKER, "timestamp": T0 - 5, "context": {"device": MARKER}})
+    engine.update_profile(
+        "alice", {"item_id": MARKER, "timestamp": T0 - 5, "context": {"device": MARKER}}
+    )
     engine.set_signals("alice", {"plan": "pro"})
     path = engine.export_profile_to(tmp_path / "alice.export", passphrase="export pw")
     assert MARKER.encode() not in path.read_bytes()
@@ -110,7 +114,11 @@ def test_import_of_undeclared_signal_writes_nothing(make_engine):
     engine.update_profile("keep", {"item_id": "a", "timestamp": T0 - 1})
     export = engine.export_profile()
     export["users"].append(
-        {"user_id": "new", "created_at": T0, "signals": [{"name": "salary", "value": 1, "updated_at": T0}]}
+        {
+            "user_id": "new",
+            "created_at": T0,
+            "signals": [{"name": "salary", "value": 1, "updated_at": T0}],
+        }
     )
     export["users"][0]["interactions"].append({"item_id": "b", "timestamp": T0})
     with engine._store.read() as conn:
@@ -157,8 +165,13 @@ def test_export_bytes_are_versioned_and_documented_fields_present(make_engine):
     assert doc["format"] == "ondevice.export" and doc["version"] == 1
     assert {p["name"] for p in doc["purposes"]} >= {"interactions.item_id", "plan"}
     assert set(doc["users"][0]) == {
-        "user_id", "created_at", "signals", "interactions", "activity", "derived", "blocked_items"
+        "user_id",
+        "created_at",
+        "signals",
+        "interactions",
+        "activity",
+        "derived",
+        "blocked_items",
     }
     enc = json.loads(encode_export(doc, passphrase="x", kdf=FAST_KDF))
     assert enc["format"] == "ondevice.export.encrypted" and enc["version"] == 1
-

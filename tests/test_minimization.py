@@ -92,7 +92,9 @@ _malformed = st.dictionaries(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(interaction=_malformed)
 def test_generated_interactions_are_stored_whole_or_refused_whole(make_engine, interaction):
     engine = make_engine(privacy_level="contextual")
@@ -133,7 +135,9 @@ def test_window_keeps_the_newest_by_timestamp_not_by_arrival(make_engine):
 
 def test_batch_respects_the_window_per_user(make_engine):
     engine = make_engine(policy=demo_policy(window=10))
-    records = [(f"u{n % 3}", {"item_id": f"i{n}", "timestamp": T0 - 10_000 + n}) for n in range(300)]
+    records = [
+        (f"u{n % 3}", {"item_id": f"i{n}", "timestamp": T0 - 10_000 + n}) for n in range(300)
+    ]
     assert engine.update_profile_many(records) == 300
     data = {u["user_id"]: u for u in engine.export_profile()["users"]}
     for uid in ("u0", "u1", "u2"):
@@ -144,7 +148,9 @@ def test_batch_respects_the_window_per_user(make_engine):
 
 def test_retention_removes_old_rows_at_the_next_open(make_engine, clock, profile_dir, raw_key):
     engine = make_engine(privacy_level="contextual")
-    engine.update_profile("u", {"item_id": "old", "timestamp": T0 - 10, "context": {"daypart": "morning"}})
+    engine.update_profile(
+        "u", {"item_id": "old", "timestamp": T0 - 10, "context": {"daypart": "morning"}}
+    )
     engine.set_signals("u", {"plan": "pro"})
     engine.close()
     clock.advance(days=31)  # past the context field's 30 days, not the profile's 90

@@ -9,8 +9,7 @@ import textwrap
 
 from conftest import T0
 
-from ondevice import PersonalizationEngine, RawKey
-from ondevice import _db
+from ondevice import PersonalizationEngine, RawKey, _db
 from ondevice.store import SCHEMA_VERSION, Store
 
 
