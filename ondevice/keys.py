@@ -269,6 +269,8 @@ class KeyProvider(ABC):
         if pending.exists():
             try:
                 data = json.loads(pending.read_bytes())
+                if not isinstance(data, dict):
+                    raise ValueError("pending key file is not an object")
                 keys.append(self.load(directory, data))
             except (KeyProviderError, ProfileUnreadableError, ValueError, OSError):
                 log.warning("ignoring an unreadable pending key from an interrupted rotation")
@@ -495,6 +497,8 @@ class Keychain(KeyProvider):
         try:
             data = json.loads(key_file.read_bytes())
         except (OSError, ValueError):
+            return
+        if not isinstance(data, dict):
             return
         service, account = data.get("service"), data.get("account")
         if data.get("provider") != self.kind or not isinstance(account, str):
