@@ -41,7 +41,16 @@ from .export import (
     encode_export,
     iso_to_day,
 )
-from .keys import KEY_FILE, UNREADABLE, Keychain, KeyProvider, Passphrase, fsync_dir, write_atomic
+from .keys import (
+    KEY_FILE,
+    UNREADABLE,
+    Keychain,
+    KeyProvider,
+    Passphrase,
+    fsync_dir,
+    read_key_file,
+    write_atomic,
+)
 from .policy import (
     FieldPurpose,
     Interaction,
@@ -200,6 +209,7 @@ class PersonalizationEngine:
             return Store(self._connect_existing())
         if not create:
             raise ProfileNotFoundError(f"no ondevice profile in {self._dir}")
+        self._provider.check_available()
         try:
             self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
@@ -251,7 +261,13 @@ class PersonalizationEngine:
                     self._provider.discard_pending(self._dir)
                 else:  # the database was re-keyed: finish switching the key file
                     log.info("finishing an interrupted key rotation")
+                    previous = read_key_file(self._dir)
                     self._provider.commit_pending(self._dir)
+                    if previous is not None:  # the replaced key must not outlive it
+                        try:
+                            self._provider.release_descriptor(previous)
+                        except KeyProviderError as exc:
+                            log.warning("could not delete the replaced key: %s", exc)
             return conn
         assert last is not None
         raise last
@@ -626,9 +642,10 @@ class PersonalizationEngine:
         except BaseException:
             new.discard_pending(self._dir)
             raise
-        if type(new) is not type(self._provider) or isinstance(new, Keychain):
-            self._provider.release(self._dir)
-        new.commit_pending(self._dir)
+        previous = read_key_file(self._dir)
+        new.commit_pending(self._dir)  # key.json names the new key before the old one goes
+        if previous is not None:
+            self._provider.release_descriptor(previous)
         self._provider = new
         log.info("profile data key rotated")
 

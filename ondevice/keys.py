@@ -240,6 +240,10 @@ class KeyProvider(ABC):
     def _initial_key(self) -> bytes:
         return new_data_key()
 
+    def check_available(self) -> None:
+        """Raise now if this provider cannot work here (before anything is created)."""
+        return None
+
     @abstractmethod
     def store(self, directory: Path, key: bytes, *, pending: bool = False) -> None:
         """Keep ``key`` as the profile's data key (``pending``: as the candidate of an
@@ -289,7 +293,13 @@ class KeyProvider(ABC):
 
     def release(self, directory: Path) -> None:
         """Delete key material kept outside the directory (a keychain entry) for the
-        current ``key.json``; called on the old provider when a rotation completes."""
+        current ``key.json``."""
+        return None
+
+    def release_descriptor(self, descriptor: dict[str, Any]) -> None:
+        """Delete key material kept outside the directory for the key ``descriptor``
+        names (a parsed ``key.json``); called on the old provider once a rotation has
+        switched ``key.json`` to the new key."""
         return None
 
     def _check_kind(self, descriptor: dict[str, Any]) -> None:
@@ -420,6 +430,9 @@ class Keychain(KeyProvider):
     def __repr__(self) -> str:
         return f"Keychain(service={self.service!r})"
 
+    def check_available(self) -> None:
+        self.backend()
+
     def backend(self) -> Any:
         """The keyring backend that will be used, after the security check."""
         if self._backend is not None:
@@ -428,7 +441,8 @@ class Keychain(KeyProvider):
             chosen = self._explicit
             if _backend_name(chosen) in _INSECURE_BACKENDS:
                 raise KeychainUnavailableError(
-                    f"refusing the insecure keyring backend {_backend_name(chosen)}"
+                    f"refusing the insecure keyring backend {_backend_name(chosen)}; pass "
+                    "key=Passphrase(...) or key=RawKey(...) instead"
                 )
         else:
             try:
@@ -498,10 +512,12 @@ class Keychain(KeyProvider):
             data = json.loads(key_file.read_bytes())
         except (OSError, ValueError):
             return
-        if not isinstance(data, dict):
-            return
-        service, account = data.get("service"), data.get("account")
-        if data.get("provider") != self.kind or not isinstance(account, str):
+        if isinstance(data, dict):
+            self.release_descriptor(data)
+
+    def release_descriptor(self, descriptor: dict[str, Any]) -> None:
+        service, account = descriptor.get("service"), descriptor.get("account")
+        if descriptor.get("provider") != self.kind or not isinstance(account, str):
             return
         backend = self.backend()
         try:
