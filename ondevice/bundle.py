@@ -81,6 +81,7 @@ __all__ = [
     "BundleInfo",
     "content_hasher",
     "load_bundle",
+    "load_bundle_with_info",
     "validate_catalog",
     "verify_bundle",
 ]
@@ -170,6 +171,14 @@ def load_bundle(
     """
     catalog, _ = _load(path, public_key, in_memory=in_memory)
     return catalog
+
+
+def load_bundle_with_info(
+    path: str | os.PathLike[str], *, public_key: PublicKeyLike, in_memory: bool = False
+) -> tuple[Catalog, BundleInfo]:
+    """:func:`load_bundle`, also returning the bundle's :class:`BundleInfo` (its content
+    digest identifies the catalog, e.g. for caches derived from it)."""
+    return _load(path, public_key, in_memory=in_memory)
 
 
 def verify_bundle(path: str | os.PathLike[str], *, public_key: PublicKeyLike) -> BundleInfo:

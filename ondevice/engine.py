@@ -250,24 +250,29 @@ class PersonalizationEngine:
             raise ProfileUnreadableError(UNREADABLE)
         keys = self._provider.load_candidates(self._dir)
         last: ProfileError | None = None
-        for i, key in enumerate(keys):
+        has_pending = (self._dir / (KEY_FILE + ".pending")).exists()
+        for key, is_pending in keys:
             try:
                 conn = _db.connect(self._db_path, key, busy_timeout=self._busy_timeout)
             except ProfileUnreadableError as exc:
                 last = exc
                 continue
-            if len(keys) > 1:
-                if i == 0:  # the rotation never reached the database: forget it
-                    self._provider.discard_pending(self._dir)
-                else:  # the database was re-keyed: finish switching the key file
-                    log.info("finishing an interrupted key rotation")
-                    previous = read_key_file(self._dir)
-                    self._provider.commit_pending(self._dir)
-                    if previous is not None:  # the replaced key must not outlive it
-                        try:
-                            self._provider.release_descriptor(previous)
-                        except KeyProviderError as exc:
-                            log.warning("could not delete the replaced key: %s", exc)
+            if has_pending and not is_pending:
+                # The rotation never reached the database: forget the pending key.
+                pending = read_key_file(self._dir, KEY_FILE + ".pending")
+                owner = _provider_for(pending or {}, self._provider)
+                owner.discard_pending(self._dir)
+            elif is_pending:
+                # The database was re-keyed: finish switching the key file, then
+                # destroy the replaced key so it cannot outlive a later wipe.
+                log.info("finishing an interrupted key rotation")
+                previous = read_key_file(self._dir)
+                self._provider.commit_pending(self._dir)
+                if previous is not None:
+                    try:
+                        _provider_for(previous, self._provider).release_descriptor(previous)
+                    except KeyProviderError as exc:
+                        log.warning("could not delete the replaced key: %s", exc)
             return conn
         assert last is not None
         raise last
@@ -622,8 +627,10 @@ class PersonalizationEngine:
         if not isinstance(self._provider, Passphrase):
             raise KeyProviderError("this profile is not protected by a passphrase")
         new = Passphrase(new_passphrase)
-        keys = self._provider.load_candidates(self._dir)
-        new.store(self._dir, keys[0])
+        current = [key for key, pending in self._provider.load_candidates(self._dir) if not pending]
+        if not current:
+            raise KeyProviderError("finish the interrupted key rotation first (reopen)")
+        new.store(self._dir, current[0])
         self._provider = new
 
     def rekey(self, key: KeyProvider | None = None) -> None:
@@ -645,7 +652,7 @@ class PersonalizationEngine:
         previous = read_key_file(self._dir)
         new.commit_pending(self._dir)  # key.json names the new key before the old one goes
         if previous is not None:
-            self._provider.release_descriptor(previous)
+            _provider_for(previous, self._provider).release_descriptor(previous)
         self._provider = new
         log.info("profile data key rotated")
 
@@ -689,6 +696,17 @@ def _dumps(data: Mapping[str, Any]) -> bytes:
         return json.dumps(data).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise ExportError(f"malformed export: {exc}") from exc
+
+
+def _provider_for(descriptor: Mapping[str, Any], current: KeyProvider) -> KeyProvider:
+    """A provider able to release the key material ``descriptor`` names: the current
+    provider when it is of that kind, else a default one of the descriptor's kind (only
+    a keychain keeps material outside the directory)."""
+    if descriptor.get("provider") == current.kind:
+        return current
+    if descriptor.get("provider") == Keychain.kind:
+        return Keychain(service=str(descriptor.get("service") or "ondevice"))
+    return current
 
 
 def _purge_changed_declarations(conn: _db.Connection, old: Policy, new: Policy) -> int:

@@ -199,9 +199,9 @@ def shred_file(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
-def read_key_file(directory: Path) -> dict[str, Any] | None:
-    """The parsed ``key.json`` of a profile, or None if there is none."""
-    path = directory / KEY_FILE
+def read_key_file(directory: Path, name: str = KEY_FILE) -> dict[str, Any] | None:
+    """The parsed ``key.json`` (or another key file) of a profile, or None if absent."""
+    path = directory / name
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -258,26 +258,33 @@ class KeyProvider(ABC):
         for name in (KEY_FILE, KEY_FILE + ".pending"):
             shred_file(directory / name)
 
-    def load_candidates(self, directory: Path) -> list[bytes]:
-        """Keys to try, in order: the current one, then the pending one of a rotation
-        that was interrupted (a crash between re-encrypting and switching keys)."""
+    def load_candidates(self, directory: Path) -> list[tuple[bytes, bool]]:
+        """Keys to try, in order, each with whether it is the *pending* key: the current
+        key, then the pending key of a rotation that was interrupted (a crash between
+        re-encrypting and switching key files). Only the key files of this provider's
+        kind are read, so after an interrupted move from one kind of key to another the
+        profile opens with either the old or the new provider."""
         descriptor = read_key_file(directory)
         if descriptor is None:
             raise KeyProviderError(
                 f"{directory} has a database but no {KEY_FILE}: the key material was "
                 "destroyed or never copied; the profile cannot be opened"
             )
-        self._check_kind(descriptor)
-        keys = [self.load(directory, descriptor)]
+        keys: list[tuple[bytes, bool]] = []
+        if descriptor.get("provider") == self.kind:
+            keys.append((self.load(directory, descriptor), False))
         pending = directory / (KEY_FILE + ".pending")
         if pending.exists():
             try:
                 data = json.loads(pending.read_bytes())
                 if not isinstance(data, dict):
                     raise ValueError("pending key file is not an object")
-                keys.append(self.load(directory, data))
+                if data.get("provider") == self.kind:
+                    keys.append((self.load(directory, data), True))
             except (KeyProviderError, ProfileUnreadableError, ValueError, OSError):
                 log.warning("ignoring an unreadable pending key from an interrupted rotation")
+        if not keys:
+            self._check_kind(descriptor)
         return keys
 
     def commit_pending(self, directory: Path) -> None:

@@ -248,3 +248,24 @@ def test_crypto_shred_leaves_nothing_that_opens_a_copy(tmp_path):
         PersonalizationEngine(stash, key=Passphrase("pw"))
     # And the copy's bytes are unchanged and still encrypted.
     assert MARKER.encode() not in (stash / "profile.db").read_bytes()
+
+
+def test_interrupted_move_to_another_kind_of_key_opens_with_the_new_one(tmp_path, raw_key):
+    path = _closed_profile(tmp_path, raw_key)
+    new_key = bytes(range(32))
+    with PersonalizationEngine(path, key=RawKey(raw_key)) as engine:
+        Passphrase("moved", kdf=FAST_KDF).store(path, new_key, pending=True)
+        engine._store.conn.execute(f"PRAGMA rekey = \"x'{new_key.hex()}'\"")
+    # Crashed before key.json was switched: key.json says raw, the pending says passphrase.
+    with PersonalizationEngine(path, key=Passphrase("moved")) as engine:
+        assert len(engine.users()) == 7
+    assert json.loads((path / "key.json").read_bytes())["provider"] == "passphrase"
+    assert not (path / "key.json.pending").exists()
+
+
+def test_interrupted_rotation_that_never_reached_the_database_is_discarded(tmp_path, raw_key):
+    path = _closed_profile(tmp_path, raw_key)
+    Passphrase("never used", kdf=FAST_KDF).store(path, bytes(range(32)), pending=True)
+    with PersonalizationEngine(path, key=RawKey(raw_key)) as engine:
+        assert len(engine.users()) == 7
+    assert not (path / "key.json.pending").exists()
