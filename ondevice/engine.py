@@ -20,8 +20,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
-from . import _db
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from . import _db, _personalize, levels
+from .bundle import BundleInfo, load_bundle_with_info
+from .catalog import Catalog
 from .errors import (
+    BundleError,
     ExportError,
     InvalidInputError,
     KeyProviderError,
@@ -51,6 +56,7 @@ from .keys import (
     read_key_file,
     write_atomic,
 )
+from .levels import CatalogRuntime, Recommendations, Request, individual
 from .policy import (
     FieldPurpose,
     Interaction,
@@ -167,6 +173,12 @@ class PersonalizationEngine:
         Returns Unix seconds; injectable for tests of retention.
     ``busy_timeout``
         Seconds to wait for another process's write lock.
+    ``bundle``, ``bundle_public_key``
+        A signed catalog bundle to load, and the operator's pinned Ed25519 public key
+        (32 raw bytes) that every bundle must be signed with.
+    ``exclude_seen``
+        Never recommend items already in the user's window (blocked and dismissed
+        items are always excluded).
     """
 
     def __init__(
@@ -179,8 +191,16 @@ class PersonalizationEngine:
         create: bool = True,
         clock: Callable[[], float] = time.time,
         busy_timeout: float = 10.0,
+        bundle: str | os.PathLike[str] | None = None,
+        bundle_public_key: bytes | Ed25519PublicKey | None = None,
+        exclude_seen: bool = True,
     ) -> None:
         self._dir = Path(path).expanduser()
+        self._bundle_key = bundle_public_key
+        self._runtime: CatalogRuntime | None = None
+        self._exclude_seen = bool(exclude_seen)
+        if bundle is not None:
+            self.load_bundle(bundle)
         self._clock = clock
         self._provider: KeyProvider = key if key is not None else Keychain()
         if not isinstance(self._provider, KeyProvider):
@@ -297,6 +317,7 @@ class PersonalizationEngine:
             new_policy = policy or old_policy or Policy()
             purged = 0
             if stored_level and not level.allows(PrivacyLevel(stored_level)):
+                self._keep_taste_before_purge(conn, PrivacyLevel(stored_level), level, now)
                 purged += Store.purge_for_level(conn, level)
                 log.info("privacy level lowered from %s to %s", stored_level, level.value)
             if old_policy is not None and policy is not None:
@@ -389,6 +410,8 @@ class PersonalizationEngine:
                 stored += len(fresh)
                 Store.ensure_user(conn, user_id, now)
                 Store.count_activity(conn, user_id, fresh)
+                if self._level is PrivacyLevel.SEGMENT and self._runtime is not None:
+                    _personalize.add_to_aggregates(conn, user_id, self._runtime, fresh, now)
                 if keep_items:
                     if len(fresh) > policy.window:
                         # Only the newest `window` can survive: do not write the rest.
@@ -421,7 +444,10 @@ class PersonalizationEngine:
         level does not collect (and the purged rows are overwritten in the file)."""
         new = PrivacyLevel.parse(level)
         with self._store.write() as conn:
-            purged = 0 if new.allows(self._level) else Store.purge_for_level(conn, new)
+            purged = 0
+            if not new.allows(self._level):
+                self._keep_taste_before_purge(conn, self._level, new, self.now())
+                purged = Store.purge_for_level(conn, new)
             Store.set_meta(conn, "privacy_level", new.value)
         self._level = new
         if purged:
@@ -435,6 +461,124 @@ class PersonalizationEngine:
         if purged:
             self._store.checkpoint()
         return purged
+
+    def _keep_taste_before_purge(
+        self, conn: _db.Connection, old: PrivacyLevel, new: PrivacyLevel, now: float
+    ) -> None:
+        """Moving from a level with a window down to ``segment``: keep the window's
+        taste as factor-space sums (no item ids) before the window is purged."""
+        if (
+            new is PrivacyLevel.SEGMENT
+            and old.allows(PrivacyLevel.BEHAVIORAL)
+            and self._runtime is not None
+        ):
+            for user_id in Store.user_ids(conn):
+                _personalize.aggregates_from_window(conn, user_id, self._runtime, now)
+
+    # -- recommendations ----------------------------------------------------------------
+
+    def load_bundle(self, path: str | os.PathLike[str]) -> BundleInfo:
+        """Verify a catalog bundle against the pinned public key and start using it.
+
+        A tampered, unsigned, wrongly signed or truncated bundle raises BundleError and
+        the previous bundle (if any) stays in use. Returns the bundle's description.
+        """
+        if self._bundle_key is None:
+            raise InvalidInputError(
+                "pin the operator's bundle signing key first: "
+                "PersonalizationEngine(..., bundle_public_key=<32 bytes>)"
+            )
+        try:
+            catalog, info = load_bundle_with_info(path, public_key=self._bundle_key)
+        except BundleError as exc:
+            log.warning("catalog bundle refused, keeping the previous one: %s", exc)
+            raise
+        self._runtime = CatalogRuntime(catalog, info.sha256)
+        log.info("catalog bundle %r loaded: %d items", info.name, info.n_items)
+        return info
+
+    @property
+    def catalog(self) -> Catalog | None:
+        """The catalog of the loaded bundle, or None."""
+        return None if self._runtime is None else self._runtime.catalog
+
+    def get_recommendations(
+        self,
+        user_id: str,
+        context: Mapping[str, SignalValue] | None = None,
+        k: int = 10,
+        *,
+        current_item: str | None = None,
+    ) -> Recommendations:
+        """Rank ``k`` items for ``user_id``, on the device, with an explanation each.
+
+        The engine's privacy level picks the method and what it may read; when that
+        level lacks data (cold start, unknown user, empty window, a bundle without item
+        vectors) the answer falls back down the chain individual, contextual,
+        behavioral, segment, none, and says which level answered and why the others
+        did not. ``context`` holds declared context fields (an undeclared one raises
+        PolicyViolationError); ``current_item`` is what the user is looking at now (used,
+        never stored). Items already in the window are excluded (see ``exclude_seen``),
+        blocked and dismissed items always. Never touches the network.
+        """
+        check_id(user_id, "user_id")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 10_000:
+            raise InvalidInputError(f"k must be an int between 1 and 10000; got {k!r}")
+        ctx = self._policy.validate_context(context)
+        if current_item is not None:
+            check_id(current_item, "current_item")
+        rt = self._runtime
+        if rt is None:
+            return Recommendations(
+                (), PrivacyLevel.NONE, self._level, ("no catalog bundle is loaded",)
+            )
+        now = self.now()
+        with self._store.read() as conn:
+            state, window = _personalize.load_state(
+                conn, user_id, self._level, rt, exclude_seen=self._exclude_seen
+            )
+        if (
+            self._level is PrivacyLevel.INDIVIDUAL
+            and state.user_vector is None
+            and state.window.size
+            and rt.has_factors
+        ):
+            state.user_vector = individual.fold_in(rt, state)
+            blob = _personalize.encode_vector(
+                state.user_vector, _personalize.window_digest(rt, window)
+            )
+            with self._store.write() as conn:
+                Store.set_derived(conn, user_id, _personalize.USER_VECTOR, blob, now)
+        current = rt.index.get(current_item) if current_item is not None else None
+        return levels.recommend(self._level, rt, state, Request(k, now, ctx, current))
+
+    def block_item(self, user_id: str, item_id: str) -> None:
+        """Never recommend ``item_id`` to ``user_id`` again (kept until unblocked).
+
+        The block list holds item ids, so it is kept from the ``behavioral`` level up;
+        at lower levels this raises PolicyViolationError.
+        """
+        check_id(user_id, "user_id")
+        check_id(item_id, "item_id")
+        self._require(PrivacyLevel.BEHAVIORAL, "blocking items")
+        now = self.now()
+        with self._store.write() as conn:
+            Store.ensure_user(conn, user_id, now)
+            Store.restore_blocks(conn, user_id, [(item_id, now)])
+
+    def unblock_item(self, user_id: str, item_id: str) -> bool:
+        """Lift a block; returns False if the item was not blocked."""
+        check_id(user_id, "user_id")
+        check_id(item_id, "item_id")
+        with self._store.write() as conn:
+            removed = Store.delete_block(conn, user_id, item_id)
+        return removed
+
+    def _require(self, level: PrivacyLevel, what: str) -> None:
+        if not self._level.allows(level):
+            raise PolicyViolationError(
+                f"{what} needs privacy level {level.value!r} or higher (now {self._level.value!r})"
+            )
 
     # -- transparency -------------------------------------------------------------------
 

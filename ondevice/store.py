@@ -316,6 +316,14 @@ class Store:
         )
 
     @staticmethod
+    def delete_block(conn: _db.Connection, user_id: str, item_id: str) -> bool:
+        """Remove one block; True if it existed."""
+        cur = conn.execute(
+            "DELETE FROM blocks WHERE user_id = ? AND item_id = ?", (user_id, item_id)
+        )
+        return bool(cur.rowcount)
+
+    @staticmethod
     def delete_user(conn: _db.Connection, user_id: str) -> int:
         """Delete every row of one user; return how many rows went."""
         total = 0

@@ -1,0 +1,213 @@
+"""Glue between the profile store and the levels: what each level may read, and the
+derived state kept for the segment and individual levels. Internal."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Mapping, Sequence
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _db, scoring
+from .levels.base import EVENT_WEIGHTS, CatalogRuntime, UserState
+from .policy import Interaction, PrivacyLevel, SignalValue
+from .store import Store
+
+__all__ = [
+    "AGGREGATES",
+    "USER_VECTOR",
+    "add_to_aggregates",
+    "cached_vector",
+    "encode_vector",
+    "load_state",
+    "window_digest",
+]
+
+AGGREGATES: Final = "taste_aggregates"
+USER_VECTOR: Final = "user_vector"
+_AGG_MAGIC: Final = b"ODAG1"
+_VEC_MAGIC: Final = b"ODUV1"
+
+
+def _strength(event: str) -> float:
+    return EVENT_WEIGHTS.get(event, 1.0)
+
+
+def load_state(
+    conn: _db.Connection,
+    user_id: str,
+    level: PrivacyLevel,
+    rt: CatalogRuntime,
+    *,
+    exclude_seen: bool,
+) -> tuple[UserState, list[Interaction]]:
+    """Read what ``level`` may read about ``user_id``; also return the raw window."""
+    state = UserState(user_id=user_id)
+    window: list[Interaction] = []
+    if level is PrivacyLevel.NONE:
+        return state, window
+    state.signals = {n: v for n, v, _ in Store.signals(conn, user_id)}
+    derived = {n: blob for n, blob, _ in Store.derived(conn, user_id)}
+    if level is PrivacyLevel.SEGMENT:
+        state.aggregates = _decode_aggregates(derived.get(AGGREGATES), rt)
+        return state, window
+    window = Store.interactions(conn, user_id)
+    excluded: set[int] = set()
+    items: list[int] = []
+    times: list[float] = []
+    strengths: list[float] = []
+    events: list[str] = []
+    contexts: list[Mapping[str, SignalValue]] = []
+    unknown = 0
+    for it in reversed(window):  # newest first
+        idx = rt.index.get(it.item_id)
+        if idx is None:
+            unknown += 1
+            continue
+        strength = _strength(it.event)
+        if exclude_seen or strength == 0.0:
+            excluded.add(idx)
+        if strength == 0.0:
+            continue  # negative feedback is never evidence
+        items.append(idx)
+        times.append(float(it.timestamp or 0.0))
+        strengths.append(strength)
+        events.append(it.event)
+        contexts.append(dict(it.context) if level.allows(PrivacyLevel.CONTEXTUAL) else {})
+    for item_id, _ in Store.blocks(conn, user_id):
+        idx = rt.index.get(item_id)
+        if idx is not None:
+            excluded.add(idx)
+    state.window = np.asarray(items, dtype=np.int64)
+    state.times = np.asarray(times, dtype=np.float64)
+    state.strengths = np.asarray(strengths, dtype=np.float32)
+    state.events = events
+    state.contexts = contexts
+    state.unknown_items = unknown
+    state.excluded = np.fromiter(sorted(excluded), dtype=np.int64, count=len(excluded))
+    if level is PrivacyLevel.INDIVIDUAL:
+        state.user_vector = cached_vector(derived.get(USER_VECTOR), window_digest(rt, window))
+    return state, window
+
+
+# -- the individual level's cached user vector --------------------------------------------
+
+
+def window_digest(rt: CatalogRuntime, window: Sequence[Interaction]) -> bytes:
+    """Identifies the inputs of a fold-in: the catalog and the window's contents."""
+    h = hashlib.sha256(rt.fingerprint.encode("ascii"))
+    for it in window:
+        h.update(f"\0{it.item_id}\0{it.event}\0{it.timestamp!r}\0{it.value!r}".encode())
+    return h.digest()
+
+
+def encode_vector(vector: npt.NDArray[np.float32], digest: bytes) -> bytes:
+    """Blob of a cached user vector, tagged with what it was computed from."""
+    return _VEC_MAGIC + digest + np.asarray(vector, dtype="<f4").tobytes()
+
+
+def cached_vector(blob: bytes | None, digest: bytes) -> npt.NDArray[np.float32] | None:
+    """The cached vector if it was computed from exactly these inputs, else None."""
+    head = len(_VEC_MAGIC) + 32
+    if blob is None or len(blob) <= head or not blob.startswith(_VEC_MAGIC):
+        return None
+    if blob[len(_VEC_MAGIC) : head] != digest or (len(blob) - head) % 4:
+        return None
+    return np.frombuffer(blob[head:], dtype="<f4").astype(np.float32)
+
+
+# -- the segment level's factor-space sums (no item ids) ----------------------------------
+
+
+def _decode_aggregates(
+    blob: bytes | None, rt: CatalogRuntime
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None:
+    f = _factors(rt)
+    if blob is None or f == 0 or not blob.startswith(_AGG_MAGIC):
+        return None
+    head = len(_AGG_MAGIC) + 32 + 8
+    if blob[len(_AGG_MAGIC) : len(_AGG_MAGIC) + 32] != _catalog_digest(rt):
+        return None  # computed against another catalog's factors: meaningless here
+    if len(blob) != head + 4 * (f + f * f):
+        return None
+    body = np.frombuffer(blob[head:], dtype="<f4").astype(np.float64)
+    return body[:f].copy(), body[f:].reshape(f, f).copy()
+
+
+def _catalog_digest(rt: CatalogRuntime) -> bytes:
+    return hashlib.sha256(rt.fingerprint.encode("ascii")).digest()
+
+
+def _factors(rt: CatalogRuntime) -> int:
+    y = rt.catalog.item_factors
+    return 0 if y is None or not rt.has_factors else int(y.shape[1])
+
+
+def add_to_aggregates(
+    conn: _db.Connection,
+    user_id: str,
+    rt: CatalogRuntime,
+    interactions: Sequence[Interaction],
+    now: float,
+) -> None:
+    """Fold new interactions into the user's time-decayed factor-space sums (the only
+    taste state the segment level keeps: no item ids)."""
+    f = _factors(rt)
+    cat = rt.catalog
+    if f == 0 or cat.item_factors is None or cat.als is None:
+        return
+    known = [(it, rt.index[it.item_id]) for it in interactions if it.item_id in rt.index]
+    if not known:
+        return
+    row = {n: (blob, t) for n, blob, t in Store.derived(conn, user_id)}.get(AGGREGATES)
+    current = _decode_aggregates(row[0], rt) if row else None
+    last = _updated_at(row[0]) if row else now
+    if current is None:
+        b, a = np.zeros(f), np.zeros((f, f))
+        last = now
+    else:
+        b, a = current
+    half_life = rt.params.aggregate_half_life_days * 86400.0
+    for it, idx in sorted(known, key=lambda pair: pair[0].timestamp or 0.0):
+        ts = float(it.timestamp or now)
+        decay = 0.5 ** (max(ts - last, 0.0) / half_life) if half_life > 0 else 1.0
+        strength = _strength(it.event)
+        if strength == 0.0:
+            continue
+        b, a = scoring.update_aggregates(
+            b,
+            a,
+            cat.item_factors[idx],
+            alpha=cat.als.alpha,
+            value=strength,
+            decay=max(decay, 1e-12),
+        )
+        last = max(last, ts)
+    blob = (
+        _AGG_MAGIC
+        + _catalog_digest(rt)
+        + struct.pack("<d", last)
+        + np.concatenate((b, a.ravel())).astype("<f4").tobytes()
+    )
+    Store.set_derived(conn, user_id, AGGREGATES, blob, now)
+
+
+def aggregates_from_window(
+    conn: _db.Connection, user_id: str, rt: CatalogRuntime, now: float
+) -> None:
+    """Before the window is purged (level lowered to ``segment``), keep its taste as
+    factor-space sums so the segment level still knows the user's tastes."""
+    window = Store.interactions(conn, user_id)
+    if window:
+        add_to_aggregates(conn, user_id, rt, window, now)
+
+
+def _updated_at(blob: bytes) -> float:
+    off = len(_AGG_MAGIC) + 32
+    if len(blob) < off + 8:
+        return 0.0
+    value: float = struct.unpack("<d", blob[off : off + 8])[0]
+    return value

@@ -1,0 +1,236 @@
+"""Shared types of the personalization levels: what a level reads, what it answers.
+
+A level is a function ``(runtime, state, request) -> Answer | str``: it returns ranked
+items with explanations, or a string saying why it cannot answer (cold start, no item
+vectors...), and the chain falls back to the next level down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, overload
+
+import numpy as np
+import numpy.typing as npt
+
+from ..catalog import Catalog
+from ..policy import PrivacyLevel, SignalValue
+from ..scoring import category_index
+
+__all__ = [
+    "EVENT_WEIGHTS",
+    "Answer",
+    "CatalogRuntime",
+    "LevelParams",
+    "Recommendation",
+    "Recommendations",
+    "Request",
+    "UserState",
+]
+
+#: Implicit-feedback strength of each event type (the confidence of implicit ALS and
+#: the weight of a window position). ``dismiss`` is negative feedback: never evidence,
+#: always excluded.
+EVENT_WEIGHTS: Final[Mapping[str, float]] = {
+    "view": 1.0,
+    "click": 2.0,
+    "add_to_cart": 3.0,
+    "rate": 3.0,
+    "like": 4.0,
+    "purchase": 5.0,
+    "dismiss": 0.0,
+}
+
+VERBS: Final[Mapping[str, str]] = {
+    "view": "viewed",
+    "click": "opened",
+    "add_to_cart": "saved",
+    "purchase": "bought",
+    "like": "liked",
+    "rate": "rated",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class LevelParams:
+    """Tuning of the levels. The operator may ship tuned values in the bundle's
+    ``extra`` map (keys ``param.<name>``); otherwise these defaults hold.
+
+    ``half_life``: positions after which a window item weighs half (exponential decay,
+    newest first). ``neighbour_weight``: weight of the decayed neighbours against the
+    fold-in in the individual level's rank fusion. ``session_gap`` (s) and
+    ``session_boost``: interactions of the current session weigh ``1 + boost``.
+    ``context_strength``: exponent of the learned context affinity.
+    ``aggregate_half_life_days``: time decay of the segment level's taste sums.
+    """
+
+    half_life: float = 5.0
+    neighbour_weight: float = 1.0
+    depth: int = 100
+    session_gap: float = 1800.0
+    session_boost: float = 1.0
+    context_strength: float = 1.0
+    aggregate_half_life_days: float = 30.0
+
+    @classmethod
+    def from_catalog(cls, catalog: Catalog) -> LevelParams:
+        """Defaults, overridden by ``param.*`` entries of the catalog's ``extra``."""
+        values: dict[str, Any] = {}
+        for name, kind in (
+            ("half_life", float),
+            ("neighbour_weight", float),
+            ("depth", int),
+            ("session_gap", float),
+            ("session_boost", float),
+            ("context_strength", float),
+            ("aggregate_half_life_days", float),
+        ):
+            raw = catalog.extra.get(f"param.{name}")
+            if raw is None:
+                continue
+            try:
+                value = kind(raw)
+            except (TypeError, ValueError):
+                continue
+            if np.isfinite(value) and value >= 0:
+                values[name] = value
+        return cls(**values)
+
+
+class CatalogRuntime:
+    """A loaded catalog plus what every request reuses: the id index, the popularity
+    order (the fallback of every ranking) and the category index."""
+
+    def __init__(self, catalog: Catalog, fingerprint: str) -> None:
+        self.catalog = catalog
+        self.fingerprint = fingerprint
+        self.n = catalog.n_items
+        self.index: dict[str, int] = {item: i for i, item in enumerate(catalog.item_ids)}
+        pop = np.asarray(catalog.popularity, dtype=np.float64)
+        self.pop_order: npt.NDArray[np.int32] = np.lexsort((np.arange(self.n), -pop)).astype(
+            np.int32
+        )
+        self.cat_names, self.cat_indptr, self.cat_indices = category_index(
+            catalog.categories, self.n
+        )
+        self.params = LevelParams.from_catalog(catalog)
+        self.has_factors = (
+            catalog.item_factors is not None
+            and catalog.gram is not None
+            and catalog.als is not None
+        )
+
+    def title(self, index: int) -> str:
+        """The display title of an item (its id when the catalog has no title)."""
+        title = self.catalog.titles[index]
+        return title or self.catalog.item_ids[index]
+
+    def titles(self, indices: Sequence[int]) -> str:
+        """'X', 'X and Y' or 'X, Y and Z'."""
+        names = [f"“{self.title(i)}”" for i in indices]
+        if len(names) <= 1:
+            return "".join(names)
+        return ", ".join(names[:-1]) + " and " + names[-1]
+
+
+@dataclass(slots=True)
+class UserState:
+    """What the current privacy level lets the levels read about one user.
+
+    Window arrays are newest first and hold only items the catalog knows.
+    """
+
+    user_id: str
+    signals: Mapping[str, SignalValue] = field(default_factory=dict)
+    window: npt.NDArray[np.int64] = field(default_factory=lambda: np.empty(0, np.int64))
+    times: npt.NDArray[np.float64] = field(default_factory=lambda: np.empty(0, np.float64))
+    strengths: npt.NDArray[np.float32] = field(default_factory=lambda: np.empty(0, np.float32))
+    events: list[str] = field(default_factory=list)
+    contexts: list[Mapping[str, SignalValue]] = field(default_factory=list)
+    unknown_items: int = 0
+    excluded: npt.NDArray[np.int64] = field(default_factory=lambda: np.empty(0, np.int64))
+    aggregates: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None = None
+    user_vector: npt.NDArray[np.float32] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One call of ``get_recommendations``: how many, the now, and real-time context."""
+
+    k: int
+    now: float
+    context: Mapping[str, SignalValue] = field(default_factory=dict)
+    current_item: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A level's ranked items (catalog indices), scores and explanations."""
+
+    items: Sequence[int]
+    scores: Sequence[float]
+    explanations: Sequence[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Recommendation:
+    """One recommended item, the level that produced it, and why."""
+
+    item_id: str
+    title: str
+    score: float
+    level: PrivacyLevel
+    explanation: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "item_id": self.item_id,
+            "title": self.title,
+            "score": self.score,
+            "level": self.level.value,
+            "explanation": self.explanation,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Recommendations(Sequence[Recommendation]):
+    """The ranked answer of :meth:`~ondevice.PersonalizationEngine.get_recommendations`.
+
+    A sequence of :class:`Recommendation`, best first. ``level`` is the level that
+    answered; ``requested`` the engine's level; ``fallbacks`` says, for each level that
+    could not answer, why (for example "individual: no interactions yet").
+    """
+
+    items: tuple[Recommendation, ...]
+    level: PrivacyLevel
+    requested: PrivacyLevel
+    fallbacks: tuple[str, ...] = ()
+
+    @overload
+    def __getitem__(self, index: int) -> Recommendation: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Recommendation]: ...
+    def __getitem__(self, index: int | slice) -> Recommendation | Sequence[Recommendation]:
+        return self.items[index]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[Recommendation]:
+        return iter(self.items)
+
+    @property
+    def item_ids(self) -> list[str]:
+        """The recommended item ids, best first."""
+        return [r.item_id for r in self.items]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "level": self.level.value,
+            "requested": self.requested.value,
+            "fallbacks": list(self.fallbacks),
+            "items": [r.to_dict() for r in self.items],
+        }

@@ -1,0 +1,76 @@
+"""Level ``individual``: the user vector folded in on the device (implicit ALS, full
+weighted solve against the bundle's item factors and their Gram matrix), scores
+``Y @ x``, fused by reciprocal rank with the recency-weighted neighbours."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from .. import scoring
+from .base import Answer, CatalogRuntime, Request, UserState
+from .behavioral import evidence, explain, position_weights
+from .contextual import with_current_item
+
+
+def fold_in(rt: CatalogRuntime, state: UserState) -> npt.NDArray[np.float32]:
+    """The user vector of the window (strength-weighted confidences)."""
+    cat = rt.catalog
+    assert cat.item_factors is not None and cat.gram is not None and cat.als is not None
+    return scoring.fold_in(
+        cat.item_factors,
+        cat.gram,
+        state.window,
+        regularization=cat.als.regularization,
+        alpha=cat.als.alpha,
+        values=state.strengths,
+    )
+
+
+def recommend(rt: CatalogRuntime, state: UserState, req: Request) -> Answer | str:
+    """Fold-in scores fused with decayed neighbours."""
+    if not rt.has_factors:
+        return "the catalog has no item vectors"
+    cached = state.user_vector if req.current_item is None else None
+    state = with_current_item(state, req)
+    if state.window.size == 0:
+        return "no interactions with catalog items in the window yet"
+    cat = rt.catalog
+    assert cat.item_factors is not None
+    x = cached if cached is not None else fold_in(rt, state)
+    weights = position_weights(rt, state)
+    neighbours = scoring.neighbour_scores(
+        cat.nbr_indptr,
+        cat.nbr_indices,
+        cat.nbr_weights,
+        state.window,
+        n_items=rt.n,
+        half_life=float("inf"),
+        position_weights=weights,
+    )
+    ranked = scoring.individual_ranking(
+        cat.item_factors,
+        x,
+        neighbours,
+        req.k,
+        exclude=state.excluded,
+        depth=rt.params.depth,
+        neighbour_weight=rt.params.neighbour_weight,
+    )
+    items = [int(i) for i in ranked]
+    sub = cat.item_factors[ranked] @ x if items else np.empty(0, np.float32)
+    why = evidence(rt, state, [i for i in items if neighbours[i] > 0], weights)
+    taste = (
+        f"matches your taste profile, computed on this device from your "
+        f"{state.window.size} recent interactions"
+    )
+    return Answer(
+        items=items,
+        scores=[float(s) for s in sub],
+        explanations=[
+            explain(rt, state, why[i]) + "; and it matches your taste profile"
+            if i in why
+            else taste
+            for i in items
+        ],
+    )

@@ -1,0 +1,325 @@
+"""The contract every personalization level passes, on a catalog whose right answers
+are planted by hand, plus the fallback chain and the bundle's place in the engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import T0
+from sqlcipher_pages import plaintext_of_profile
+
+from ondevice import (
+    BundleError,
+    ContextField,
+    InvalidInputError,
+    PersonalizationEngine,
+    Policy,
+    PolicyViolationError,
+    PrivacyLevel,
+    RawKey,
+    Signal,
+)
+from ondevice.catalog import AlsParams, Catalog, Segment, SegmentRule
+from ondevice.operator.bundle_writer import generate_signing_key, public_key_bytes, write_bundle
+from ondevice.store import Store
+
+N = 30  # items i0..i29; clusters a: 0-9, b: 10-19, c: 20-29
+PLANTED = "i15"
+HISTORY = ["i10", "i11", "i12", "i13", "i14"]  # cluster b, i15 not yet seen
+F = 3
+
+
+def _catalog(*, factors: bool = True) -> Catalog:
+    rng = np.random.default_rng(7)
+    popularity = np.linspace(1.0, 0.1, N).astype(np.float32)  # i0 most popular
+    indptr, indices, weights = [0], [], []
+    for i in range(N):
+        base = (i // 10) * 10
+        nbrs = [(j, 0.2 + 0.01 * rng.random()) for j in range(base, base + 10) if j != i]
+        nbrs = [(j, 0.95) if j == 15 and base == 10 else (j, w) for j, w in nbrs]
+        nbrs.sort(key=lambda t: -t[1])
+        indices += [j for j, _ in nbrs]
+        weights += [w for _, w in nbrs]
+        indptr.append(len(indices))
+    y = np.zeros((N, F), dtype=np.float32)
+    for i in range(N):
+        y[i, i // 10] = 1.0
+        y[i] += 0.05 * rng.standard_normal(F).astype(np.float32)
+    y[15, 1] = 1.6  # the planted item is the strongest of its cluster
+    centroids = np.eye(F, dtype=np.float32)
+    segments = tuple(
+        Segment(
+            id=s,
+            name=f"cluster-{'abc'[s]}",
+            panel_users=60,
+            top_items=np.asarray(
+                ([15] if s == 1 else []) + [j for j in range(s * 10, s * 10 + 10) if j != 15],
+                dtype=np.int32,
+            ),
+            centroid=centroids[s] if factors else None,
+        )
+        for s in range(3)
+    )
+    return Catalog(
+        item_ids=tuple(f"i{i}" for i in range(N)),
+        titles=tuple(f"Item {i}" for i in range(N)),
+        popularity=popularity,
+        nbr_indptr=np.asarray(indptr, dtype=np.int64),
+        nbr_indices=np.asarray(indices, dtype=np.int32),
+        nbr_weights=np.asarray(weights, dtype=np.float32),
+        segments=segments,
+        segment_rules=(SegmentRule(segment=1, when={"plan": ("pro",)}),),
+        default_segment=0,
+        categories=tuple((f"cat-{'abc'[i // 10]}",) for i in range(N)),
+        item_factors=y if factors else None,
+        gram=(y.T @ y).astype(np.float32) if factors else None,
+        als=AlsParams(factors=F, regularization=0.1, alpha=5.0) if factors else None,
+        name="planted",
+    )
+
+
+@pytest.fixture(scope="module")
+def signer():
+    return generate_signing_key()
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, signer) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bundles")
+    out = {"full": root / "full.bundle", "no_vectors": root / "novec.bundle"}
+    write_bundle(_catalog(), out["full"], private_key=signer)
+    write_bundle(_catalog(factors=False), out["no_vectors"], private_key=signer)
+    return out
+
+
+POLICY = Policy(
+    signals=(Signal("plan", "str", "choose a segment", 365, choices=("free", "pro")),),
+    context=(ContextField("daypart", "str", "learn when you like what", 30),),
+)
+
+
+@pytest.fixture
+def open_engine(tmp_path, raw_key, bundles, signer):
+    opened = []
+
+    def make(level: str, bundle: str = "full", **kw):
+        engine = PersonalizationEngine(
+            kw.pop("path", tmp_path / f"profile-{level}-{len(opened)}"),
+            key=RawKey(raw_key),
+            privacy_level=level,
+            policy=POLICY,
+            clock=lambda: T0,
+            bundle=bundles[bundle] if bundle else None,
+            bundle_public_key=public_key_bytes(signer),
+            **kw,
+        )
+        opened.append(engine)
+        return engine
+
+    yield make
+    for e in opened:
+        e.close()
+
+
+def _history(engine: PersonalizationEngine, user: str = "u") -> None:
+    for n, item in enumerate(HISTORY):
+        engine.update_profile(
+            user,
+            {
+                "item_id": item,
+                "event": "click",
+                "timestamp": T0 - 600 + n,
+                "context": {"daypart": "am"},
+            },
+        )
+    engine.set_signals(user, {"plan": "pro"})
+
+
+ALL = ["none", "segment", "behavioral", "contextual", "individual"]
+PERSONAL = ["behavioral", "contextual", "individual"]
+
+
+class TestLevelContract:
+    """Every level: a known answer, cold start, exclusions, k, determinism."""
+
+    @pytest.mark.parametrize("level", ALL)
+    def test_planted_answer_comes_first(self, open_engine, level):
+        engine = open_engine(level)
+        _history(engine)
+        recs = engine.get_recommendations("u", k=5)
+        assert recs.level is PrivacyLevel(level)
+        expected = "i0" if level == "none" else PLANTED
+        assert recs[0].item_id == expected
+        assert all(r.explanation for r in recs)
+        assert all(r.level is PrivacyLevel(level) for r in recs)
+
+    @pytest.mark.parametrize("level", ALL)
+    def test_cold_start_falls_back_and_never_raises(self, open_engine, level):
+        engine = open_engine(level)
+        recs = engine.get_recommendations("stranger", k=4)
+        assert len(recs) == 4
+        assert recs.level is PrivacyLevel.NONE
+        assert recs.item_ids == ["i0", "i1", "i2", "i3"]
+        assert len(recs.fallbacks) == PrivacyLevel(level).rank
+        assert recs.requested is PrivacyLevel(level)
+
+    @pytest.mark.parametrize("level", PERSONAL)
+    def test_seen_and_blocked_items_never_come_back(self, open_engine, level):
+        engine = open_engine(level)
+        _history(engine)
+        engine.block_item("u", PLANTED)
+        recs = engine.get_recommendations("u", k=N)
+        assert PLANTED not in recs.item_ids
+        assert not set(HISTORY) & set(recs.item_ids)
+        assert len(recs) == N - len(HISTORY) - 1
+        engine.unblock_item("u", PLANTED)
+        assert engine.get_recommendations("u", k=1).item_ids == [PLANTED]
+
+    @pytest.mark.parametrize("level", PERSONAL)
+    def test_seen_items_can_be_allowed(self, open_engine, level):
+        engine = open_engine(level, exclude_seen=False)
+        _history(engine)
+        assert set(HISTORY) <= set(engine.get_recommendations("u", k=N).item_ids)
+
+    @pytest.mark.parametrize("level", ALL)
+    def test_k_larger_than_the_catalog_returns_each_item_once(self, open_engine, level):
+        engine = open_engine(level)
+        _history(engine)
+        ids = engine.get_recommendations("u", k=500).item_ids
+        assert len(ids) == len(set(ids))
+        excluded = len(HISTORY) if PrivacyLevel(level).allows(PrivacyLevel.BEHAVIORAL) else 0
+        assert len(ids) == N - excluded
+
+    @pytest.mark.parametrize("level", ALL)
+    def test_answers_are_deterministic(self, open_engine, level):
+        a, b = open_engine(level), open_engine(level)
+        for engine in (a, b):
+            _history(engine)
+        first = a.get_recommendations("u", k=10).to_dict()
+        assert a.get_recommendations("u", k=10).to_dict() == first
+        assert b.get_recommendations("u", k=10).to_dict() == first
+
+    @pytest.mark.parametrize("level", PERSONAL)
+    def test_unknown_items_in_the_history_are_ignored(self, open_engine, level):
+        engine = open_engine(level)
+        _history(engine)
+        engine.update_profile("u", {"item_id": "not-in-catalog", "timestamp": T0 - 1})
+        assert engine.get_recommendations("u", k=1).item_ids == [PLANTED]
+
+    @pytest.mark.parametrize("level", ALL)
+    def test_bad_input_is_a_clear_error(self, open_engine, level):
+        engine = open_engine(level)
+        for k in (0, -3, True, "5", 2.0):
+            with pytest.raises(InvalidInputError):
+                engine.get_recommendations("u", k=k)
+        with pytest.raises(PolicyViolationError):
+            engine.get_recommendations("u", {"location": "home"})
+
+
+def test_behavioral_explanation_names_the_evidence(open_engine):
+    engine = open_engine("behavioral")
+    _history(engine)
+    top = engine.get_recommendations("u", k=1)[0]
+    assert top.explanation.startswith("because you opened")
+    assert "Item 14" in top.explanation or "Item 13" in top.explanation
+
+
+def test_recency_decay_favours_the_latest_item(open_engine):
+    engine = open_engine("behavioral")
+    for n, item in enumerate(["i2", "i21"]):  # cluster a long ago, cluster c just now
+        engine.update_profile("u", {"item_id": item, "timestamp": T0 - 100 + n})
+    assert engine.get_recommendations("u", k=1).item_ids[0] in {f"i{j}" for j in range(20, 30)}
+
+
+def test_current_item_steers_the_contextual_level(open_engine):
+    engine = open_engine("contextual")
+    engine.update_profile("u", {"item_id": "i14", "event": "click", "timestamp": T0 - 60})
+    without = engine.get_recommendations("u", k=3).item_ids
+    assert without[0] == PLANTED
+    assert not any(i in {f"i{j}" for j in range(20, 30)} for i in without)
+    recs = engine.get_recommendations("u", k=3, current_item="i25")
+    cluster_c = {f"i{j}" for j in range(20, 30)}
+    assert recs.item_ids[0] == PLANTED
+    assert set(recs.item_ids[1:]) <= cluster_c - {"i25"}
+
+
+def test_segment_level_uses_rules_then_taste_sums_without_item_ids(open_engine, tmp_path, raw_key):
+    path = tmp_path / "seg"
+    engine = open_engine("segment", path=path)
+    for n, item in enumerate(["i21", "i22", "i23"]):
+        engine.update_profile("v", {"item_id": item, "timestamp": T0 - 10 + n})
+    recs = engine.get_recommendations("v", k=2)
+    assert recs.level is PrivacyLevel.SEGMENT
+    assert "cluster-c" in recs[0].explanation and "similar tastes" in recs[0].explanation
+    assert recs[0].item_id == "i20"
+    assert b"i21" not in plaintext_of_profile(path, raw_key)
+    engine.set_signals("v", {"plan": "pro"})  # a rule beats the taste sums
+    assert engine.get_recommendations("v", k=1).item_ids == [PLANTED]
+
+
+def test_lowering_to_segment_keeps_the_taste_as_sums(open_engine, tmp_path, raw_key):
+    path = tmp_path / "low"
+    engine = open_engine("behavioral", path=path)
+    for n, item in enumerate(["i21", "i22", "i23"]):
+        engine.update_profile("v", {"item_id": item, "timestamp": T0 - 10 + n})
+    engine.set_privacy_level("segment")
+    assert b"i21" not in plaintext_of_profile(path, raw_key)
+    recs = engine.get_recommendations("v", k=1)
+    assert recs.level is PrivacyLevel.SEGMENT and "cluster-c" in recs[0].explanation
+
+
+def test_individual_falls_back_when_the_bundle_has_no_vectors(open_engine):
+    engine = open_engine("individual", bundle="no_vectors")
+    _history(engine)
+    recs = engine.get_recommendations("u", k=3)
+    assert recs.level is PrivacyLevel.CONTEXTUAL
+    assert recs.fallbacks == ("individual: the catalog has no item vectors",)
+    assert recs[0].item_id == PLANTED
+
+
+def test_individual_caches_the_user_vector_and_refreshes_it(open_engine):
+    engine = open_engine("individual")
+    _history(engine)
+    engine.get_recommendations("u", k=1)
+
+    def vector_blob():
+        with engine._store.read() as conn:
+            return {n: b for n, b, _ in Store.derived(conn, "u")}["user_vector"]
+
+    first = vector_blob()
+    engine.get_recommendations("u", k=1)
+    assert vector_blob() == first  # unchanged window: served from the cache
+    engine.update_profile("u", {"item_id": "i25", "timestamp": T0})
+    engine.get_recommendations("u", k=1)
+    assert vector_blob() != first
+
+
+def test_no_bundle_means_an_empty_answer_with_a_reason(open_engine):
+    engine = open_engine("individual", bundle="")
+    recs = engine.get_recommendations("u")
+    assert len(recs) == 0 and recs.fallbacks == ("no catalog bundle is loaded",)
+
+
+def test_a_refused_bundle_keeps_the_previous_one(open_engine, tmp_path, bundles):
+    engine = open_engine("behavioral")
+    _history(engine)
+    before = engine.get_recommendations("u", k=3).item_ids
+    bad = tmp_path / "bad.bundle"
+    data = bytearray(bundles["full"].read_bytes())
+    data[len(data) // 3] ^= 0x20
+    bad.write_bytes(bytes(data))
+    with pytest.raises(BundleError):
+        engine.load_bundle(bad)
+    other = generate_signing_key()
+    write_bundle(_catalog(), tmp_path / "other.bundle", private_key=other)
+    with pytest.raises(BundleError):
+        engine.load_bundle(tmp_path / "other.bundle")
+    assert engine.get_recommendations("u", k=3).item_ids == before
+
+
+def test_blocking_needs_a_level_that_keeps_item_ids(open_engine):
+    engine = open_engine("segment")
+    with pytest.raises(PolicyViolationError, match="behavioral"):
+        engine.block_item("u", "i1")
