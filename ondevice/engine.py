@@ -26,6 +26,7 @@ from . import _db, _personalize, levels
 from .bundle import BundleInfo, load_bundle_with_info
 from .catalog import Catalog
 from .errors import (
+    BudgetExhaustedError,
     BundleError,
     ExportError,
     InvalidInputError,
@@ -37,6 +38,7 @@ from .errors import (
     ProfileNotFoundError,
     ProfileUnreadableError,
     StorageError,
+    SyncError,
 )
 from .export import (
     EXPORT_FORMAT,
@@ -57,6 +59,8 @@ from .keys import (
     write_atomic,
 )
 from .levels import CatalogRuntime, Recommendations, Request, individual
+from .levels.segment import choose_segment
+from .sync_settings import SyncOutcome, SyncSettings
 from .policy import (
     FieldPurpose,
     Interaction,
@@ -179,6 +183,9 @@ class PersonalizationEngine:
     ``exclude_seen``
         Never recommend items already in the user's window (blocked and dismissed
         items are always excluded).
+    ``sync``
+        :class:`~ondevice.SyncSettings` to report the randomized segment with
+        :meth:`sync`; None (the default) means the engine never uses the network.
     """
 
     def __init__(
@@ -194,8 +201,12 @@ class PersonalizationEngine:
         bundle: str | os.PathLike[str] | None = None,
         bundle_public_key: bytes | Ed25519PublicKey | None = None,
         exclude_seen: bool = True,
+        sync: SyncSettings | None = None,
     ) -> None:
         self._dir = Path(path).expanduser()
+        if sync is not None and not isinstance(sync, SyncSettings):
+            raise InvalidInputError("sync must be an ondevice.SyncSettings")
+        self._sync_settings = sync
         self._bundle_key = bundle_public_key
         self._runtime: CatalogRuntime | None = None
         self._exclude_seen = bool(exclude_seen)
@@ -552,6 +563,158 @@ class PersonalizationEngine:
         current = rt.index.get(current_item) if current_item is not None else None
         return levels.recommend(self._level, rt, state, Request(k, now, ctx, current))
 
+    # -- sync: the only thing that leaves the device -------------------------------------
+
+    def sync(self, user_id: str) -> SyncOutcome:
+        """Report ``user_id``'s segment for the current epoch (ISO week), at most once.
+
+        The segment is assigned locally, randomized on the device (k-ary randomized
+        response at ``SyncSettings.epsilon``, fresh randomness each report), checked
+        against the privacy budget, built into the one allowed message, appended to the
+        encrypted egress log, and only then sent. A failed send is retried by a later
+        call with exponential backoff, resending the same logged bytes (never a new
+        draw). Recommendations never depend on this: they use the true segment, locally.
+
+        Raises BudgetExhaustedError (nothing logged, nothing sent) when the budget for
+        the rolling period is spent, and SyncError when sync is not configured or no
+        catalog is loaded. Network failures are not raised: the outcome says ``failed``.
+        """
+        from sync import client as sync_client
+        from sync import errors as sync_errors
+        from sync import privacy, protocol
+
+        check_id(user_id, "user_id")
+        settings = self._sync_settings
+        if settings is None:
+            raise SyncError("sync is not configured: pass sync=SyncSettings(server_url=...)")
+        if self._level is PrivacyLevel.NONE:
+            return SyncOutcome(user_id, "skipped", reason="privacy level none: nothing to report")
+        rt = self._runtime
+        if rt is None:
+            raise SyncError("load a catalog bundle first: the segments come from it")
+        k = _segment_count(rt)
+        if k == 0:
+            return SyncOutcome(user_id, "skipped", reason="the catalog defines no segments")
+        now = self.now()
+        epoch = protocol.epoch_of(now)
+        try:
+            client = sync_client.SyncClient(
+                base_url=settings.server_url,
+                transport=settings.transport,
+                timeout=settings.timeout,
+                k=k,
+            )
+            with self._store.write() as conn:
+                prior = {e["epoch"]: e for e in Store.egress(conn, user_id)}
+                entry = prior.get(epoch)
+                if entry is not None:
+                    if entry["status"] in ("sent", "refused"):
+                        return SyncOutcome(
+                            user_id,
+                            "already_sent",
+                            epoch,
+                            entry["body"],
+                            entry["epsilon"],
+                            entry["answer"],
+                            reason="one report per epoch",
+                        )
+                    if entry["next_attempt"] is not None and entry["next_attempt"] > now:
+                        return SyncOutcome(
+                            user_id,
+                            "waiting",
+                            epoch,
+                            entry["body"],
+                            entry["epsilon"],
+                            entry["answer"],
+                            retry_at=entry["next_attempt"],
+                        )
+                    body = entry["body"].encode("ascii")
+                    attempts = int(entry["attempts"])
+                else:
+                    accountant = privacy.BudgetAccountant(
+                        spends=tuple((e["created_at"], e["epsilon"]) for e in prior.values()),
+                        cap=settings.budget_cap,
+                        period=settings.budget_period_days * 86400.0,
+                    )
+                    accountant.check(now, settings.epsilon)
+                    state, _ = _personalize.load_state(
+                        conn, user_id, self._level, rt, exclude_seen=False
+                    )
+                    chosen = choose_segment(rt, state)
+                    if chosen is None:
+                        return SyncOutcome(
+                            user_id,
+                            "skipped",
+                            epoch,
+                            reason="no segment yet (no declared signals or taste)",
+                        )
+                    reported = privacy.randomize(chosen[0].id, k=k, epsilon=settings.epsilon)
+                    body = client.build_report(reported, epoch)
+                    Store.log_egress(conn, user_id, epoch, body, settings.epsilon, now)
+                    attempts = 0
+            status, answer, retry = "sent", "", None
+            try:
+                answer = client.send_report_bytes(body).summary
+            except sync_errors.ServerRejectedError as exc:
+                status, answer = "refused", str(exc)
+            except (sync_errors.TransportError, sync_errors.ServerError) as exc:
+                status, answer = "failed", str(exc)
+                retry = sync_client.Backoff().next_attempt_at(now, attempts)
+            with self._store.write() as conn:
+                Store.settle_egress(
+                    conn,
+                    user_id,
+                    epoch,
+                    status=status,
+                    now=self.now(),
+                    answer=answer,
+                    next_attempt=retry,
+                )
+        except sync_errors.BudgetExhausted as exc:
+            raise BudgetExhaustedError(str(exc)) from exc
+        except sync_errors.SyncError as exc:
+            raise SyncError(f"cannot report the segment: {exc}") from exc
+        if status == "failed":
+            log.info("segment report for epoch %s not delivered; retry after %s", epoch, retry)
+        return SyncOutcome(
+            user_id, status, epoch, body.decode("ascii"), settings.epsilon, answer, retry
+        )
+
+    def fetch_featured(self) -> int:
+        """Fetch the server's featured items for *all* segments (the same bytes for every
+        device, so fetching reveals nothing about this one) and blend this device's own
+        segment row into the ``segment`` level, chosen locally. Returns how many
+        segments have featured items. Raises SyncError on failure; recommendations keep
+        working without it."""
+        from sync import client as sync_client
+        from sync import errors as sync_errors
+
+        settings = self._sync_settings
+        if settings is None:
+            raise SyncError("sync is not configured: pass sync=SyncSettings(server_url=...)")
+        rt = self._runtime
+        if rt is None:
+            raise SyncError("load a catalog bundle first: the segments come from it")
+        try:
+            client = sync_client.SyncClient(
+                base_url=settings.server_url,
+                transport=settings.transport,
+                timeout=settings.timeout,
+            )
+            table = client.fetch_content()
+        except sync_errors.SyncError as exc:
+            raise SyncError(f"cannot fetch the featured items: {exc}") from exc
+        k = _segment_count(rt)
+        if table.k != k:
+            raise SyncError(
+                f"the server's content table has {table.k} segments, the catalog {k}: "
+                "they belong to different bundles"
+            )
+        rt.featured = {
+            seg: [rt.index[i] for i in row if i in rt.index] for seg, row in enumerate(table.rows)
+        }
+        return sum(1 for row in rt.featured.values() if row)
+
     def block_item(self, user_id: str, item_id: str) -> None:
         """Never recommend ``item_id`` to ``user_id`` again (kept until unblocked).
 
@@ -840,6 +1003,12 @@ def _dumps(data: Mapping[str, Any]) -> bytes:
         return json.dumps(data).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise ExportError(f"malformed export: {exc}") from exc
+
+
+def _segment_count(rt: CatalogRuntime) -> int:
+    """K for randomized response: segment ids run from 0 to K - 1."""
+    ids = [seg.id for seg in rt.catalog.segments]
+    return max(ids) + 1 if ids else 0
 
 
 def _provider_for(descriptor: Mapping[str, Any], current: KeyProvider) -> KeyProvider:

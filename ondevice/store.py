@@ -16,6 +16,8 @@ forward steps):
 - ``activity(user_id, day, event, count)``: per-day event counts (no item ids).
 - ``derived(user_id, name, value, updated_at)``: derived state (blobs).
 - ``blocks(user_id, item_id, created_at)``: items the user asked never to see (v2).
+- ``egress(user_id, epoch, body, epsilon, status, ...)``: every segment report, logged
+  before it is sent (v3).
 """
 
 from __future__ import annotations
@@ -64,15 +66,38 @@ MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
             user_id TEXT NOT NULL, item_id TEXT NOT NULL, created_at REAL NOT NULL,
             PRIMARY KEY(user_id, item_id)) WITHOUT ROWID""",
     ),
+    3: (
+        # The egress log: every report, written before it is sent. `body` holds the
+        # exact bytes that leave the device.
+        """CREATE TABLE egress(
+            id INTEGER PRIMARY KEY, user_id TEXT NOT NULL, epoch TEXT NOT NULL,
+            body BLOB NOT NULL, epsilon REAL NOT NULL, created_at REAL NOT NULL,
+            status TEXT NOT NULL, sent_at REAL, answer TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0, next_attempt REAL,
+            UNIQUE(user_id, epoch))""",
+    ),
 }
 SCHEMA_VERSION: Final = max(MIGRATIONS)
 
 #: Tables holding a user's data, in the order they are deleted.
-USER_TABLES: Final = ("signals", "activity", "derived", "blocks", "interactions", "users")
+USER_TABLES: Final = (
+    "signals",
+    "activity",
+    "derived",
+    "blocks",
+    "egress",
+    "interactions",
+    "users",
+)
 
 #: Derived state kept only at the individual level (everything else in ``derived``
 #: is aggregate state kept from the segment level up).
 INDIVIDUAL_DERIVED: Final = ("user_vector",)
+
+
+#: The egress log is kept a year: long enough to show the user every report and to
+#: account for the privacy budget's rolling period.
+EGRESS_RETENTION_DAYS: Final = 365.0
 
 
 def _day(ts: float) -> int:
@@ -351,6 +376,7 @@ class Store:
         run(f"DELETE FROM interactions WHERE ts < ? {who}", cutoff)
         run(f"DELETE FROM activity WHERE day < ? {who}", _day(cutoff))
         run(f"DELETE FROM derived WHERE updated_at < ? {who}", cutoff)
+        run(f"DELETE FROM egress WHERE created_at < ? {who}", now - EGRESS_RETENTION_DAYS * DAY)
         for field in policy.context:
             if field.retention_days < policy.retention_days:
                 run(
@@ -484,7 +510,97 @@ class Store:
         return [(str(i), float(t)) for i, t in rows]
 
     @staticmethod
+    def egress(conn: _db.Connection, user_id: str) -> list[dict[str, Any]]:
+        """The user's egress log, oldest first."""
+        rows = conn.execute(
+            "SELECT epoch, body, epsilon, created_at, status, sent_at, answer, attempts, "
+            "next_attempt FROM egress WHERE user_id = ? ORDER BY created_at, id",
+            (user_id,),
+        ).fetchall()
+        names = (
+            "epoch",
+            "body",
+            "epsilon",
+            "created_at",
+            "status",
+            "sent_at",
+            "answer",
+            "attempts",
+            "next_attempt",
+        )
+        out = []
+        for row in rows:
+            entry = dict(zip(names, row, strict=True))
+            entry["body"] = bytes(entry["body"]).decode("ascii")
+            out.append(entry)
+        return out
+
+    @staticmethod
+    def log_egress(
+        conn: _db.Connection, user_id: str, epoch: str, body: bytes, epsilon: float, now: float
+    ) -> None:
+        """Append a report to the egress log, before it is sent."""
+        conn.execute(
+            "INSERT INTO egress(user_id, epoch, body, epsilon, created_at, status) "
+            "VALUES (?, ?, ?, ?, ?, 'pending')",
+            (user_id, epoch, body, epsilon, now),
+        )
+
+    @staticmethod
+    def settle_egress(
+        conn: _db.Connection,
+        user_id: str,
+        epoch: str,
+        *,
+        status: str,
+        now: float,
+        answer: str,
+        next_attempt: float | None,
+    ) -> None:
+        """Record the outcome of sending a logged report."""
+        conn.execute(
+            "UPDATE egress SET status = ?, sent_at = CASE WHEN ? = 'sent' THEN ? END, "
+            "answer = ?, attempts = attempts + 1, next_attempt = ? "
+            "WHERE user_id = ? AND epoch = ?",
+            (status, status, now, answer, next_attempt, user_id, epoch),
+        )
+
+    @staticmethod
+    def restore_egress(
+        conn: _db.Connection, user_id: str, rows: Sequence[dict[str, Any]]
+    ) -> None:
+        """Insert exported egress rows back."""
+        conn.executemany(
+            "INSERT OR REPLACE INTO egress(user_id, epoch, body, epsilon, created_at, status, "
+            "sent_at, answer, attempts, next_attempt) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            [
+                (
+                    user_id,
+                    r["epoch"],
+                    r["body"].encode("ascii"),
+                    r["epsilon"],
+                    r["created_at"],
+                    r["status"],
+                    r["sent_at"],
+                    r["answer"],
+                    r["attempts"],
+                    r["next_attempt"],
+                )
+                for r in rows
+            ],
+        )
+
+    @staticmethod
     def count_rows(conn: _db.Connection) -> dict[str, int]:
         """Row count of every data table (for tests and diagnostics)."""
-        tables = ("users", "signals", "interactions", "context", "activity", "derived", "blocks")
+        tables = (
+            "users",
+            "signals",
+            "interactions",
+            "context",
+            "activity",
+            "derived",
+            "blocks",
+            "egress",
+        )
         return {t: int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in tables}

@@ -115,6 +115,9 @@ class CatalogRuntime:
             catalog.categories, self.n
         )
         self.params = LevelParams.from_catalog(catalog)
+        #: Featured items per segment id (catalog indices), from the sync server's
+        #: content table: the same table for every device, chosen from locally.
+        self.featured: dict[int, list[int]] = {}
         self.has_factors = (
             catalog.item_factors is not None
             and catalog.gram is not None

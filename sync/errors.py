@@ -1,0 +1,205 @@
+"""The exception tree of the ``sync`` package.
+
+``sync`` never imports ``ondevice``; the engine translates these errors into
+``ondevice.errors.SyncError`` (and :class:`BudgetExhausted` into
+``ondevice.errors.BudgetExhaustedError``), chaining the original as ``__cause__``.
+
+::
+
+    SyncError
+    ├── ProtocolError (ValueError)       a message or document violates the wire schema
+    │   ├── MessageSizeError             body empty, over the limit, or not MESSAGE_SIZE
+    │   ├── MalformedMessageError        not UTF-8, not JSON, not an object, duplicate keys
+    │   ├── UnknownFieldError            a field the schema does not define
+    │   ├── MissingFieldError            a field the schema requires is absent
+    │   ├── FieldTypeError               a field of the wrong JSON type
+    │   ├── UnsupportedVersionError      a protocol or document version not spoken here
+    │   ├── BadEpochError                not an ISO week "YYYY-Www", or no such week
+    │   │   └── EpochOutOfWindowError    a real week, but too far from the server's clock
+    │   ├── SegmentOutOfRangeError       segment not in 0..K-1
+    │   ├── NonCanonicalError            valid values, but not the one canonical encoding
+    │   ├── ForbiddenHeaderError         a request header outside the fixed allowed set
+    │   └── ContentTableError            a malformed content table document
+    ├── ConfigurationError (ValueError)  a bad setting (K, epsilon, k threshold, paths...)
+    ├── StoreError                       the server's count store failed (nothing counted)
+    ├── BudgetExhausted                  the privacy budget for the rolling period is spent
+    ├── TransportError                   the server could not be reached or did not answer
+    │   └── TransportTimeout             ...within the request's timeout
+    └── ServerError                      the server answered with an error status
+        ├── ServerRejectedError          4xx: the request was refused; do not retry it
+        └── ServerUnavailableError       5xx or 429: try again later, with backoff
+
+Every class carries a class-level ``retryable`` flag: ``True`` only for
+:class:`TransportError` and :class:`ServerUnavailableError`, the failures a later retry
+(of the *same* randomized report, see ``sync.client``) can fix. Every
+:class:`ProtocolError` carries a short machine-readable ``code`` that the server puts in
+its JSON error bodies.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadEpochError",
+    "BudgetExhausted",
+    "ConfigurationError",
+    "ContentTableError",
+    "EpochOutOfWindowError",
+    "FieldTypeError",
+    "ForbiddenHeaderError",
+    "MalformedMessageError",
+    "MessageSizeError",
+    "MissingFieldError",
+    "NonCanonicalError",
+    "ProtocolError",
+    "SegmentOutOfRangeError",
+    "ServerError",
+    "ServerRejectedError",
+    "ServerUnavailableError",
+    "StoreError",
+    "SyncError",
+    "TransportError",
+    "TransportTimeout",
+    "UnknownFieldError",
+    "UnsupportedVersionError",
+]
+
+
+class SyncError(Exception):
+    """Root of every error raised by the ``sync`` package."""
+
+    retryable: bool = False
+
+
+class ProtocolError(SyncError, ValueError):
+    """A message, document or request violates the wire protocol."""
+
+    code: str = "protocol_error"
+
+
+class MessageSizeError(ProtocolError):
+    """The body is empty, larger than the limit, or not exactly ``MESSAGE_SIZE`` bytes."""
+
+    code = "bad_size"
+
+
+class MalformedMessageError(ProtocolError):
+    """The body is not UTF-8 JSON holding one object with distinct keys."""
+
+    code = "malformed"
+
+
+class UnknownFieldError(ProtocolError):
+    """The message holds a field that the schema does not define."""
+
+    code = "unknown_field"
+
+
+class MissingFieldError(ProtocolError):
+    """The message lacks a field that the schema requires."""
+
+    code = "missing_field"
+
+
+class FieldTypeError(ProtocolError):
+    """A field has the wrong JSON type (for example a number where a string belongs)."""
+
+    code = "wrong_type"
+
+
+class UnsupportedVersionError(ProtocolError):
+    """The protocol (or content table) version is not one this code speaks."""
+
+    code = "unsupported_version"
+
+
+class BadEpochError(ProtocolError):
+    """The epoch is not an ISO week written ``YYYY-Www``, or that week does not exist."""
+
+    code = "bad_epoch"
+
+
+class EpochOutOfWindowError(BadEpochError):
+    """The epoch is a real ISO week, but too far from the server's current week."""
+
+    code = "epoch_out_of_window"
+
+
+class SegmentOutOfRangeError(ProtocolError):
+    """The segment is not in ``0..K-1`` for the configured number of segments ``K``."""
+
+    code = "segment_out_of_range"
+
+
+class NonCanonicalError(ProtocolError):
+    """The values are valid but the bytes are not their one canonical encoding."""
+
+    code = "non_canonical"
+
+
+class ForbiddenHeaderError(ProtocolError):
+    """A request would carry a header outside the protocol's fixed allowed set."""
+
+    code = "forbidden_header"
+
+
+class ContentTableError(ProtocolError):
+    """The content table document is malformed, of the wrong size or version."""
+
+    code = "bad_content_table"
+
+
+class ConfigurationError(SyncError, ValueError):
+    """A setting is out of range: K, epsilon, k threshold, budget, paths, limits."""
+
+
+class StoreError(SyncError):
+    """The server's count store could not commit; the report was not counted."""
+
+
+class BudgetExhausted(SyncError):
+    """Spending this epsilon now would exceed the cap for the rolling period."""
+
+    def __init__(self, message: str, *, remaining: float, available_at: float) -> None:
+        super().__init__(message)
+        self.remaining = remaining
+        """Epsilon still available at the time of the check."""
+        self.available_at = available_at
+        """Earliest unix time at which the requested epsilon fits under the cap."""
+
+
+class TransportError(SyncError):
+    """The request could not be completed: refused, reset, unreachable, bad answer.
+
+    ``maybe_delivered`` is ``True`` when the failure happened after the whole request
+    was written, so the server may have counted it: a retry must resend the *same*
+    randomized report for the same epoch (never redraw the noise).
+    """
+
+    retryable = True
+
+    def __init__(self, message: str, *, maybe_delivered: bool = False) -> None:
+        super().__init__(message)
+        self.maybe_delivered = maybe_delivered
+
+
+class TransportTimeout(TransportError):
+    """The server did not answer within the request's timeout."""
+
+
+class ServerError(SyncError):
+    """The server answered with an error status; ``status`` and ``code`` say which."""
+
+    def __init__(self, message: str, *, status: int, code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class ServerRejectedError(ServerError):
+    """A 4xx answer: the server refused this request; sending it again will not help."""
+
+
+class ServerUnavailableError(ServerError):
+    """A 5xx or 429 answer: the server could not take the report now; retry later."""
+
+    retryable = True

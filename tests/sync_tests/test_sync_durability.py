@@ -1,0 +1,131 @@
+"""Durability and isolation of the server stub as a separate process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sync import errors
+from sync.client import SyncClient
+from sync.protocol import epoch_of
+
+from .conftest import stored_counts, stored_total
+
+
+@pytest.fixture
+def server_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+    """``python -m sync.server`` on an ephemeral port (real clock, synchronous=FULL)."""
+    db, ready = tmp_path / "counts.db", tmp_path / "port"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sync.server", "--k", "8", "--db", str(db), "--port", "0",
+         "--ready-file", str(ready)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 20
+    while not ready.exists():
+        assert process.poll() is None, process.stderr.read() if process.stderr else b""
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        yield process, f"http://127.0.0.1:{ready.read_text().strip()}", db
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        if process.stderr is not None:
+            process.stderr.close()
+
+
+def test_every_acknowledged_report_survives_sigkill_right_after_the_last_2xx(
+    server_process: tuple[subprocess.Popen[bytes], str, Path],
+) -> None:
+    process, url, db = server_process
+    client = SyncClient(base_url=url, k=8)
+    epoch = epoch_of(time.time())
+    for i in range(60):
+        client.send_report(i % 8, epoch)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert stored_total(db) == 60
+    assert stored_counts(db) == {(epoch, s): 60 // 8 + (1 if s < 60 % 8 else 0) for s in range(8)}
+
+
+def test_acknowledged_reports_survive_sigkill_while_many_clients_are_in_flight(
+    server_process: tuple[subprocess.Popen[bytes], str, Path],
+) -> None:
+    process, url, db = server_process
+    epoch = epoch_of(time.time())
+    lock = threading.Lock()
+    acked, attempted = [0], [0]
+    stop = threading.Event()
+
+    def run(index: int) -> None:
+        client = SyncClient(base_url=url, k=8, timeout=5)
+        while not stop.is_set():
+            with lock:
+                attempted[0] += 1
+            try:
+                client.send_report(index % 8, epoch)
+            except errors.SyncError:
+                return
+            with lock:
+                acked[0] += 1
+                if acked[0] == 400:
+                    # Kill from the thread that just got the 400th 2xx, while the
+                    # other 15 clients' requests are in flight.
+                    os.kill(process.pid, signal.SIGKILL)
+                    stop.set()
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    process.wait()
+    counted = stored_total(db)
+    assert acked[0] >= 400
+    assert acked[0] <= counted <= attempted[0]
+
+
+def test_the_server_modules_never_import_ondevice_or_numpy() -> None:
+    code = (
+        "import sys, sync, sync.server, sync.client, sync.privacy, sync.protocol, sync.errors; "
+        "print(sorted(m for m in sys.modules "
+        "if m.split('.')[0] in ('ondevice', 'numpy')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "[]"
+
+
+def test_server_command_line_refuses_a_k_threshold_below_one(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sync.server", "--k", "8", "--db", str(tmp_path / "c.db"),
+         "--k-threshold", "0", "--port", "0"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "k_threshold" in result.stdout + result.stderr
+    assert not (tmp_path / "c.db").exists()
+
+
+def test_the_operator_example_runs_and_prints_suppressed_statistics() -> None:
+    script = Path(__file__).parents[2] / "examples" / "server_operator.py"
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("statistics for ") and "(total 3000)" in line for line in lines)
+    assert sum(line.strip().startswith("segment ") for line in lines) == 4
