@@ -26,7 +26,9 @@ from .errors import (
     ValidationError,
 )
 from .keys import Argon2Params, Keychain, KeyProvider, Passphrase, RawKey
+from .levels import Recommendation, Recommendations
 from .policy import ContextField, FieldPurpose, Interaction, Policy, PrivacyLevel, Signal
+from .sync_settings import SyncOutcome, SyncSettings
 
 __version__ = "0.1.0"
 
@@ -57,9 +59,13 @@ __all__ = [
     "ProfileUnreadableError",
     "ProfileVersionError",
     "RawKey",
+    "Recommendation",
+    "Recommendations",
     "Signal",
     "StorageError",
     "SyncError",
+    "SyncOutcome",
+    "SyncSettings",
     "UserReport",
     "ValidationError",
 ]

@@ -60,7 +60,6 @@ from .keys import (
 )
 from .levels import CatalogRuntime, Recommendations, Request, individual
 from .levels.segment import choose_segment
-from .sync_settings import SyncOutcome, SyncSettings
 from .policy import (
     FieldPurpose,
     Interaction,
@@ -70,6 +69,7 @@ from .policy import (
     check_id,
 )
 from .store import SCHEMA_VERSION, Store
+from .sync_settings import SyncOutcome, SyncSettings
 
 __all__ = ["PersonalizationEngine", "ProfileReport", "UserReport"]
 
@@ -94,10 +94,14 @@ class UserReport:
     active_days: int
     derived: tuple[str, ...]
     blocked_items: int
+    reports_sent: int = 0
+    privacy_budget: Mapping[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return {
+            "reports_sent": self.reports_sent,
+            "privacy_budget": dict(self.privacy_budget),
             "user_id": self.user_id,
             "created_at": self.created_at,
             "signals": dict(self.signals),
@@ -775,6 +779,10 @@ class PersonalizationEngine:
                         active_days=len({d for d, _, _ in Store.activity(conn, uid)}),
                         derived=tuple(n for n, _, _ in Store.derived(conn, uid)),
                         blocked_items=len(Store.blocks(conn, uid)),
+                        reports_sent=sum(
+                            1 for e in Store.egress(conn, uid) if e["status"] == "sent"
+                        ),
+                        privacy_budget=self._budget(Store.egress(conn, uid)),
                     )
                 )
         return ProfileReport(
@@ -785,6 +793,20 @@ class PersonalizationEngine:
             users=tuple(users),
         )
 
+    def _budget(self, egress: list[dict[str, Any]]) -> dict[str, float]:
+        """The local differential-privacy budget: spent in the rolling period, cap, left."""
+        settings = self._sync_settings or SyncSettings(server_url="http://unset.invalid")
+        period = settings.budget_period_days * 86400.0
+        now = self.now()
+        spent = sum(e["epsilon"] for e in egress if e["created_at"] > now - period)
+        return {
+            "epsilon_spent": spent,
+            "epsilon_cap": settings.budget_cap,
+            "epsilon_remaining": max(settings.budget_cap - spent, 0.0),
+            "period_days": settings.budget_period_days,
+            "epsilon_per_report": settings.epsilon,
+        }
+
     def export_profile(self, user_id: str | None = None) -> dict[str, Any]:
         """Everything stored about ``user_id`` (or about every user), with each field's
         purpose, as a JSON-ready dict in the documented export format
@@ -794,6 +816,8 @@ class PersonalizationEngine:
         with self._store.read() as conn:
             ids = [user_id] if user_id is not None else Store.user_ids(conn)
             users = [_export_user(conn, uid) for uid in ids if Store.user_row(conn, uid)]
+            for user in users:
+                user["privacy_budget"] = self._budget(user["egress"])
         return {
             "format": EXPORT_FORMAT,
             "version": EXPORT_VERSION,
@@ -872,6 +896,7 @@ class PersonalizationEngine:
                     )
                     Store.enforce_window(conn, plan.user_id, policy.window)
                     Store.restore_blocks(conn, plan.user_id, plan.blocks)
+                Store.restore_egress(conn, plan.user_id, plan.egress)
                 Store.purge_expired(conn, policy, now, plan.user_id)
         return [p.user_id for p in plans]
 
@@ -1062,6 +1087,7 @@ def _export_user(conn: _db.Connection, user_id: str) -> dict[str, Any]:
             for n, v, t in Store.derived(conn, user_id)
         ],
         "blocked_items": [{"item_id": i, "created_at": t} for i, t in Store.blocks(conn, user_id)],
+        "egress": Store.egress(conn, user_id),
     }
 
 
@@ -1074,6 +1100,7 @@ class _UserPlan:
     activity: list[tuple[int, str, int]]
     derived: list[tuple[str, bytes, float]]
     blocks: list[tuple[str, float]]
+    egress: list[dict[str, Any]]
 
 
 def _num(value: Any, what: str) -> float:
@@ -1116,11 +1143,45 @@ def _plan_user(data: Any, policy: Policy, now: float) -> _UserPlan:
             (check_id(b["item_id"], "item_id"), _num(b["created_at"], "created_at"))
             for b in data.get("blocked_items", [])
         ]
+        egress = [_egress_entry(e) for e in data.get("egress", [])]
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         if isinstance(exc, OndeviceError):
             raise
         raise ExportError(f"malformed export: {exc!r}") from exc
-    return _UserPlan(user_id, created, signals, interactions, activity, derived, blocks)
+    return _UserPlan(user_id, created, signals, interactions, activity, derived, blocks, egress)
+
+
+def _egress_entry(e: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate one exported egress-log entry (raises KeyError/TypeError/ValueError)."""
+    from sync.protocol import decode_report
+
+    body = e["body"]
+    if not isinstance(body, str):
+        raise TypeError("egress body must be text")
+    decode_report(body.encode("ascii"))  # only ever a well-formed report
+    status = e["status"]
+    if status not in ("pending", "sent", "failed", "refused"):
+        raise ValueError(f"unknown egress status {status!r}")
+    attempts = e.get("attempts", 0)
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 0:
+        raise ValueError("egress attempts must be a non-negative int")
+    optional = {}
+    for name in ("sent_at", "next_attempt"):
+        value = e.get(name)
+        optional[name] = None if value is None else _num(value, name)
+    answer = e.get("answer")
+    if answer is not None and not isinstance(answer, str):
+        raise TypeError("egress answer must be text")
+    return {
+        "epoch": str(e["epoch"]),
+        "body": body,
+        "epsilon": _num(e["epsilon"], "epsilon"),
+        "created_at": _num(e["created_at"], "created_at"),
+        "status": status,
+        "answer": answer,
+        "attempts": attempts,
+        **optional,
+    }
 
 
 _DERIVED_NAMES: Final = frozenset({"user_vector", "taste_aggregates"})

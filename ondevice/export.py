@@ -14,7 +14,11 @@ An export is a JSON document (``format: "ondevice.export"``, ``version: 1``)::
           "interactions": [{"item_id", "event", "timestamp", "value", "context"}],
           "activity": [{"day": "2026-11-27", "event": "view", "count": 3}],
           "derived": [{"name", "value_b64", "updated_at"}],
-          "blocked_items": [{"item_id", "created_at"}]
+          "blocked_items": [{"item_id", "created_at"}],
+          "egress": [{"epoch", "body", "epsilon", "created_at", "status", "sent_at",
+                      "answer", "attempts", "next_attempt"}],   # every report that left
+          "privacy_budget": {"epsilon_spent", "epsilon_cap", "epsilon_remaining",
+                             "period_days", "epsilon_per_report"}
       }]
     }
 

@@ -341,6 +341,13 @@ BUILTIN_FIELDS: Final = (
         PrivacyLevel.BEHAVIORAL,
     ),
     FieldPurpose(
+        "egress.report",
+        "show you exactly what left this device (a randomized segment ID), when, and at "
+        "which privacy cost, and enforce the privacy budget",
+        365.0,
+        PrivacyLevel.SEGMENT,
+    ),
+    FieldPurpose(
         "derived.user_vector",
         "your taste vector, computed on this device from your own interactions",
         PROFILE_RETENTION,

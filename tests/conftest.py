@@ -102,3 +102,7 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 def disk_bytes(directory: Path) -> bytes:
     """All bytes of all files of a directory, concatenated."""
     return b"".join(snapshot(directory).values())
+
+
+# The planted catalog's fixtures (signing key, bundles, engines on them).
+from planted import bundles, open_engine, signer  # noqa: E402, F401

@@ -6,13 +6,14 @@ import json
 import string
 
 import pytest
-from conftest import FAST_KDF, T0
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ondevice import ExportError, InvalidInputError, PolicyViolationError
 from ondevice.export import encode_export
 from ondevice.store import Store
+
+from conftest import FAST_KDF, T0
 
 MARKER = "EXP-marker-7781"
 
@@ -172,6 +173,8 @@ def test_export_bytes_are_versioned_and_documented_fields_present(make_engine):
         "activity",
         "derived",
         "blocked_items",
+        "egress",
+        "privacy_budget",
     }
     enc = json.loads(encode_export(doc, passphrase="x", kdf=FAST_KDF))
     assert enc["format"] == "ondevice.export.encrypted" and enc["version"] == 1

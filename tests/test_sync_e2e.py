@@ -1,0 +1,211 @@
+"""End to end on loopback: engines with several local users record, recommend and
+sync against the real server stub; every byte the client sent is captured and checked."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from ondevice import (
+    BudgetExhaustedError,
+    PersonalizationEngine,
+    PrivacyLevel,
+    SyncError,
+    SyncSettings,
+)
+from sync.protocol import MESSAGE_SIZE, REPORT_PATH, decode_report, epoch_of
+from sync.server import ServerConfig, SyncServer
+
+from planted import HISTORY, PLANTED
+
+K = 3  # the planted catalog's segments
+USERS = ["alice@example.com", "bob-7781", "carol-local-42"]
+VALUE = 4.25  # an interaction value that must never leave
+
+
+@pytest.fixture
+def server(tmp_path, clock):
+    content = tmp_path / "content.json"
+    content.write_text(json.dumps({"version": 1, "segments": [["i3"], ["i19"], []]}))
+    srv = SyncServer(
+        config=ServerConfig(
+            k=K,
+            db_path=tmp_path / "counts.db",
+            port=0,
+            capture_raw=True,
+            content_path=content,
+            k_threshold=1,
+        ),
+        clock=clock,
+    ).start()
+    yield srv
+    srv.close()
+
+
+def _record(engine: PersonalizationEngine, user: str) -> None:
+    for n, item in enumerate(HISTORY):
+        engine.update_profile(
+            user,
+            {
+                "item_id": item,
+                "event": "purchase",
+                "timestamp": engine.now() - 60 + n,
+                "value": VALUE,
+            },
+        )
+    engine.set_signals(user, {"plan": "pro"})
+
+
+def _reports(server: SyncServer) -> list[bytes]:
+    return [r for r in server.captured_requests() if r.startswith(b"POST " + REPORT_PATH.encode())]
+
+
+def _split(raw: bytes) -> tuple[bytes, bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return head, body
+
+
+def test_only_randomized_segment_ids_leave_and_nothing_links_them(open_engine, server, clock):
+    engines = [
+        open_engine(level, sync=SyncSettings(server_url=server.url))
+        for level in ("segment", "behavioral", "individual")
+    ]
+    for engine in engines:
+        for user in USERS:
+            _record(engine, user)
+            assert engine.get_recommendations(user, k=3)[0].item_id == PLANTED
+    outcomes = [engine.sync(user) for engine in engines for user in USERS]
+    assert {o.status for o in outcomes} == {"sent"}
+    clock.advance(days=7)  # next epoch: a second report from each profile
+    outcomes += [engine.sync(user) for engine in engines for user in USERS]
+    assert all(o.status == "sent" for o in outcomes)
+
+    raw = _reports(server)
+    assert len(raw) == 2 * len(engines) * len(USERS)
+    heads = {_split(r)[0] for r in raw}
+    assert len(heads) == 1, "every request carries the same headers: nothing identifies it"
+    forbidden = [*USERS, *HISTORY, PLANTED, "Item 1", repr(VALUE), "4.25", "pro", "purchase"]
+    for r in raw:
+        head, body = _split(r)
+        assert len(body) == MESSAGE_SIZE
+        report = decode_report(body, k=K)  # strict: exactly the allowed schema
+        assert report.epoch in {epoch_of(clock.now - 7 * 86400), epoch_of(clock.now)}
+        for word in forbidden:
+            assert word.encode() not in r
+        assert b"cookie" not in head.lower() and b"user-agent" not in head.lower()
+    # Two reports of one profile differ at most in the epoch and the segment.
+    for engine in engines:
+        for user in USERS:
+            bodies = [e["body"] for e in engine.export_profile(user)["users"][0]["egress"]]
+            assert len(bodies) == 2
+            a, b = (json.loads(x) for x in bodies)
+            assert set(a) == set(b) == {"version", "epoch", "segment"}
+    # What the egress logs say left is exactly what the server received.
+    logged = sorted(
+        e["body"].encode()
+        for engine in engines
+        for user in USERS
+        for e in engine.export_profile(user)["users"][0]["egress"]
+    )
+    assert logged == sorted(_split(r)[1] for r in raw)
+
+
+def test_one_report_per_epoch(open_engine, server):
+    engine = open_engine("segment", sync=SyncSettings(server_url=server.url))
+    _record(engine, "u")
+    first = engine.sync("u")
+    again = engine.sync("u")
+    assert first.status == "sent" and again.status == "already_sent"
+    assert again.body == first.body
+    assert len(_reports(server)) == 1
+
+
+def test_the_spent_budget_refuses_and_sends_nothing(open_engine, server, clock):
+    settings = SyncSettings(server_url=server.url, epsilon=1.0, budget_cap=2.0)
+    engine = open_engine("segment", sync=settings)
+    _record(engine, "u")
+    for _ in range(2):
+        assert engine.sync("u").status == "sent"
+        clock.advance(days=7)
+    with pytest.raises(BudgetExhaustedError):
+        engine.sync("u")
+    assert len(_reports(server)) == 2
+    egress = engine.export_profile("u")["users"][0]["egress"]
+    assert len(egress) == 2  # the refused report was never logged: it never existed
+    budget = engine.report("u").users[0].to_dict()["privacy_budget"]
+    assert math.isclose(budget["epsilon_spent"], 2.0)
+    assert math.isclose(budget["epsilon_remaining"], 0.0)
+    clock.advance(days=28)  # the rolling period frees the budget
+    assert engine.sync("u").status == "sent"
+
+
+def test_level_none_sends_nothing(open_engine, server):
+    engine = open_engine("none", sync=SyncSettings(server_url=server.url))
+    _record(engine, "u")
+    outcome = engine.sync("u")
+    assert outcome.status == "skipped" and outcome.body is None
+    assert server.captured_requests() == []
+
+
+def test_offline_sync_fails_softly_and_resends_the_same_bytes_later(
+    open_engine, server, clock, tmp_path
+):
+    url = server.url
+    server.close()  # the network is gone
+    engine = open_engine("behavioral", sync=SyncSettings(server_url=url, timeout=2.0))
+    _record(engine, "u")
+    failed = engine.sync("u")
+    assert failed.status == "failed" and failed.retry_at is not None
+    assert engine.get_recommendations("u", k=1).item_ids == [PLANTED]  # unaffected
+    assert engine.sync("u").status == "waiting"
+    host, port = url.removeprefix("http://").split(":")
+    revived = SyncServer(
+        config=ServerConfig(
+            k=K,
+            db_path=tmp_path / "again.db",
+            host=host,
+            port=int(port),
+            capture_raw=True,
+            k_threshold=1,
+        ),
+        clock=clock,
+    ).start()
+    try:
+        clock.now = failed.retry_at + 1
+        sent = engine.sync("u")
+        assert sent.status == "sent" and sent.body == failed.body  # no new draw
+        assert [_split(r)[1].decode() for r in _reports(revived)] == [failed.body]
+    finally:
+        revived.close()
+
+
+def test_featured_content_is_one_table_and_blends_into_the_true_segment(open_engine, server):
+    engine = open_engine("segment", sync=SyncSettings(server_url=server.url))
+    _record(engine, "u")
+    before = engine.get_recommendations("u", k=3)
+    assert engine.fetch_featured() == 2
+    after = engine.get_recommendations("u", k=3)
+    assert after.level is PrivacyLevel.SEGMENT
+    assert after[0].item_id == "i19" and after[0].explanation.startswith("featured")
+    assert after.item_ids[1:] == before.item_ids[:2]
+    content = [r for r in server.captured_requests() if r.startswith(b"GET ")]
+    assert len(content) == 1 and b"\r\n\r\n" in content[0]
+    assert _split(content[0])[1] == b""  # a GET with no body: nothing about the device
+
+
+def test_sync_without_settings_is_a_clear_error(open_engine):
+    engine = open_engine("segment")
+    with pytest.raises(SyncError, match="not configured"):
+        engine.sync("u")
+
+
+def test_report_bodies_are_logged_before_sending(open_engine):
+    """A server that never answers: the report is in the egress log all the same."""
+    engine = open_engine("segment", sync=SyncSettings(server_url="http://127.0.0.1:9", timeout=0.5))
+    _record(engine, "u")
+    outcome = engine.sync("u")
+    assert outcome.status == "failed"
+    (entry,) = engine.export_profile("u")["users"][0]["egress"]
+    assert entry["body"] == outcome.body and entry["status"] == "failed"
