@@ -19,12 +19,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import keychain_env  # this file runs as a script: its directory is on sys.path
 import sqlcipher3
-from keychain_env import secret_tool_items
 
 import ondevice
 from ondevice.keys import KEY_FILE, Keychain
+
+import keychain_env  # this file runs as a script: its directory is on sys.path
+from keychain_env import secret_tool_items
 
 DB_FILE = "profile.db"
 CHEAP_KDF = ondevice.Argon2Params(memory_kib=1024, iterations=1, lanes=1)

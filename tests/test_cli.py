@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FAST_KDF, demo_policy, snapshot
 
 from ondevice import Passphrase, PersonalizationEngine, RawKey, __version__
 from ondevice.cli import Command, main, register
 from ondevice.keys import UNREADABLE
+
+from conftest import FAST_KDF, demo_policy, snapshot
 
 PASS = "correct horse battery staple"
 EXPORT_PASS = "another long export passphrase"

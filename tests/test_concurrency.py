@@ -10,10 +10,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import disk_bytes
 
 from ondevice import PersonalizationEngine, Policy, RawKey
 from ondevice.store import Store
+
+from conftest import disk_bytes
 
 WRITER = Path(__file__).with_name("profile_writer.py")
 

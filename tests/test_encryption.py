@@ -7,8 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import FAST_KDF, T0, disk_bytes, snapshot
-from sqlcipher_pages import page1_is_sqlite, plaintext_of_profile
 
 from ondevice import (
     KeyProviderError,
@@ -21,6 +19,9 @@ from ondevice import (
 )
 from ondevice.keys import UNREADABLE
 from ondevice.store import SCHEMA_VERSION
+
+from conftest import FAST_KDF, T0, disk_bytes, snapshot
+from sqlcipher_pages import page1_is_sqlite, plaintext_of_profile
 
 MARKER = "QX7-distinctive-marker"
 

@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import keychain_env
 import keyring
 import keyring.backend
 import keyring.backends.fail
@@ -37,6 +36,8 @@ from ondevice import (
     PersonalizationEngine,
     ProfileUnreadableError,
 )
+
+import keychain_env
 
 CHEAP_KDF = Argon2Params(memory_kib=1024, iterations=1, lanes=1)
 

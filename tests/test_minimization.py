@@ -5,10 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import T0, demo_policy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlcipher_pages import plaintext_of_profile
 
 from ondevice import (
     Interaction,
@@ -19,6 +17,9 @@ from ondevice import (
     ValidationError,
 )
 from ondevice.store import Store
+
+from conftest import T0, demo_policy
+from sqlcipher_pages import plaintext_of_profile
 
 
 def rows(engine: PersonalizationEngine) -> dict[str, int]:

@@ -7,10 +7,10 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import T0
-
 from ondevice import PersonalizationEngine, RawKey, _db
 from ondevice.store import SCHEMA_VERSION, Store
+
+from conftest import T0
 
 
 def test_a_version_1_profile_is_migrated_forward_with_its_data(tmp_path, raw_key):
