@@ -27,7 +27,7 @@ from .sync_settings import SyncSettings
 __all__ = ["SESSION", "run_demo"]
 
 #: The scripted session: (user, plan, [(item, event, daypart)]).
-SESSION = (
+SESSION: tuple[tuple[str, str, list[tuple[str, str, str]]], ...] = (
     (
         "alice",
         "pro",
