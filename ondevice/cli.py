@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         allow_abbrev=False,
         description=(
-            "Inspect, export, import and wipe an encrypted ondevice profile. "
+            "Inspect, export, import and wipe an encrypted ondevice profile; get "
+            "recommendations from it; or run the demo. "
             "Run 'ondevice COMMAND --help' for a command's options."
         ),
     )
@@ -254,15 +255,21 @@ def _hint_key_option(directory: Path) -> None:
         )
 
 
-def open_engine(args: argparse.Namespace) -> PersonalizationEngine:
+def open_engine(args: argparse.Namespace, **options: Any) -> PersonalizationEngine:
     """Open the existing profile named by ``PROFILE_DIR`` with the key options, keeping
-    its stored privacy level and policy (a missing profile is ProfileNotFoundError)."""
+    its stored privacy level and policy (a missing profile is ProfileNotFoundError).
+    ``options`` go to the engine (a bundle, for example)."""
     directory = Path(args.profile_dir).expanduser()
     if not (directory / DB_FILE).exists():
         # Checked before the key, so a mistyped path does not ask for a passphrase.
         raise ProfileNotFoundError(f"no ondevice profile in {directory}")
     return PersonalizationEngine(
-        directory, key=key_provider(args), privacy_level=None, policy=None, create=False
+        directory,
+        key=key_provider(args),
+        privacy_level=None,
+        policy=None,
+        create=False,
+        **options,
     )
 
 
@@ -579,7 +586,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 register(
     Command(
         name="demo",
-        help="a tour on built-in sample data: record, report, export, wipe (offline)",
+        help="a tour on built-in sample data: levels, sync, export, wipe (offline)",
         description=(
             "Create an encrypted profile with a key generated for the run, record a "
             "scripted session, show what is stored and why, write an encrypted export, "
@@ -590,3 +597,101 @@ register(
         profile=False,
     )
 )
+
+
+def _configure_recommend(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--user", required=True, help="the local user to recommend for")
+    parser.add_argument("-k", type=int, default=10, help="how many items (default 10)")
+    parser.add_argument(
+        "--context",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a declared context field, e.g. --context daypart=morning (repeatable)",
+    )
+    parser.add_argument("--current-item", help="the item the user is looking at now")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument(
+        "--bundle", type=Path, help="a signed catalog bundle (needs --bundle-public-key)"
+    )
+    group.add_argument(
+        "--sample", action="store_true", help="use the sample catalog shipped with ondevice"
+    )
+    parser.add_argument(
+        "--bundle-public-key",
+        metavar="HEX",
+        help="the operator's Ed25519 public key the bundle must be signed with (64 hex digits)",
+    )
+
+
+def _run_recommend(args: argparse.Namespace) -> int:
+    from .sample import SAMPLE_BUNDLE, SAMPLE_PUBLIC_KEY
+
+    if args.sample:
+        bundle, public_key = SAMPLE_BUNDLE, SAMPLE_PUBLIC_KEY
+    else:
+        if not args.bundle_public_key:
+            raise UsageError("--bundle needs --bundle-public-key HEX (the pinned signing key)")
+        try:
+            public_key = bytes.fromhex(args.bundle_public_key)
+        except ValueError:
+            raise UsageError("--bundle-public-key must be 64 hex digits") from None
+        bundle = args.bundle
+    context: dict[str, str] = {}
+    for pair in args.context:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--context takes FIELD=VALUE, got {pair!r}")
+        context[name] = value
+    with open_engine(args, bundle=bundle, bundle_public_key=public_key) as engine:
+        recs = engine.get_recommendations(
+            args.user, context or None, args.k, current_item=args.current_item
+        )
+    print_json(recs.to_dict())
+    return EXIT_OK
+
+
+register(
+    Command(
+        name="recommend",
+        help="recommendations for a user, with the why (JSON)",
+        description=(
+            "Rank items for a user from the profile and a signed catalog bundle, on this "
+            "machine, with the level that answered and an explanation per item. Context "
+            "values are passed as text and must be declared in the profile's policy."
+        ),
+        configure=_configure_recommend,
+        run=_run_recommend,
+    )
+)
+
+
+def reference_markdown() -> str:
+    """The CLI reference (docs/cli.md): every command's ``--help``, at 100 columns."""
+    import contextlib
+    import io
+    import os
+
+    previous = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"
+    try:
+        parser = build_parser()
+        parts = [
+            "# The `ondevice` command\n",
+            "Generated from `--help` by `ondevice.cli.reference_markdown()`; a test keeps it "
+            "in step.\n",
+        ]
+        sections = [("ondevice", parser)]
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sections += [(f"ondevice {name}", p) for name, p in sub.choices.items()]
+        for title, p in sections:
+            buffer = io.StringIO()
+            with contextlib.redirect_stdout(buffer):
+                p.print_help()
+            parts.append(f"## `{title}`\n\n```\n{buffer.getvalue().rstrip()}\n```\n")
+        return "\n".join(parts)
+    finally:
+        if previous is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = previous
