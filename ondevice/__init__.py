@@ -26,8 +26,8 @@ from .errors import (
     ValidationError,
 )
 from .keys import Argon2Params, Keychain, KeyProvider, Passphrase, RawKey
-from .levels import Recommendation, Recommendations
 from .policy import ContextField, FieldPurpose, Interaction, Policy, PrivacyLevel, Signal
+from .results import Recommendation, Recommendations
 from .sync_settings import SyncOutcome, SyncSettings
 
 __version__ = "0.1.0"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -18,13 +19,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-from . import _db, _personalize, levels
-from .bundle import BundleInfo, load_bundle_with_info
-from .catalog import Catalog
+from . import _db
 from .errors import (
     BudgetExhaustedError,
     BundleError,
@@ -58,8 +55,6 @@ from .keys import (
     read_key_file,
     write_atomic,
 )
-from .levels import CatalogRuntime, Recommendations, Request, individual
-from .levels.segment import choose_segment
 from .policy import (
     FieldPurpose,
     Interaction,
@@ -68,8 +63,16 @@ from .policy import (
     SignalValue,
     check_id,
 )
+from .results import Recommendations
 from .store import SCHEMA_VERSION, Store
 from .sync_settings import SyncOutcome, SyncSettings
+
+if TYPE_CHECKING:  # numpy-heavy modules load on first use: `import ondevice` stays light
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from .bundle import BundleInfo
+    from .catalog import Catalog
+    from .levels import CatalogRuntime
 
 __all__ = ["PersonalizationEngine", "ProfileReport", "UserReport"]
 
@@ -78,6 +81,15 @@ log = logging.getLogger(__name__)
 DB_FILE: Final = "profile.db"
 _SIDE_FILES: Final = ("-wal", "-shm", "-journal")
 _PAGE_SIZE: Final = 4096
+_META_KEYS: Final = ("privacy_level", "policy", "profile_id", "last_purge")
+#: The full retention pass over every user runs at open when the last one is older than
+#: this (seconds); every write also applies retention to its own user, and
+#: :meth:`PersonalizationEngine.purge_expired` runs it on demand.
+FULL_PURGE_INTERVAL: Final = 3600.0
+#: A write applies retention to its user's rows when this engine last did so longer ago
+#: than this (seconds): retention holds to the minute without four extra statements in
+#: every write transaction.
+_USER_PURGE_INTERVAL: Final = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +238,7 @@ class PersonalizationEngine:
         if not (isinstance(busy_timeout, int | float) and 0 < busy_timeout <= 3600):
             raise InvalidInputError("busy_timeout must be between 0 and 3600 seconds")
         self._busy_timeout = float(busy_timeout)
+        self._purged_at: dict[str, float] = {}
         self._store = self._open(create)
         try:
             self._level, self._policy = self._settle(wanted, policy)
@@ -316,33 +329,53 @@ class PersonalizationEngine:
         self, wanted: PrivacyLevel | None, policy: Policy | None
     ) -> tuple[PrivacyLevel, Policy]:
         """Migrate the schema, reconcile level and policy with what is stored, and apply
-        retention: the open-time minimization pass."""
+        retention: the open-time minimization pass. It writes only when something is to
+        be done, and runs the full retention pass when the last one is older than
+        :data:`FULL_PURGE_INTERVAL` (each write also purges its own user's rows)."""
         self._store.migrate()
         now = self._clock()
+        with self._store.read() as conn:
+            meta = {k: Store.get_meta(conn, k) for k in _META_KEYS}
+        stored_level = meta["privacy_level"]
+        stored_policy = meta["policy"]
+        level = wanted or (PrivacyLevel(stored_level) if stored_level else PrivacyLevel.BEHAVIORAL)
+        old_policy = Policy.from_dict(_json(stored_policy)) if stored_policy else None
+        new_policy = policy or old_policy or Policy()
+        lowered = stored_level is not None and not level.allows(PrivacyLevel(stored_level))
+        policy_changed = new_policy.to_json() != stored_policy
+        last_purge = float(meta["last_purge"]) if meta["last_purge"] else None
+        purge_due = last_purge is None or not 0 <= now - last_purge < FULL_PURGE_INTERVAL
+        if not (
+            lowered
+            or policy_changed
+            or purge_due
+            or meta["profile_id"] is None
+            or stored_level != level.value
+        ):
+            return level, new_policy
+        purged = 0
         with self._store.write() as conn:
-            stored_level = Store.get_meta(conn, "privacy_level")
-            stored_policy = Store.get_meta(conn, "policy")
-            if Store.get_meta(conn, "profile_id") is None:
+            if meta["profile_id"] is None:
                 Store.set_meta(conn, "profile_id", str(uuid.uuid4()))
                 Store.set_meta(conn, "created_at", repr(now))
-            level = wanted or (
-                PrivacyLevel(stored_level) if stored_level else PrivacyLevel.BEHAVIORAL
-            )
-            old_policy = Policy.from_dict(_json(stored_policy)) if stored_policy else None
-            new_policy = policy or old_policy or Policy()
-            purged = 0
-            if stored_level and not level.allows(PrivacyLevel(stored_level)):
+            if lowered:
+                assert stored_level is not None
                 self._keep_taste_before_purge(conn, PrivacyLevel(stored_level), level, now)
                 purged += Store.purge_for_level(conn, level)
                 log.info("privacy level lowered from %s to %s", stored_level, level.value)
-            if old_policy is not None and policy is not None:
-                purged += _purge_changed_declarations(conn, old_policy, new_policy)
-            purged += Store.purge_undeclared(conn, new_policy)
-            purged += Store.purge_expired(conn, new_policy, now)
-            for user_id in Store.user_ids(conn):
-                purged += Store.enforce_window(conn, user_id, new_policy.window)
-            Store.set_meta(conn, "privacy_level", level.value)
-            Store.set_meta(conn, "policy", new_policy.to_json())
+            if policy_changed:
+                if old_policy is not None and policy is not None:
+                    purged += _purge_changed_declarations(conn, old_policy, new_policy)
+                purged += Store.purge_undeclared(conn, new_policy)
+                if old_policy is None or new_policy.window < old_policy.window:
+                    for user_id in Store.user_ids(conn):
+                        purged += Store.enforce_window(conn, user_id, new_policy.window)
+                Store.set_meta(conn, "policy", new_policy.to_json())
+            if purge_due:
+                purged += Store.purge_expired(conn, new_policy, now)
+                Store.set_meta(conn, "last_purge", repr(now))
+            if stored_level != level.value:
+                Store.set_meta(conn, "privacy_level", level.value)
         if purged:
             self._store.checkpoint()
         return level, new_policy
@@ -409,8 +442,11 @@ class PersonalizationEngine:
                 raise InvalidInputError(
                     f"record {n} must be a (user_id, interaction) pair"
                 ) from None
-            check_id(user_id, "user_id")
-            grouped.setdefault(user_id, []).append(policy.validate_interaction(interaction, now))
+            bucket = grouped.get(user_id) if type(user_id) is str else None
+            if bucket is None:
+                check_id(user_id, "user_id")  # once per distinct user
+                bucket = grouped[user_id] = []
+            bucket.append(policy.validate_interaction(interaction, now))
         if self._level is PrivacyLevel.NONE or not grouped:
             return 0
         cutoff = now - policy.retention_seconds
@@ -426,15 +462,22 @@ class PersonalizationEngine:
                 Store.ensure_user(conn, user_id, now)
                 Store.count_activity(conn, user_id, fresh)
                 if self._level is PrivacyLevel.SEGMENT and self._runtime is not None:
+                    from . import _personalize
+
                     _personalize.add_to_aggregates(conn, user_id, self._runtime, fresh, now)
                 if keep_items:
                     if len(fresh) > policy.window:
                         # Only the newest `window` can survive: do not write the rest.
                         order = sorted(range(len(fresh)), key=lambda i: (fresh[i].timestamp, i))
                         fresh = [fresh[i] for i in sorted(order[-policy.window :])]
+                    if keep_context:
+                        fresh = [_live_context(it, policy, now) for it in fresh]
                     Store.insert_interactions(conn, user_id, fresh, keep_context=keep_context)
                     Store.enforce_window(conn, user_id, policy.window)
-                Store.purge_expired(conn, policy, now, user_id)
+                last = self._purged_at.get(user_id)
+                if last is None or not 0 <= now - last < _USER_PURGE_INTERVAL:
+                    Store.purge_expired(conn, policy, now, user_id)
+                    self._purged_at[user_id] = now
         return stored
 
     def set_signals(self, user_id: str, signals: Mapping[str, SignalValue]) -> bool:
@@ -471,8 +514,10 @@ class PersonalizationEngine:
     def purge_expired(self) -> int:
         """Apply the retention rules now (they also run at open and on every write).
         Returns how many rows were deleted."""
+        now = self.now()
         with self._store.write() as conn:
-            purged = Store.purge_expired(conn, self._policy, self.now())
+            purged = Store.purge_expired(conn, self._policy, now)
+            Store.set_meta(conn, "last_purge", repr(now))
         if purged:
             self._store.checkpoint()
         return purged
@@ -487,6 +532,8 @@ class PersonalizationEngine:
             and old.allows(PrivacyLevel.BEHAVIORAL)
             and self._runtime is not None
         ):
+            from . import _personalize
+
             for user_id in Store.user_ids(conn):
                 _personalize.aggregates_from_window(conn, user_id, self._runtime, now)
 
@@ -498,6 +545,9 @@ class PersonalizationEngine:
         A tampered, unsigned, wrongly signed or truncated bundle raises BundleError and
         the previous bundle (if any) stays in use. Returns the bundle's description.
         """
+        from .bundle import load_bundle_with_info
+        from .levels import CatalogRuntime
+
         if self._bundle_key is None:
             raise InvalidInputError(
                 "pin the operator's bundle signing key first: "
@@ -536,6 +586,9 @@ class PersonalizationEngine:
         never stored). Items already in the window are excluded (see ``exclude_seen``),
         blocked and dismissed items always. Never touches the network.
         """
+        from . import _personalize, levels
+        from .levels import Request, individual
+
         check_id(user_id, "user_id")
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 10_000:
             raise InvalidInputError(f"k must be an int between 1 and 10000; got {k!r}")
@@ -586,6 +639,9 @@ class PersonalizationEngine:
         from sync import client as sync_client
         from sync import errors as sync_errors
         from sync import privacy, protocol
+
+        from . import _personalize
+        from .levels.segment import choose_segment
 
         check_id(user_id, "user_id")
         settings = self._sync_settings
@@ -1028,6 +1084,19 @@ def _dumps(data: Mapping[str, Any]) -> bytes:
         return json.dumps(data).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise ExportError(f"malformed export: {exc}") from exc
+
+
+def _live_context(it: Interaction, policy: Policy, now: float) -> Interaction:
+    """The interaction without the context fields whose retention has already run out
+    at its timestamp (they would be purged at once: never write them)."""
+    if not it.context or it.timestamp is None:
+        return it
+    keep = {
+        name: value
+        for name, value in it.context.items()
+        if it.timestamp >= now - policy.context_field(name).retention_days * 86400.0
+    }
+    return it if len(keep) == len(it.context) else dataclasses.replace(it, context=keep)
 
 
 def _segment_count(rt: CatalogRuntime) -> int:

@@ -13,7 +13,7 @@ import datetime as _dt
 import enum
 import json
 import math
-import unicodedata
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -42,6 +42,9 @@ MAX_ABS_VALUE: Final = 1e12
 #: Earliest timestamp accepted (2000-01-01T00:00:00Z): older values are almost surely a
 #: unit mistake (milliseconds, or a zero default).
 MIN_TIMESTAMP: Final = 946_684_800.0
+
+#: Unicode category Cc (C0 and C1 control characters, and DEL).
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 DEFAULT_EVENTS: Final = ("view", "click", "add_to_cart", "purchase", "like", "rate", "dismiss")
 
@@ -245,7 +248,7 @@ def _check_text(value: str, where: str, max_bytes: int) -> None:
         raise InvalidInputError(f"{where} is not valid text (lone surrogate)") from None
     if size > max_bytes:
         raise InvalidInputError(f"{where} is too long ({size} bytes; at most {max_bytes})")
-    if any(unicodedata.category(ch) == "Cc" for ch in value):
+    if _CONTROL.search(value):
         raise InvalidInputError(f"{where} contains control characters")
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -107,7 +108,9 @@ class ScoringParams:
     def from_extra(cls, extra: Mapping[str, str]) -> ScoringParams:
         """Read the parameters from ``Catalog.extra``; missing or malformed entries keep
         their defaults (a bundle never breaks recommendations for a bad knob)."""
-        values: dict[str, float | int] = {}
+        may_be_inf = {"half_life", "foldin_half_life", "segment_half_life"}
+        must_be_positive = may_be_inf | {"fusion_c", "fusion_depth", "session_gap"}
+        values: dict[str, Any] = {}
         for f in fields(cls):
             raw = extra.get(f"scoring.{f.name}")
             if raw is None:
@@ -116,12 +119,11 @@ class ScoringParams:
                 v = float(raw)
             except ValueError:
                 continue
-            if math.isnan(v) or v < 0 or (f.name != "foldin_half_life" and math.isinf(v)
-                                          and f.name != "segment_half_life"
-                                          and f.name != "half_life"):
+            if (math.isnan(v) or v < 0 or (v == 0 and f.name in must_be_positive)
+                    or (math.isinf(v) and f.name not in may_be_inf)):
                 continue
             values[f.name] = int(v) if f.name == "fusion_depth" else v
-        return cls(**values)  # type: ignore[arg-type]
+        return cls(**values)
 
 
 def _exclusion_mask(exclude: Exclude, n: int) -> BoolArray | None:

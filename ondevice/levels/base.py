@@ -7,15 +7,16 @@ vectors...), and the chain falls back to the next level down.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, overload
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
 from ..catalog import Catalog
-from ..policy import PrivacyLevel, SignalValue
+from ..policy import SignalValue
+from ..results import Recommendation, Recommendations
 from ..scoring import category_index
 
 __all__ = [
@@ -174,66 +175,3 @@ class Answer:
     items: Sequence[int]
     scores: Sequence[float]
     explanations: Sequence[str]
-
-
-@dataclass(frozen=True, slots=True)
-class Recommendation:
-    """One recommended item, the level that produced it, and why."""
-
-    item_id: str
-    title: str
-    score: float
-    level: PrivacyLevel
-    explanation: str
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return {
-            "item_id": self.item_id,
-            "title": self.title,
-            "score": self.score,
-            "level": self.level.value,
-            "explanation": self.explanation,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Recommendations(Sequence[Recommendation]):
-    """The ranked answer of :meth:`~ondevice.PersonalizationEngine.get_recommendations`.
-
-    A sequence of :class:`Recommendation`, best first. ``level`` is the level that
-    answered; ``requested`` the engine's level; ``fallbacks`` says, for each level that
-    could not answer, why (for example "individual: no interactions yet").
-    """
-
-    items: tuple[Recommendation, ...]
-    level: PrivacyLevel
-    requested: PrivacyLevel
-    fallbacks: tuple[str, ...] = ()
-
-    @overload
-    def __getitem__(self, index: int) -> Recommendation: ...
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[Recommendation]: ...
-    def __getitem__(self, index: int | slice) -> Recommendation | Sequence[Recommendation]:
-        return self.items[index]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __iter__(self) -> Iterator[Recommendation]:
-        return iter(self.items)
-
-    @property
-    def item_ids(self) -> list[str]:
-        """The recommended item ids, best first."""
-        return [r.item_id for r in self.items]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return {
-            "level": self.level.value,
-            "requested": self.requested.value,
-            "fallbacks": list(self.fallbacks),
-            "items": [r.to_dict() for r in self.items],
-        }

@@ -1,0 +1,790 @@
+"""The offline evaluation: what each personalization level is worth, measured.
+
+Protocol (issue 3):
+
+- binary implicit feedback; every interaction counts once;
+- full ranking over all catalog items, the user's training items excluded;
+- 5-fold **user** cross-validation: each fold's users are the *device* users, the other
+  users the *panel* whose full histories alone build the catalog;
+- per device user, a chronological holdout: ``loo`` (the last interaction) and ``t20``
+  (the last 20%); the rest is the user's on-device history;
+- metrics per user, averaged with standard errors: HR@10, NDCG@10, Recall@20
+  (``hits / min(20, |test|)``), plus catalog coverage of the top-10 lists, lift over the
+  ``none`` level, what each level reads and the time per user;
+- hyper-parameters are chosen per fold and protocol on an **inner validation split** of
+  the device users' training data (the same holdout applied to it), never on test items;
+- in the same run and split, centralized references trained on everyone's training
+  data (panel + device users): EASE, ALS and each level's own method.
+
+The device levels are scored with the functions of :mod:`ondevice.scoring` and
+:mod:`ondevice.segments` against a real :class:`~ondevice.catalog.Catalog`, so the
+table measures the product's code.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from itertools import product
+from typing import TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from ondevice import scoring
+from ondevice.catalog import AlsParams, Catalog
+from ondevice.errors import InvalidInputError
+from ondevice.eval.references import ease_fit, ease_rank
+from ondevice.operator.build import (
+    BuildSettings,
+    Csr,
+    Progress,
+    interaction_matrix,
+    item_neighbours,
+    item_popularity,
+    make_segments,
+    train_als,
+)
+from ondevice.segments import assign_segment, segment_by_id
+from ondevice.synthetic import SyntheticData
+
+__all__ = [
+    "Dataset",
+    "EvalResult",
+    "EvalSettings",
+    "LevelResult",
+    "daypart",
+    "evaluate",
+    "from_synthetic",
+    "holdout_size",
+    "user_metrics",
+]
+
+log = logging.getLogger(__name__)
+
+I32 = npt.NDArray[np.int32]
+I64 = npt.NDArray[np.int64]
+F32 = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
+class Dataset:
+    """Interactions per user in chronological order, plus item and user metadata."""
+
+    name: str
+    n_items: int
+    sequences: tuple[I64, ...]
+    times: tuple[I64, ...]
+    item_ids: tuple[str, ...]
+    titles: tuple[str, ...]
+    categories: tuple[tuple[str, ...], ...] | None
+    signals: tuple[Mapping[str, str], ...]
+    rule_signals: tuple[str, ...] = ()
+
+    @property
+    def n_users(self) -> int:
+        """How many users."""
+        return len(self.sequences)
+
+    @classmethod
+    def from_arrays(
+        cls,
+        name: str,
+        users: npt.NDArray[np.integer],
+        items: npt.NDArray[np.integer],
+        times: npt.NDArray[np.integer],
+        *,
+        n_users: int,
+        n_items: int,
+        item_ids: Sequence[str] | None = None,
+        titles: Sequence[str] | None = None,
+        categories: Sequence[Sequence[str]] | None = None,
+        signals: Sequence[Mapping[str, str]] | None = None,
+        rule_signals: Sequence[str] = (),
+    ) -> Dataset:
+        """Group rows per user, ordered by time (stable: ties keep input order), with
+        repeated (user, item) pairs reduced to their first occurrence."""
+        u = np.asarray(users, dtype=np.int64)
+        i = np.asarray(items, dtype=np.int64)
+        t = np.asarray(times, dtype=np.int64)
+        order = np.lexsort((t, u))  # stable: by user, then time, then input order
+        u, i, t = u[order], i[order], t[order]
+        bounds = np.searchsorted(u, np.arange(n_users + 1))
+        seqs, tms = [], []
+        for r in range(n_users):
+            si, st = i[bounds[r] : bounds[r + 1]], t[bounds[r] : bounds[r + 1]]
+            _, first = np.unique(si, return_index=True)
+            keep = np.sort(first)
+            seqs.append(si[keep])
+            tms.append(st[keep])
+        ids = tuple(item_ids) if item_ids is not None else tuple(str(j) for j in range(n_items))
+        return cls(
+            name=name,
+            n_items=n_items,
+            sequences=tuple(seqs),
+            times=tuple(tms),
+            item_ids=ids,
+            titles=tuple(titles) if titles is not None else ids,
+            categories=None if categories is None else tuple(tuple(c) for c in categories),
+            signals=tuple(signals) if signals is not None else tuple({} for _ in range(n_users)),
+            rule_signals=tuple(rule_signals),
+        )
+
+
+def from_synthetic(data: SyntheticData, *, name: str = "synthetic") -> Dataset:
+    """A :class:`Dataset` from :func:`ondevice.synthetic.generate` output."""
+    return Dataset.from_arrays(
+        name, data.users, data.items, data.times, n_users=data.n_users, n_items=data.n_items,
+        item_ids=data.item_ids, categories=data.categories,
+        signals=[data.signals[f"u{u}"] for u in range(data.n_users)], rule_signals=("plan",),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EvalSettings:
+    """The protocol's knobs and the hyper-parameter grids searched on validation."""
+
+    folds: int = 5
+    protocols: tuple[str, ...] = ("loo", "t20")
+    cutoff: int = 10
+    recall_cutoff: int = 20
+    seed: int = 0
+    factors: int = 64
+    als_iterations: int = 8
+    als_grid: tuple[tuple[float, float], ...] = ((2.0, 2.0), (10.0, 5.0), (30.0, 10.0))
+    """(regularization, alpha) pairs."""
+    ease_grid: tuple[float, ...] = (100.0, 300.0, 1000.0)
+    neighbours: int = 100
+    half_life_grid: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0)
+    """Neighbour recency half-lives (positions)."""
+    foldin_half_life_grid: tuple[float, ...] = (5.0, 10.0, 20.0, math.inf)
+    """Recency half-lives of the individual level's fold-in (positions)."""
+    segment_half_life_grid: tuple[float, ...] = (5.0, 10.0, 30.0, math.inf)
+    """Recency half-lives of the segment level's decayed aggregates (positions)."""
+    flat_window: int = 100
+    window: int = 1000
+    fusion_weight_grid: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
+    fusion_c_grid: tuple[float, ...] = (5.0, 60.0)
+    fusion_depth: int = 100
+    session_gap: float = 3600.0
+    session_boost_grid: tuple[float, ...] = (0.0, 1.0, 3.0)
+    context_strength_grid: tuple[float, ...] = (0.0, 0.5, 1.0)
+    segments: int = 10
+    min_segment_users: int = 50
+    shrinkage_grid: tuple[float, ...] = (0.0, 20.0, 100.0)
+    rule_signals: tuple[str, ...] | None = None
+    """Declared signals crossed into rule segments; ``None``: the dataset's default."""
+
+    def __post_init__(self) -> None:
+        if self.folds < 2:
+            raise InvalidInputError("need at least 2 folds")
+        bad = set(self.protocols) - {"loo", "t20"}
+        if bad or not self.protocols:
+            raise InvalidInputError(f"unknown protocol(s): {sorted(bad)}")
+
+
+@dataclass(frozen=True, slots=True)
+class LevelResult:
+    """One row of the table: a level (or reference) under one protocol."""
+
+    key: str
+    label: str
+    group: str
+    reads: str
+    hr: float
+    hr_se: float
+    ndcg: float
+    ndcg_se: float
+    recall: float
+    recall_se: float
+    coverage: float
+    ms_per_user: float
+    users: int
+
+
+@dataclass(frozen=True, slots=True)
+class EvalResult:
+    """Every row of every protocol, the chosen hyper-parameters and the run time."""
+
+    dataset: str
+    n_users: int
+    n_items: int
+    settings: EvalSettings
+    rows: Mapping[str, tuple[LevelResult, ...]]
+    chosen: Mapping[str, tuple[Mapping[str, object], ...]]
+    segment_counts: Mapping[str, tuple[int, ...]]
+    seconds: float
+    command: str = ""
+
+    def row(self, protocol: str, key: str) -> LevelResult:
+        """The row of ``key`` under ``protocol``."""
+        for r in self.rows[protocol]:
+            if r.key == key:
+                return r
+        raise KeyError(key)
+
+    def targets(self) -> list[tuple[str, str, float, float, bool]]:
+        """The issue's targets: ``(protocol, target, measured, required, met)``."""
+        out: list[tuple[str, str, float, float, bool]] = []
+        need_best = {"loo": 1.5, "t20": 1.2}
+        need_seg = {"loo": 1.25, "t20": 1.4}
+        device = ("none", "segment", "behavioral", "contextual", "foldin", "individual")
+        for p in self.rows:
+            nd = {r.key: r.ndcg for r in self.rows[p]}
+            if "central_als" in nd:
+                out.append((p, "fold-in / central ALS", nd["foldin"] / nd["central_als"],
+                            0.97, nd["foldin"] >= 0.97 * nd["central_als"]))
+                best = max(nd[k] for k in device)
+                ref = max(nd["central_als"], nd["central_ease"])
+                out.append((p, "best on-device / max(EASE, ALS)", best / ref, need_best[p],
+                            best >= need_best[p] * ref))
+            out.append((p, "segment / none", nd["segment"] / nd["none"], need_seg[p],
+                        nd["segment"] >= need_seg[p] * nd["none"]))
+            worst = min(nd[k] for k in device if k != "none")
+            out.append((p, "min level / none", worst / nd["none"], 1.0, worst >= nd["none"]))
+            chain = (nd["none"] < nd["segment"] < nd["behavioral"]
+                     and nd["behavioral"] <= nd["contextual"]
+                     and nd["behavioral"] <= nd["individual"])
+            out.append((p, "none < segment < behavioral <= contextual, individual",
+                        float(chain), 1.0, chain))
+        return out
+
+    def to_markdown(self) -> str:
+        """The result as markdown: one table per protocol, then targets and choices."""
+        s = self.settings
+        lines = [f"# What each level is worth: {self.dataset}", ""]
+        if self.command:
+            lines += [f"Command: `{self.command}`", ""]
+        lines += [
+            f"{self.n_users} users, {self.n_items} items; binary implicit feedback; full "
+            f"ranking over all items (training items excluded); {s.folds}-fold user "
+            f"cross-validation (device users = the fold, the catalog from the other users "
+            f"only); hyper-parameters chosen per fold on an inner validation split of the "
+            f"training data. Mean over users, ± one standard error. Run time "
+            f"{self.seconds:.0f} s.",
+            "",
+        ]
+        for p in self.rows:
+            title = {"loo": "leave last one out (LOO)", "t20": "last 20% held out (T20)"}[p]
+            none = self.row(p, "none").ndcg
+            lines += [f"## {title}", "",
+                      "| level | reads | HR@10 | NDCG@10 | Recall@20 | coverage | "
+                      "lift (NDCG) | ms/user (mean) |",
+                      "|---|---|---|---|---|---|---|---|"]
+            group = ""
+            for r in self.rows[p]:
+                if r.group != group:
+                    group = r.group
+                    lines.append(f"| **{group}** | | | | | | | |")
+                lift = r.ndcg / none if none > 0 else float("nan")
+                lines.append(
+                    f"| {r.label} | {r.reads} | {r.hr:.3f} ± {r.hr_se:.3f} | "
+                    f"{r.ndcg:.3f} ± {r.ndcg_se:.3f} | {r.recall:.3f} ± {r.recall_se:.3f} | "
+                    f"{r.coverage:.1%} | {lift:.2f}x | {r.ms_per_user:.2f} |")
+            lines.append("")
+        lines += ["## Targets (NDCG@10 ratios)", "", "| protocol | target | measured | "
+                  "required | met |", "|---|---|---|---|---|"]
+        for p, name, got, need, ok in self.targets():
+            lines.append(f"| {p} | {name} | {got:.3f} | {need:.2f} | "
+                         f"{'yes' if ok else 'NO'} |")
+        lines += ["", "## Segments and hyper-parameters chosen on validation", ""]
+        for p in self.chosen:
+            counts = ", ".join(str(c) for c in self.segment_counts.get(p, ()))
+            lines.append(f"- {p}: behaviour segments per fold: {counts}")
+            for f, ch in enumerate(self.chosen[p]):
+                desc = ", ".join(f"{k}={v}" for k, v in ch.items())
+                lines.append(f"  - fold {f}: {desc}")
+        lines.append("")
+        return "\n".join(lines)
+
+
+def holdout_size(n: int, protocol: str) -> int:
+    """How many of a user's ``n`` interactions the protocol holds out (at least one)."""
+    if protocol == "loo":
+        return 1 if n > 1 else 0
+    if protocol == "t20":
+        return min(max(1, round(0.2 * n)), n - 1) if n > 1 else 0
+    raise InvalidInputError(f"unknown protocol {protocol!r}")
+
+
+def user_metrics(
+    ranking: npt.NDArray[np.integer], targets: npt.NDArray[np.integer], *, cutoff: int = 10,
+    recall_cutoff: int = 20,
+) -> tuple[float, float, float]:
+    """``(HR@cutoff, NDCG@cutoff, Recall@recall_cutoff)`` of one ranking, binary
+    relevance; recall is ``hits / min(recall_cutoff, |targets|)``."""
+    tset = set(np.asarray(targets, dtype=np.int64).ravel().tolist())
+    if not tset:
+        raise InvalidInputError("no target items")
+    r = np.asarray(ranking, dtype=np.int64)[: max(cutoff, recall_cutoff)].tolist()
+    hits = [i in tset for i in r]
+    hr = float(any(hits[:cutoff]))
+    dcg = sum(1.0 / math.log2(p + 2) for p, h in enumerate(hits[:cutoff]) if h)
+    idcg = sum(1.0 / math.log2(p + 2) for p in range(min(len(tset), cutoff)))
+    rec = sum(hits[:recall_cutoff]) / min(recall_cutoff, len(tset))
+    return hr, dcg / idcg, float(rec)
+
+
+def daypart(ts: float) -> str:
+    """The declared context used for ML data: the part of the (UTC) day."""
+    h = int(ts // 3600) % 24
+    return ("night", "morning", "afternoon", "evening")[h // 6]
+
+
+@dataclass(frozen=True, slots=True)
+class _View:
+    """What a device user brings to one ranking request."""
+
+    row: int
+    window: I64  # newest first
+    times: I64  # newest first
+    seen: I64
+    targets: I64
+    now: float
+    signals: Mapping[str, str]
+
+
+def _views(data: Dataset, users: Sequence[int], protocol: str, window: int,
+           inner: bool) -> list[_View]:
+    out = []
+    for u in users:
+        seq, tm = data.sequences[u], data.times[u]
+        n_test = holdout_size(seq.size, protocol)
+        if n_test == 0:
+            continue
+        train, ttrain = seq[:-n_test], tm[:-n_test]
+        test, ttest = seq[-n_test:], tm[-n_test:]
+        if inner:
+            n_val = holdout_size(train.size, protocol)
+            if n_val == 0:
+                continue
+            train, ttrain, test, ttest = (train[:-n_val], ttrain[:-n_val], train[-n_val:],
+                                          ttrain[-n_val:])
+        out.append(_View(row=u, window=train[::-1][:window].copy(),
+                         times=ttrain[::-1][:window].copy(), seen=train.copy(),
+                         targets=test.copy(), now=float(ttest[0]), signals=data.signals[u]))
+    return out
+
+
+@dataclass
+class _Acc:
+    """Per-user metrics of one level across folds."""
+
+    hr: list[float] = field(default_factory=list)
+    ndcg: list[float] = field(default_factory=list)
+    recall: list[float] = field(default_factory=list)
+    ms: list[float] = field(default_factory=list)
+    covered: set[int] = field(default_factory=set)
+
+
+Ranker = Callable[[_View], npt.NDArray[np.integer]]
+
+
+def _mean_ndcg(views: Sequence[_View], rank: Ranker, s: EvalSettings) -> float:
+    if not views:
+        return 0.0
+    total = 0.0
+    for v in views:
+        total += user_metrics(rank(v), v.targets, cutoff=s.cutoff,
+                              recall_cutoff=s.recall_cutoff)[1]
+    return total / len(views)
+
+
+def _run(views: Sequence[_View], rank: Ranker, acc: _Acc, s: EvalSettings) -> None:
+    depth = max(s.cutoff, s.recall_cutoff)
+    for v in views:
+        t0 = time.perf_counter()
+        r = rank(v)
+        acc.ms.append((time.perf_counter() - t0) * 1000.0)
+        hr, nd, rc = user_metrics(r[:depth], v.targets, cutoff=s.cutoff,
+                                  recall_cutoff=s.recall_cutoff)
+        acc.hr.append(hr)
+        acc.ndcg.append(nd)
+        acc.recall.append(rc)
+        acc.covered.update(int(i) for i in r[: s.cutoff])
+
+
+@dataclass(frozen=True, slots=True)
+class _Model:
+    """What the device gets for one fold: a catalog and its derived lookup arrays."""
+
+    catalog: Catalog
+    pop_order: I32
+    cat_indptr: I64
+    cat_indices: I32
+    user_factors: F32 | None = None  # central ALS only: each user's trained vector
+
+
+def _catalog(data: Dataset, x: Csr, *, nbr: tuple[I64, I32, F32],
+             y: F32 | None, reg: float, alpha: float, s: EvalSettings) -> Catalog:
+    gram = None if y is None else (y.astype(np.float64).T @ y).astype(np.float32)
+    return Catalog(
+        item_ids=data.item_ids, titles=data.titles, popularity=item_popularity(x),
+        nbr_indptr=nbr[0], nbr_indices=nbr[1], nbr_weights=nbr[2],
+        categories=data.categories, item_factors=y, gram=gram,
+        als=None if y is None else AlsParams(factors=s.factors, regularization=reg,
+                                             alpha=alpha),
+        name=data.name,
+    )
+
+
+def _model(cat: Catalog, user_factors: F32 | None = None) -> _Model:
+    n = cat.n_items
+    order = np.lexsort((np.arange(n), -cat.popularity.astype(np.float64))).astype(np.int32)
+    _, ip, ix = scoring.category_index(cat.categories, n)
+    return _Model(catalog=cat, pop_order=order, cat_indptr=ip, cat_indices=ix,
+                  user_factors=user_factors)
+
+
+# ---- the device levels, each a thin call into ondevice.scoring / ondevice.segments ----
+
+def _rank_none(m: _Model, depth: int) -> Ranker:
+    pop = m.catalog.popularity
+    return lambda v: scoring.popularity_ranking(pop, depth, exclude=v.seen)
+
+
+def _rank_segment(m: _Model, depth: int, *, behaviour: bool,
+                  half_life: float = math.inf) -> Ranker:
+    cat = m.catalog
+
+    def rank(v: _View) -> I32:
+        vec = None
+        if behaviour and cat.item_factors is not None and cat.gram is not None and cat.als:
+            # the segment level keeps only recency-decayed aggregates: b (f), A (f x f)
+            w = scoring.decay_weights(v.window.size, half_life)
+            b, a = scoring.aggregates(cat.item_factors, v.window, alpha=cat.als.alpha,
+                                      weights=w)
+            vec = scoring.fold_in_aggregates(cat.gram, b, a,
+                                             regularization=cat.als.regularization)
+        sid = assign_segment(cat, signals=None if behaviour else v.signals, user_vector=vec)
+        seg = segment_by_id(cat, sid)
+        if seg is None:
+            return scoring.popularity_ranking(cat.popularity, depth, exclude=v.seen)
+        return scoring.segment_ranking(seg.top_items, depth, n_items=cat.n_items,
+                                       exclude=v.seen, fallback=m.pop_order)
+    return rank
+
+
+def _rank_behavioral(m: _Model, depth: int, half_life: float, max_window: int | None = None
+                     ) -> Ranker:
+    cat = m.catalog
+
+    def rank(v: _View) -> I32:
+        sc = scoring.neighbour_scores(cat.nbr_indptr, cat.nbr_indices, cat.nbr_weights,
+                                      v.window, n_items=cat.n_items, half_life=half_life,
+                                      max_window=max_window)
+        return scoring.rank_sparse(sc, depth, exclude=v.seen, fallback=m.pop_order)
+    return rank
+
+
+def _affinity(m: _Model, v: _View) -> dict[str, F32]:
+    n_cat = int(m.cat_indices.max()) + 1 if m.cat_indices.size else 0
+    return scoring.context_affinity(m.cat_indptr, m.cat_indices, n_cat, v.window,
+                                    [daypart(float(t)) for t in v.times])
+
+
+def _rank_contextual(m: _Model, depth: int, half_life: float, boost: float, strength: float,
+                     gap: float) -> Ranker:
+    cat = m.catalog
+
+    def rank(v: _View) -> I32:
+        aff = _affinity(m, v) if strength != 0.0 else None
+        sc = scoring.contextual_scores(
+            cat.nbr_indptr, cat.nbr_indices, cat.nbr_weights, v.window, v.times,
+            n_items=cat.n_items, now=v.now, half_life=half_life, session_gap=gap,
+            session_boost=boost, cat_indptr=m.cat_indptr, cat_indices=m.cat_indices,
+            affinity=aff, context=daypart(v.now), strength=strength)
+        return scoring.rank_sparse(sc, depth, exclude=v.seen, fallback=m.pop_order)
+    return rank
+
+
+def _user_vector(m: _Model, v: _View, half_life: float) -> F32:
+    cat = m.catalog
+    if m.user_factors is not None and math.isinf(half_life):
+        row: F32 = m.user_factors[v.row]  # central ALS: the user's own trained vector
+        return row
+    assert cat.item_factors is not None and cat.gram is not None and cat.als is not None
+    w = None if math.isinf(half_life) else scoring.decay_weights(v.window.size, half_life)
+    return scoring.fold_in(cat.item_factors, cat.gram, v.window, weights=w,
+                           regularization=cat.als.regularization, alpha=cat.als.alpha)
+
+
+def _rank_individual(m: _Model, depth: int, half_life: float, weight: float, c: float,
+                     fusion_depth: int, foldin_half_life: float = math.inf) -> Ranker:
+    cat = m.catalog
+    assert cat.item_factors is not None
+
+    def rank(v: _View) -> I32:
+        x = _user_vector(m, v, foldin_half_life)
+        nb = None
+        if weight != 0.0:
+            nb = scoring.neighbour_scores(cat.nbr_indptr, cat.nbr_indices, cat.nbr_weights,
+                                          v.window, n_items=cat.n_items, half_life=half_life)
+        assert cat.item_factors is not None
+        return scoring.individual_ranking(cat.item_factors, x, nb, depth, exclude=v.seen,
+                                          depth=fusion_depth, neighbour_weight=weight, c=c)
+    return rank
+
+
+def _rank_ease(b: F32, depth: int) -> Ranker:
+    return lambda v: scoring.top_k(ease_rank(b, v.seen), depth, exclude=v.seen)
+
+
+_LEVELS: tuple[tuple[str, str, str, str], ...] = (
+    ("none", "none: global popularity", "on the device (panel catalog)",
+     "nothing (bundle only)"),
+    ("segment_rules", "segment: declared signals ({rules})", "on the device (panel catalog)",
+     "declared signals"),
+    ("segment", "segment: behaviour (nearest centroid)", "on the device (panel catalog)",
+     "decayed factor aggregates b (f), A (f x f); no item IDs"),
+    ("flat100", "behavioral: item-item, flat last 100", "on the device (panel catalog)",
+     "last 100 item IDs"),
+    ("behavioral", "behavioral: recency-decayed neighbours", "on the device (panel catalog)",
+     "item-ID window"),
+    ("contextual", "contextual: + session and daypart affinity",
+     "on the device (panel catalog)", "window + timestamps + declared context"),
+    ("foldin", "individual: ALS fold-in alone", "on the device (panel catalog)",
+     "window + user vector"),
+    ("individual", "individual: recency-weighted fold-in ⊕ decayed neighbours (RRF)",
+     "on the device (panel catalog)", "window + user vector"),
+    ("central_ease", "EASE", "central (everyone's training data)", "all users' histories"),
+    ("central_als", "ALS", "central (everyone's training data)", "all users' histories"),
+    ("central_none", "popularity", "central (everyone's training data)",
+     "all users' histories"),
+    ("central_segment", "behaviour segments", "central (everyone's training data)",
+     "all users' histories"),
+    ("central_behavioral", "recency-decayed neighbours", "central (everyone's training data)",
+     "all users' histories"),
+    ("central_contextual", "contextual", "central (everyone's training data)",
+     "all users' histories"),
+    ("central_individual", "recency-weighted fold-in ⊕ decayed neighbours",
+     "central (everyone's training data)", "all users' histories"),
+)
+
+
+def _matrix(data: Dataset, rows: Mapping[int, I64]) -> Csr:
+    users = np.concatenate([np.full(v.size, u, dtype=np.int64) for u, v in rows.items()])
+    items = np.concatenate(list(rows.values()))
+    return interaction_matrix(users, items, data.n_users, data.n_items)
+
+
+T = TypeVar("T")
+
+
+def _best(views: Sequence[_View], candidates: Sequence[T], make: Callable[[T], Ranker],
+          s: EvalSettings) -> T:
+    """The candidate with the best mean validation NDCG (the first one on ties)."""
+    best, best_val = candidates[0], -1.0
+    for c in candidates:
+        val = _mean_ndcg(views, make(c), s)
+        if val > best_val + 1e-12:
+            best, best_val = c, val
+    return best
+
+
+@dataclass(frozen=True, slots=True)
+class _Panel:
+    """One fold's panel: its rows, matrix, neighbours and ALS models per grid point."""
+
+    rows: Mapping[int, I64]
+    x: Csr
+    nbr: tuple[I64, I32, F32]
+    als: Mapping[tuple[float, float], tuple[F32, F32]]
+
+
+def _with_segments(model: _Model, x: Csr, user_factors: F32 | None,
+                   signals: Sequence[Mapping[str, str] | None], *, shrinkage: float,
+                   behaviour: bool, rules: tuple[str, ...], s: EvalSettings) -> _Model:
+    """``model`` with behaviour segments (k-means over ``user_factors``) or declared-
+    signal rule segments, built by the operator code from the rows of ``x``."""
+    bs = BuildSettings(factors=s.factors, min_segment_users=s.min_segment_users,
+                       segments=s.segments if behaviour else 0,
+                       rule_signals=() if behaviour else rules, shrinkage=shrinkage,
+                       seed=s.seed)
+    segs, srules, default = make_segments(x, user_factors if behaviour else None, signals,
+                                          settings=bs)
+    cat = replace(model.catalog, segments=tuple(segs), segment_rules=tuple(srules),
+                  default_segment=default)
+    return replace(model, catalog=cat)
+
+
+def _protocol(data: Dataset, s: EvalSettings, rules: tuple[str, ...], device: list[int],
+              panel: _Panel, p: str, a: Mapping[str, _Acc],
+              tick: Callable[[str], None]) -> tuple[dict[str, object], int]:
+    """Tune on validation, then measure every level and reference for one fold and one
+    protocol; returns the chosen hyper-parameters and the behaviour segment count."""
+    depth = max(s.cutoff, s.recall_cutoff)
+    val = _views(data, device, p, s.window, inner=True)
+    test = _views(data, device, p, s.window, inner=False)
+    dev = set(device)
+    xp = panel.x
+
+    def als_model(cfg: tuple[float, float]) -> _Model:
+        return _model(_catalog(data, xp, nbr=panel.nbr, y=panel.als[cfg][1], reg=cfg[0],
+                               alpha=cfg[1], s=s))
+
+    # -- tuning on the inner validation split (test items are never seen) --
+    plain = _model(_catalog(data, xp, nbr=panel.nbr, y=None, reg=0.0, alpha=0.0, s=s))
+    cfg = _best(val, s.als_grid, lambda c: _rank_individual(
+        als_model(c), depth, 1.0, 0.0, 60.0, s.fusion_depth), s)
+    mod = als_model(cfg)
+    hl = _best(val, s.half_life_grid, lambda h: _rank_behavioral(plain, depth, h), s)
+    fh = _best(val, s.foldin_half_life_grid, lambda h: _rank_individual(
+        mod, depth, hl, 0.0, 60.0, s.fusion_depth, h), s)
+    w_c = _best(val, list(product(s.fusion_weight_grid, s.fusion_c_grid)),
+                lambda wc: _rank_individual(mod, depth, hl, wc[0], wc[1], s.fusion_depth, fh),
+                s)
+    ctx = _best(val, list(product(s.session_boost_grid, s.context_strength_grid)),
+                lambda bs: _rank_contextual(plain, depth, hl, bs[0], bs[1], s.session_gap), s)
+    sig_rows = [data.signals[u] if u not in dev else None for u in range(data.n_users)]
+
+    def seg(m_: float, behaviour: bool) -> _Model:
+        return _with_segments(mod, xp, panel.als[cfg][0], sig_rows, shrinkage=m_,
+                              behaviour=behaviour, rules=rules, s=s)
+
+    m_beh = _best(val, s.shrinkage_grid,
+                  lambda m_: _rank_segment(seg(m_, True), depth, behaviour=True), s)
+    seg_b = seg(m_beh, True)
+    sh = _best(val, s.segment_half_life_grid,
+               lambda h: _rank_segment(seg_b, depth, behaviour=True, half_life=h), s)
+    m_rule = _best(val, s.shrinkage_grid, lambda m_: _rank_segment(
+        seg(m_, False), depth, behaviour=False), s) if rules else 0.0
+    ch: dict[str, object] = dict(als=cfg, half_life=hl, foldin_half_life=fh, fusion=w_c,
+                                 context=ctx, shrink=m_beh, segment_half_life=sh,
+                                 shrink_rules=m_rule)
+    tick("tuning")
+    # -- the device levels on the test items --
+    seg_r = seg(m_rule, False)
+    _run(test, _rank_none(mod, depth), a["none"], s)
+    if rules:
+        _run(test, _rank_segment(seg_r, depth, behaviour=False), a["segment_rules"], s)
+    _run(test, _rank_segment(seg_b, depth, behaviour=True, half_life=sh), a["segment"], s)
+    _run(test, _rank_behavioral(mod, depth, math.inf, s.flat_window), a["flat100"], s)
+    _run(test, _rank_behavioral(mod, depth, hl), a["behavioral"], s)
+    _run(test, _rank_contextual(mod, depth, hl, ctx[0], ctx[1], s.session_gap),
+         a["contextual"], s)
+    _run(test, _rank_individual(mod, depth, hl, 0.0, 60.0, s.fusion_depth), a["foldin"], s)
+    _run(test, _rank_individual(mod, depth, hl, w_c[0], w_c[1], s.fusion_depth, fh),
+         a["individual"], s)
+    tick("device levels")
+    # -- central references: everyone's training data --
+    fit_rows = dict(panel.rows)
+    fit_rows.update({v.row: v.seen for v in val})
+    train_rows = dict(panel.rows)
+    train_rows.update({v.row: v.seen for v in test})
+    x_fit, x_train = _matrix(data, fit_rows), _matrix(data, train_rows)
+    lam = _best(val, s.ease_grid, lambda lm: _rank_ease(ease_fit(x_fit, lm), depth), s)
+    _run(test, _rank_ease(ease_fit(x_train, lam), depth), a["central_ease"], s)
+    nbr_fit = item_neighbours(x_fit, top_n=s.neighbours)
+    als_fit = {c: train_als(x_fit, factors=s.factors, regularization=c[0], alpha=c[1],
+                            iterations=s.als_iterations, seed=s.seed) for c in s.als_grid}
+
+    def central_fit(c: tuple[float, float]) -> _Model:
+        return _model(_catalog(data, x_fit, nbr=nbr_fit, y=als_fit[c][1], reg=c[0],
+                               alpha=c[1], s=s), user_factors=als_fit[c][0])
+
+    ccfg = _best(val, s.als_grid, lambda c: _rank_individual(
+        central_fit(c), depth, 1.0, 0.0, 60.0, s.fusion_depth), s)
+    u_c, y_c = train_als(x_train, factors=s.factors, regularization=ccfg[0], alpha=ccfg[1],
+                         iterations=s.als_iterations, seed=s.seed)
+    nbr_c = item_neighbours(x_train, top_n=s.neighbours)
+    cmod = _model(_catalog(data, x_train, nbr=nbr_c, y=y_c, reg=ccfg[0], alpha=ccfg[1], s=s),
+                  user_factors=u_c)
+    ch.update(ease=lam, central_als=ccfg)
+    _run(test, _rank_individual(cmod, depth, hl, 0.0, 60.0, s.fusion_depth),
+         a["central_als"], s)
+    _run(test, _rank_none(cmod, depth), a["central_none"], s)
+    cseg = _with_segments(cmod, x_train, u_c, list(data.signals), shrinkage=m_beh,
+                          behaviour=True, rules=rules, s=s)
+    _run(test, _rank_segment(cseg, depth, behaviour=True, half_life=sh),
+         a["central_segment"], s)
+    _run(test, _rank_behavioral(cmod, depth, hl), a["central_behavioral"], s)
+    _run(test, _rank_contextual(cmod, depth, hl, ctx[0], ctx[1], s.session_gap),
+         a["central_contextual"], s)
+    _run(test, _rank_individual(cmod, depth, hl, w_c[0], w_c[1], s.fusion_depth, fh),
+         a["central_individual"], s)
+    tick("central references")
+    return ch, len(seg_b.catalog.segments)
+
+
+def _prefixed(tick: Callable[[str], None], prefix: str, stage: str) -> None:
+    tick(prefix + stage)
+
+
+def evaluate(
+    data: Dataset,
+    *,
+    settings: EvalSettings | None = None,
+    progress: Progress | None = None,
+    command: str = "",
+) -> EvalResult:
+    """Run the whole protocol on ``data``; ``progress(done, total, stage)`` is called
+    after each step."""
+    s = settings or EvalSettings()
+    t_start = time.perf_counter()
+    rules = s.rule_signals if s.rule_signals is not None else data.rule_signals
+    rng = np.random.default_rng(s.seed)
+    perm = rng.permutation(data.n_users)
+    folds = [np.sort(f) for f in np.array_split(perm, s.folds)]
+    total = s.folds * (1 + 3 * len(s.protocols))
+    done = 0
+
+    def tick(stage: str) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total, stage)
+
+    accs = {p: {key: _Acc() for key, *_ in _LEVELS} for p in s.protocols}
+    chosen: dict[str, list[dict[str, object]]] = {p: [] for p in s.protocols}
+    seg_counts: dict[str, list[int]] = {p: [] for p in s.protocols}
+    for f, device in enumerate(folds):
+        dev = set(device.tolist())
+        panel_rows = {u: data.sequences[u] for u in range(data.n_users) if u not in dev}
+        xp = _matrix(data, panel_rows)
+        panel = _Panel(rows=panel_rows, x=xp, nbr=item_neighbours(xp, top_n=s.neighbours),
+                       als={cfg: train_als(xp, factors=s.factors, regularization=cfg[0],
+                                           alpha=cfg[1], iterations=s.als_iterations,
+                                           seed=s.seed)
+                            for cfg in s.als_grid})
+        tick(f"fold {f + 1}: panel catalog")
+        for p in s.protocols:
+            prefix = f"fold {f + 1} {p}: "
+            ch, n_seg = _protocol(data, s, tuple(rules), device.tolist(), panel, p, accs[p],
+                                  functools.partial(_prefixed, tick, prefix))
+            chosen[p].append(ch)
+            seg_counts[p].append(n_seg)
+            log.info("fold %d %s: %s", f, p, ch)
+
+    rows: dict[str, tuple[LevelResult, ...]] = {}
+    for p in s.protocols:
+        out = []
+        for key, label, group, reads in _LEVELS:
+            if key == "segment_rules" and not rules:
+                continue
+            acc = accs[p][key]
+            n = len(acc.ndcg)
+
+            def ms(vals: list[float], n: int = n) -> tuple[float, float]:
+                arr = np.asarray(vals)
+                se = float(arr.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+                return float(arr.mean()) if n else 0.0, se
+
+            hr, hr_se = ms(acc.hr)
+            nd, nd_se = ms(acc.ndcg)
+            rc, rc_se = ms(acc.recall)
+            out.append(LevelResult(
+                key=key, label=label.format(rules=" x ".join(rules)), group=group, reads=reads,
+                hr=hr, hr_se=hr_se, ndcg=nd, ndcg_se=nd_se, recall=rc, recall_se=rc_se,
+                coverage=len(acc.covered) / data.n_items,
+                ms_per_user=float(np.mean(acc.ms)) if acc.ms else 0.0, users=n))
+        rows[p] = tuple(out)
+    return EvalResult(
+        dataset=data.name, n_users=data.n_users, n_items=data.n_items, settings=s, rows=rows,
+        chosen={p: tuple(v) for p, v in chosen.items()},
+        segment_counts={p: tuple(v) for p, v in seg_counts.items()},
+        seconds=time.perf_counter() - t_start, command=command)
