@@ -11,7 +11,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from . import _db, scoring
+from . import _db
 from .levels.base import EVENT_WEIGHTS, CatalogRuntime, UserState
 from .policy import Interaction, PrivacyLevel, SignalValue
 from .store import Store
@@ -28,7 +28,7 @@ __all__ = [
 
 AGGREGATES: Final = "taste_aggregates"
 USER_VECTOR: Final = "user_vector"
-_AGG_MAGIC: Final = b"ODAG1"
+_AGG_MAGIC: Final = b"ODAG2"
 _VEC_MAGIC: Final = b"ODUV1"
 
 
@@ -125,16 +125,27 @@ def cached_vector(blob: bytes | None, digest: bytes) -> npt.NDArray[np.float32] 
 def _decode_aggregates(
     blob: bytes | None, rt: CatalogRuntime
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None:
+    """``(b, A)`` for :func:`ondevice.scoring.fold_in_aggregates` from the stored sums."""
+    parts = _decode_parts(blob, rt)
+    if parts is None:
+        return None
+    s, d, a = parts
+    return s + d, a
+
+
+def _decode_parts(
+    blob: bytes | None, rt: CatalogRuntime
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]] | None:
     f = _factors(rt)
     if blob is None or f == 0 or not blob.startswith(_AGG_MAGIC):
         return None
     head = len(_AGG_MAGIC) + 32 + 8
     if blob[len(_AGG_MAGIC) : len(_AGG_MAGIC) + 32] != _catalog_digest(rt):
         return None  # computed against another catalog's factors: meaningless here
-    if len(blob) != head + 4 * (f + f * f):
+    if len(blob) != head + 4 * (2 * f + f * f):
         return None
     body = np.frombuffer(blob[head:], dtype="<f4").astype(np.float64)
-    return body[:f].copy(), body[f:].reshape(f, f).copy()
+    return body[:f].copy(), body[f : 2 * f].copy(), body[2 * f :].reshape(f, f).copy()
 
 
 def _catalog_digest(rt: CatalogRuntime) -> bytes:
@@ -153,8 +164,17 @@ def add_to_aggregates(
     interactions: Sequence[Interaction],
     now: float,
 ) -> None:
-    """Fold new interactions into the user's time-decayed factor-space sums (the only
-    taste state the segment level keeps: no item ids)."""
+    """Fold new interactions into the user's factor-space sums: the only taste state the
+    segment level keeps (no item ids).
+
+    With confidence ``c_i = 1 + alpha * r_i * w_i`` and recency weights ``w_i`` halving
+    every ``segment_half_life`` interactions (as :func:`ondevice.scoring.aggregates`
+    weighs a window, newest first), the fold-in needs ``b = sum c_i y_i`` and
+    ``A = sum (c_i - 1) y_i y_i^T``. They are kept as three sums: ``S = sum y_i`` (not
+    decayed), ``D = sum alpha r_i w_i y_i`` and ``A`` (both decayed by one step per new
+    interaction); ``b = S + D``. The one difference from the window form: an item seen
+    twice counts twice, since no item ids are kept to notice it.
+    """
     f = _factors(rt)
     cat = rt.catalog
     if f == 0 or cat.item_factors is None or cat.als is None:
@@ -162,35 +182,31 @@ def add_to_aggregates(
     known = [(it, rt.index[it.item_id]) for it in interactions if it.item_id in rt.index]
     if not known:
         return
-    row = {n: (blob, t) for n, blob, t in Store.derived(conn, user_id)}.get(AGGREGATES)
-    current = _decode_aggregates(row[0], rt) if row else None
-    last = _updated_at(row[0]) if row else now
-    if current is None:
-        b, a = np.zeros(f), np.zeros((f, f))
+    row = {n: blob for n, blob, _ in Store.derived(conn, user_id)}.get(AGGREGATES)
+    parts = _decode_parts(row, rt)
+    if parts is None:
+        s, d, a = np.zeros(f), np.zeros(f), np.zeros((f, f))
         last = now
     else:
-        b, a = current
-    half_life = rt.params.aggregate_half_life_days * 86400.0
+        s, d, a = parts
+        last = _updated_at(row) if row is not None else now
+    half_life = rt.params.segment_half_life
+    step = 1.0 if np.isinf(half_life) else 0.5 ** (1.0 / half_life)
+    alpha = cat.als.alpha
     for it, idx in sorted(known, key=lambda pair: pair[0].timestamp or 0.0):
-        ts = float(it.timestamp or now)
-        decay = 0.5 ** (max(ts - last, 0.0) / half_life) if half_life > 0 else 1.0
         strength = _strength(it.event)
         if strength == 0.0:
             continue
-        b, a = scoring.update_aggregates(
-            b,
-            a,
-            cat.item_factors[idx],
-            alpha=cat.als.alpha,
-            value=strength,
-            decay=max(decay, 1e-12),
-        )
-        last = max(last, ts)
+        y = cat.item_factors[idx].astype(np.float64)
+        s = s + y
+        d = d * step + alpha * strength * y
+        a = a * step + alpha * strength * np.outer(y, y)
+        last = max(last, float(it.timestamp or now))
     blob = (
         _AGG_MAGIC
         + _catalog_digest(rt)
         + struct.pack("<d", last)
-        + np.concatenate((b, a.ravel())).astype("<f4").tobytes()
+        + np.concatenate((s, d, a.ravel())).astype("<f4").tobytes()
     )
     Store.set_derived(conn, user_id, AGGREGATES, blob, now)
 

@@ -442,16 +442,21 @@ def _model(cat: Catalog, user_factors: F32 | None = None) -> _Model:
 
 # ---- the device levels, each a thin call into ondevice.scoring / ondevice.segments ----
 
-def _rank_none(m: _Model, depth: int) -> Ranker:
+def _rank_none(m: _Model, depth: int, *, exclude_seen: bool = True) -> Ranker:
+    # On the device, levels none and segment keep no item ids, so they cannot exclude
+    # what the user has seen: the device rows are measured that way (exclude_seen=False).
     pop = m.catalog.popularity
-    return lambda v: scoring.popularity_ranking(pop, depth, exclude=v.seen)
+    return lambda v: scoring.popularity_ranking(
+        pop, depth, exclude=v.seen if exclude_seen else None
+    )
 
 
 def _rank_segment(m: _Model, depth: int, *, behaviour: bool,
-                  half_life: float = math.inf) -> Ranker:
+                  half_life: float = math.inf, exclude_seen: bool = True) -> Ranker:
     cat = m.catalog
 
     def rank(v: _View) -> I32:
+        seen = v.seen if exclude_seen else None
         vec = None
         if behaviour and cat.item_factors is not None and cat.gram is not None and cat.als:
             # the segment level keeps only recency-decayed aggregates: b (f), A (f x f)
@@ -463,9 +468,9 @@ def _rank_segment(m: _Model, depth: int, *, behaviour: bool,
         sid = assign_segment(cat, signals=None if behaviour else v.signals, user_vector=vec)
         seg = segment_by_id(cat, sid)
         if seg is None:
-            return scoring.popularity_ranking(cat.popularity, depth, exclude=v.seen)
+            return scoring.popularity_ranking(cat.popularity, depth, exclude=seen)
         return scoring.segment_ranking(seg.top_items, depth, n_items=cat.n_items,
-                                       exclude=v.seen, fallback=m.pop_order)
+                                       exclude=seen, fallback=m.pop_order)
     return rank
 
 
@@ -647,22 +652,26 @@ def _protocol(data: Dataset, s: EvalSettings, rules: tuple[str, ...], device: li
                               behaviour=behaviour, rules=rules, s=s)
 
     m_beh = _best(val, s.shrinkage_grid,
-                  lambda m_: _rank_segment(seg(m_, True), depth, behaviour=True), s)
+                  lambda m_: _rank_segment(seg(m_, True), depth, behaviour=True,
+                                           exclude_seen=False), s)
     seg_b = seg(m_beh, True)
     sh = _best(val, s.segment_half_life_grid,
-               lambda h: _rank_segment(seg_b, depth, behaviour=True, half_life=h), s)
+               lambda h: _rank_segment(seg_b, depth, behaviour=True, half_life=h,
+                                       exclude_seen=False), s)
     m_rule = _best(val, s.shrinkage_grid, lambda m_: _rank_segment(
-        seg(m_, False), depth, behaviour=False), s) if rules else 0.0
+        seg(m_, False), depth, behaviour=False, exclude_seen=False), s) if rules else 0.0
     ch: dict[str, object] = dict(als=cfg, half_life=hl, foldin_half_life=fh, fusion=w_c,
                                  context=ctx, shrink=m_beh, segment_half_life=sh,
                                  shrink_rules=m_rule)
     tick("tuning")
     # -- the device levels on the test items --
     seg_r = seg(m_rule, False)
-    _run(test, _rank_none(mod, depth), a["none"], s)
+    _run(test, _rank_none(mod, depth, exclude_seen=False), a["none"], s)
     if rules:
-        _run(test, _rank_segment(seg_r, depth, behaviour=False), a["segment_rules"], s)
-    _run(test, _rank_segment(seg_b, depth, behaviour=True, half_life=sh), a["segment"], s)
+        _run(test, _rank_segment(seg_r, depth, behaviour=False, exclude_seen=False),
+             a["segment_rules"], s)
+    _run(test, _rank_segment(seg_b, depth, behaviour=True, half_life=sh, exclude_seen=False),
+         a["segment"], s)
     _run(test, _rank_behavioral(mod, depth, math.inf, s.flat_window), a["flat100"], s)
     _run(test, _rank_behavioral(mod, depth, hl), a["behavioral"], s)
     _run(test, _rank_contextual(mod, depth, hl, ctx[0], ctx[1], s.session_gap),

@@ -17,7 +17,6 @@ from . import behavioral, contextual, individual, popularity, segment
 from .base import (
     Answer,
     CatalogRuntime,
-    LevelParams,
     Recommendation,
     Recommendations,
     Request,
@@ -28,7 +27,6 @@ __all__ = [
     "CHAIN",
     "Answer",
     "CatalogRuntime",
-    "LevelParams",
     "Recommendation",
     "Recommendations",
     "Request",

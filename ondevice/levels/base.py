@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
@@ -17,13 +17,12 @@ import numpy.typing as npt
 from ..catalog import Catalog
 from ..policy import SignalValue
 from ..results import Recommendation, Recommendations
-from ..scoring import category_index
+from ..scoring import ScoringParams, category_index
 
 __all__ = [
     "EVENT_WEIGHTS",
     "Answer",
     "CatalogRuntime",
-    "LevelParams",
     "Recommendation",
     "Recommendations",
     "Request",
@@ -53,52 +52,6 @@ VERBS: Final[Mapping[str, str]] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class LevelParams:
-    """Tuning of the levels. The operator may ship tuned values in the bundle's
-    ``extra`` map (keys ``param.<name>``); otherwise these defaults hold.
-
-    ``half_life``: positions after which a window item weighs half (exponential decay,
-    newest first). ``neighbour_weight``: weight of the decayed neighbours against the
-    fold-in in the individual level's rank fusion. ``session_gap`` (s) and
-    ``session_boost``: interactions of the current session weigh ``1 + boost``.
-    ``context_strength``: exponent of the learned context affinity.
-    ``aggregate_half_life_days``: time decay of the segment level's taste sums.
-    """
-
-    half_life: float = 5.0
-    neighbour_weight: float = 1.0
-    depth: int = 100
-    session_gap: float = 1800.0
-    session_boost: float = 1.0
-    context_strength: float = 1.0
-    aggregate_half_life_days: float = 30.0
-
-    @classmethod
-    def from_catalog(cls, catalog: Catalog) -> LevelParams:
-        """Defaults, overridden by ``param.*`` entries of the catalog's ``extra``."""
-        values: dict[str, Any] = {}
-        for name, kind in (
-            ("half_life", float),
-            ("neighbour_weight", float),
-            ("depth", int),
-            ("session_gap", float),
-            ("session_boost", float),
-            ("context_strength", float),
-            ("aggregate_half_life_days", float),
-        ):
-            raw = catalog.extra.get(f"param.{name}")
-            if raw is None:
-                continue
-            try:
-                value = kind(raw)
-            except (TypeError, ValueError):
-                continue
-            if np.isfinite(value) and value >= 0:
-                values[name] = value
-        return cls(**values)
-
-
 class CatalogRuntime:
     """A loaded catalog plus what every request reuses: the id index, the popularity
     order (the fallback of every ranking) and the category index."""
@@ -115,7 +68,8 @@ class CatalogRuntime:
         self.cat_names, self.cat_indptr, self.cat_indices = category_index(
             catalog.categories, self.n
         )
-        self.params = LevelParams.from_catalog(catalog)
+        #: The operator's tuned device knobs, shipped in the bundle (``scoring.*``).
+        self.params = ScoringParams.from_extra(catalog.extra)
         #: Featured items per segment id (catalog indices), from the sync server's
         #: content table: the same table for every device, chosen from locally.
         self.featured: dict[int, list[int]] = {}

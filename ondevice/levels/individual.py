@@ -17,6 +17,8 @@ def fold_in(rt: CatalogRuntime, state: UserState) -> npt.NDArray[np.float32]:
     """The user vector of the window (strength-weighted confidences)."""
     cat = rt.catalog
     assert cat.item_factors is not None and cat.gram is not None and cat.als is not None
+    half_life = rt.params.foldin_half_life
+    recency = None if np.isinf(half_life) else scoring.decay_weights(state.window.size, half_life)
     return scoring.fold_in(
         cat.item_factors,
         cat.gram,
@@ -24,6 +26,7 @@ def fold_in(rt: CatalogRuntime, state: UserState) -> npt.NDArray[np.float32]:
         regularization=cat.als.regularization,
         alpha=cat.als.alpha,
         values=state.strengths,
+        weights=recency,
     )
 
 
@@ -54,8 +57,9 @@ def recommend(rt: CatalogRuntime, state: UserState, req: Request) -> Answer | st
         neighbours,
         req.k,
         exclude=state.excluded,
-        depth=rt.params.depth,
-        neighbour_weight=rt.params.neighbour_weight,
+        depth=rt.params.fusion_depth,
+        neighbour_weight=rt.params.fusion_weight,
+        c=rt.params.fusion_c,
     )
     items = [int(i) for i in ranked]
     sub = cat.item_factors[ranked] @ x if items else np.empty(0, np.float32)

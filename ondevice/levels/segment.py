@@ -24,7 +24,11 @@ def user_vector_from_state(rt: CatalogRuntime, state: UserState) -> np.ndarray |
         b, a = state.aggregates
     elif state.window.size:
         b, a = scoring.aggregates(
-            cat.item_factors, state.window, alpha=cat.als.alpha, values=state.strengths
+            cat.item_factors,
+            state.window,
+            alpha=cat.als.alpha,
+            values=state.strengths,
+            weights=scoring.decay_weights(state.window.size, rt.params.segment_half_life),
         )
     else:
         return None
