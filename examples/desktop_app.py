@@ -11,7 +11,8 @@ Run::
     read -rs ONDEVICE_PASSPHRASE && export ONDEVICE_PASSPHRASE
     .venv/bin/python examples/desktop_app.py --passphrase-env ONDEVICE_PASSPHRASE
 
-Without ``--passphrase-env`` the app asks for the passphrase in a dialog. The passphrase
+Without ``--passphrase-env`` the app keeps its key in the OS keychain where a secure one
+exists, and otherwise asks for a passphrase in a dialog. The passphrase
 is never taken from the command line, where other users of the machine could read it.
 ``--profile DIR`` picks the profile directory (default: a per-user data directory),
 ``--level`` the privacy level (default ``individual``).
@@ -41,6 +42,9 @@ from tkinter import filedialog, messagebox, simpledialog, ttk
 from typing import Any
 
 from ondevice import (
+    Keychain,
+    KeychainUnavailableError,
+    KeyProvider,
     OndeviceError,
     Passphrase,
     PersonalizationEngine,
@@ -898,6 +902,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def choose_key(args: argparse.Namespace, dialogs: Dialogs) -> KeyProvider | None:
+    """The OS keychain by default where a secure one exists; a passphrase otherwise
+    (or when ``--passphrase-env`` names one, or the profile was made with one)."""
+    if args.passphrase_env:
+        passphrase = os.environ.get(args.passphrase_env, "")
+        if not passphrase:
+            print(
+                f"desktop_app: environment variable {args.passphrase_env} is empty or unset",
+                file=sys.stderr,
+            )
+            return None
+        return Passphrase(passphrase)
+    try:
+        kind = json.loads((args.profile.expanduser() / "key.json").read_bytes()).get("provider")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if kind in (None, "keychain"):
+        keychain = Keychain(service="ondevice-desktop-example")
+        try:
+            keychain.check_available()
+            return keychain
+        except KeychainUnavailableError as exc:
+            if kind == "keychain":
+                print(f"desktop_app: {exc}", file=sys.stderr)
+                return None
+            logging.getLogger(__name__).info("no secure keychain; asking for a passphrase")
+    typed = dialogs.ask_passphrase(f"Passphrase for your profile in {args.profile}:")
+    return Passphrase(typed) if typed else None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the app; returns the exit code."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -908,24 +942,14 @@ def main(argv: list[str] | None = None) -> int:
     root = tk.Tk(className="OndeviceExample")
     root.withdraw()
     dialogs: Dialogs = ScriptedDialogs(root) if steps is not None else Dialogs(root)
-    if args.passphrase_env:
-        passphrase = os.environ.get(args.passphrase_env, "")
-        if not passphrase:
-            print(
-                f"desktop_app: environment variable {args.passphrase_env} is empty or unset",
-                file=sys.stderr,
-            )
-            root.destroy()
-            return 2
-    else:
-        passphrase = dialogs.ask_passphrase(f"Passphrase for your profile in {args.profile}:") or ""
-        if not passphrase:
-            root.destroy()
-            return 2
+    key = choose_key(args, dialogs)
+    if key is None:
+        root.destroy()
+        return 2
     try:
         engine = PersonalizationEngine(
             args.profile,
-            key=Passphrase(passphrase),
+            key=key,
             policy=sample_policy(),
             privacy_level=args.level,
             bundle=SAMPLE_BUNDLE,

@@ -113,7 +113,10 @@ def test_markdown_report_lists_levels_targets_and_choices(
     md = tiny_result.to_markdown()
     assert "| none: global popularity |" in md and "## Targets" in md
     assert md.count("fold 0:") == 2
-    assert len(tiny_result.targets()) == 10
+    assert len(tiny_result.targets()) == 12
+    assert "| none, as served (no item ids kept: seen items not excluded) |" in md
+    served = [t for t in tiny_result.targets() if "as served" in t[1]]
+    assert [t[0] for t in served] == ["loo", "t20"]
 
 
 def test_movielens_loader_reads_the_three_files(tmp_path: Path) -> None:

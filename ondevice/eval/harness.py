@@ -244,6 +244,10 @@ class EvalResult:
                             best >= need_best[p] * ref))
             out.append((p, "segment / none", nd["segment"] / nd["none"], need_seg[p],
                         nd["segment"] >= need_seg[p] * nd["none"]))
+            if "segment_served" in nd:
+                out.append((p, "segment / none, both as served (no seen exclusion)",
+                            nd["segment_served"] / nd["none_served"], need_seg[p],
+                            nd["segment_served"] >= need_seg[p] * nd["none_served"]))
             worst = min(nd[k] for k in device if k != "none")
             out.append((p, "min level / none", worst / nd["none"], 1.0, worst >= nd["none"]))
             chain = (nd["none"] < nd["segment"] < nd["behavioral"]
@@ -546,6 +550,10 @@ _LEVELS: tuple[tuple[str, str, str, str], ...] = (
      "declared signals"),
     ("segment", "segment: behaviour (nearest centroid)", "on the device (panel catalog)",
      "decayed factor aggregates b (f), A (f x f); no item IDs"),
+    ("none_served", "none, as served (no item ids kept: seen items not excluded)",
+     "on the device (panel catalog)", "nothing (bundle only)"),
+    ("segment_served", "segment: behaviour, as served (seen items not excluded)",
+     "on the device (panel catalog)", "decayed factor aggregates; no item IDs"),
     ("flat100", "behavioral: item-item, flat last 100", "on the device (panel catalog)",
      "last 100 item IDs"),
     ("behavioral", "behavioral: recency-decayed neighbours", "on the device (panel catalog)",
@@ -652,26 +660,27 @@ def _protocol(data: Dataset, s: EvalSettings, rules: tuple[str, ...], device: li
                               behaviour=behaviour, rules=rules, s=s)
 
     m_beh = _best(val, s.shrinkage_grid,
-                  lambda m_: _rank_segment(seg(m_, True), depth, behaviour=True,
-                                           exclude_seen=False), s)
+                  lambda m_: _rank_segment(seg(m_, True), depth, behaviour=True), s)
     seg_b = seg(m_beh, True)
     sh = _best(val, s.segment_half_life_grid,
-               lambda h: _rank_segment(seg_b, depth, behaviour=True, half_life=h,
-                                       exclude_seen=False), s)
+               lambda h: _rank_segment(seg_b, depth, behaviour=True, half_life=h), s)
     m_rule = _best(val, s.shrinkage_grid, lambda m_: _rank_segment(
-        seg(m_, False), depth, behaviour=False, exclude_seen=False), s) if rules else 0.0
+        seg(m_, False), depth, behaviour=False), s) if rules else 0.0
     ch: dict[str, object] = dict(als=cfg, half_life=hl, foldin_half_life=fh, fusion=w_c,
                                  context=ctx, shrink=m_beh, segment_half_life=sh,
                                  shrink_rules=m_rule)
     tick("tuning")
     # -- the device levels on the test items --
     seg_r = seg(m_rule, False)
-    _run(test, _rank_none(mod, depth, exclude_seen=False), a["none"], s)
+    _run(test, _rank_none(mod, depth), a["none"], s)
     if rules:
-        _run(test, _rank_segment(seg_r, depth, behaviour=False, exclude_seen=False),
-             a["segment_rules"], s)
+        _run(test, _rank_segment(seg_r, depth, behaviour=False), a["segment_rules"], s)
+    _run(test, _rank_segment(seg_b, depth, behaviour=True, half_life=sh), a["segment"], s)
+    # As the device serves them: levels none and segment keep no item ids, so they
+    # cannot leave out what the user has already seen.
+    _run(test, _rank_none(mod, depth, exclude_seen=False), a["none_served"], s)
     _run(test, _rank_segment(seg_b, depth, behaviour=True, half_life=sh, exclude_seen=False),
-         a["segment"], s)
+         a["segment_served"], s)
     _run(test, _rank_behavioral(mod, depth, math.inf, s.flat_window), a["flat100"], s)
     _run(test, _rank_behavioral(mod, depth, hl), a["behavioral"], s)
     _run(test, _rank_contextual(mod, depth, hl, ctx[0], ctx[1], s.session_gap),

@@ -1,0 +1,45 @@
+"""Quality gates: the public code type-checks strictly and lints clean."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+
+def _tool(name: str) -> list[str]:
+    exe = Path(sys.executable).with_name(name)
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed: pip install -e '.[test]' installs it")
+    return [found]
+
+
+@pytest.mark.slow
+def test_mypy_strict_passes_on_ondevice_and_sync():
+    result = subprocess.run(
+        [*_tool("mypy"), "--strict", "ondevice", "sync"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ruff_passes():
+    result = subprocess.run(
+        [*_tool("ruff"), "check", "ondevice", "sync", "tests", "examples", "benchmarks"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
