@@ -574,6 +574,7 @@ class PersonalizationEngine:
         k: int = 10,
         *,
         current_item: str | None = None,
+        exclude: Iterable[str] = (),
     ) -> Recommendations:
         """Rank ``k`` items for ``user_id``, on the device, with an explanation each.
 
@@ -584,8 +585,13 @@ class PersonalizationEngine:
         did not. ``context`` holds declared context fields (an undeclared one raises
         PolicyViolationError); ``current_item`` is what the user is looking at now (used,
         never stored). Items already in the window are excluded (see ``exclude_seen``),
-        blocked and dismissed items always. Never touches the network.
+        blocked and dismissed items always, and ``exclude`` adds item ids the app knows
+        the user has (used for this call, never stored: at levels ``none`` and
+        ``segment`` the profile keeps no item ids to exclude by itself). Never touches
+        the network.
         """
+        import numpy as np
+
         from . import _personalize, levels
         from .levels import Request, individual
 
@@ -617,6 +623,11 @@ class PersonalizationEngine:
             )
             with self._store.write() as conn:
                 Store.set_derived(conn, user_id, _personalize.USER_VECTOR, blob, now)
+        extra = [
+            rt.index[i] for i in (check_id(x, "exclude item") for x in exclude) if i in rt.index
+        ]
+        if extra:
+            state.excluded = np.union1d(state.excluded, np.asarray(extra, dtype=np.int64))
         current = rt.index.get(current_item) if current_item is not None else None
         return levels.recommend(self._level, rt, state, Request(k, now, ctx, current))
 

@@ -220,3 +220,18 @@ def test_blocking_needs_a_level_that_keeps_item_ids(open_engine):
     engine = open_engine("segment")
     with pytest.raises(PolicyViolationError, match="behavioral"):
         engine.block_item("u", "i1")
+
+
+@pytest.mark.parametrize("level", ["none", "segment", "behavioral"])
+def test_app_supplied_exclusions_apply_and_are_never_stored(open_engine, tmp_path, raw_key, level):
+    path = tmp_path / f"ex-{level}"
+    engine = open_engine(level, path=path)
+    _history(engine)
+    first = engine.get_recommendations("u", k=3).item_ids
+    owned = [first[0], "unknown-item"]
+    again = engine.get_recommendations("u", k=3, exclude=owned)
+    assert first[0] not in again.item_ids and again.item_ids[:2] == first[1:]
+    if level != "behavioral":  # behavioral keeps its window: item ids are there anyway
+        assert first[0].encode() not in plaintext_of_profile(path, raw_key)
+    with pytest.raises(InvalidInputError):
+        engine.get_recommendations("u", exclude=[5])
