@@ -13,9 +13,9 @@ Per call (one transaction each):
   encryption alone.
 - ``engine``: ``PersonalizationEngine.update_profile(user, interaction)``, privacy level
   ``behavioral``, :class:`~ondevice.RawKey`, a few users, distinct items. This does more
-  than the bare insert by design: validation, the user row, the per-day activity
-  counter, the rolling-window eviction (with ``secure_delete``) and the retention purge,
-  all in the same transaction.
+  than the bare insert by design: validation, the user row, the rolling window (a full
+  window recycles its oldest row in place) and, at most once a minute per user, the
+  retention purge, all in the same transaction.
 
 Batch (one transaction):
 
@@ -29,15 +29,7 @@ Nothing is asserted: the script prints the numbers and the ratios.
 
 ``--profile`` additionally runs each engine path once under cProfile and prints where
 the time goes. ``--breakdown`` times every SQL statement the engine issues on the
-per-call path (by wrapping the connection the engine gets from ``ondevice._db.connect``),
-then replays the same statement sequence on a bare ``sqlcipher3`` connection to the
-engine's own schema, with one piece left out at a time: what each piece costs in SQL
-alone, and (by difference with the engine) what the Python layer costs. The replay is a
-copy of the statements ``ondevice/store.py`` runs for one ``update_profile`` call at
-level ``behavioral`` with the default policy; if store.py changes, update it. A last
-row, ``sketch: ring-buffer window``, is not the engine but a measured design
-alternative: the same work with the window kept as a per-user ring of slots overwritten
-in place (see :func:`ring_calls`).
+per-call path (by wrapping the connection the engine gets from ``ondevice._db.connect``).
 
 Run: ``.venv/bin/python benchmarks/bench_profile.py [--calls 2000] [--repeats 5]
 [--batch 200000] [--batch-users 2000] [--batch-repeats 3] [--profile] [--breakdown]``
@@ -293,163 +285,6 @@ def statement_times(root: Path, key: bytes, records: list[tuple[str, dict[str, A
         print(f"  {sum(ts) / n * 1e6:7.1f} us/call  x{len(ts) / n:<5.2f} {sql}")
 
 
-REPLAY_PIECES = ("users", "activity", "window", "retention")
-
-
-def replay_calls(path: Path, key: bytes, rows: list[Row], without: str | None) -> float:
-    """The engine's per-call statements on a bare connection, optionally without one
-    piece: ``users`` (INSERT OR IGNORE of the user row), ``activity`` (the per-day
-    counter upsert), ``window`` (count + eviction of the oldest), ``retention`` (the
-    per-user retention deletes: interactions, activity, derived, egress); ``everything``
-    keeps only the INSERT."""
-    with PersonalizationEngine(path, key=RawKey(key)):
-        pass  # the engine's own schema and pragmas in the file
-    conn = _db.connect(path / "profile.db", key, busy_timeout=10.0)
-    day = 86400.0
-    now = time.time()
-    cutoff = now - 90 * day
-    keep = {p: without not in (p, "everything") for p in REPLAY_PIECES}
-    try:
-        t0 = time.perf_counter()
-        for user, item, event, ts, value in rows:
-            conn.execute("BEGIN IMMEDIATE")
-            if keep["users"]:
-                conn.execute(
-                    "INSERT OR IGNORE INTO users(user_id, created_at) VALUES (?, ?)", (user, now)
-                )
-            if keep["activity"]:
-                conn.executemany(
-                    "INSERT INTO activity(user_id, day, event, count) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT(user_id, day, event) DO UPDATE SET count = count + "
-                    "excluded.count",
-                    [(user, int(ts // day), event, 1)],
-                )
-            conn.executemany(INSERT, [(user, item, event, ts, value)])
-            if keep["window"]:
-                (count,) = conn.execute(
-                    "SELECT count(*) FROM interactions WHERE user_id = ?", (user,)
-                ).fetchone()
-                if count > 100:
-                    conn.execute(
-                        "DELETE FROM interactions WHERE id IN (SELECT id FROM interactions "
-                        "WHERE user_id = ? ORDER BY ts, id LIMIT ?)",
-                        (user, count - 100),
-                    )
-            if keep["retention"]:
-                conn.execute(
-                    "DELETE FROM interactions WHERE ts < ? AND user_id = ?", (cutoff, user)
-                )
-                conn.execute(
-                    "DELETE FROM activity WHERE day < ? AND user_id = ?", (int(cutoff // day), user)
-                )
-                conn.execute(
-                    "DELETE FROM derived WHERE updated_at < ? AND user_id = ?", (cutoff, user)
-                )
-                conn.execute(
-                    "DELETE FROM egress WHERE created_at < ? AND user_id = ?",
-                    (now - 365 * day, user),
-                )
-            conn.execute("COMMIT")
-        return time.perf_counter() - t0
-    finally:
-        conn.close()
-
-
-RING_SCHEMA = (
-    "CREATE TABLE users(user_id TEXT PRIMARY KEY, created_at REAL NOT NULL, "
-    "seq INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID",
-    "CREATE TABLE ring(user_id TEXT NOT NULL, slot INTEGER NOT NULL, item_id TEXT NOT NULL, "
-    "event TEXT NOT NULL, ts REAL NOT NULL, value REAL, PRIMARY KEY(user_id, slot)) WITHOUT ROWID",
-    "CREATE TABLE activity(user_id TEXT NOT NULL, day INTEGER NOT NULL, event TEXT NOT NULL, "
-    "count INTEGER NOT NULL, PRIMARY KEY(user_id, day, event)) WITHOUT ROWID",
-    "CREATE TABLE derived(user_id TEXT NOT NULL, name TEXT NOT NULL, value BLOB NOT NULL, "
-    "updated_at REAL NOT NULL, PRIMARY KEY(user_id, name)) WITHOUT ROWID",
-    "CREATE TABLE egress(id INTEGER PRIMARY KEY, user_id TEXT NOT NULL, epoch TEXT NOT NULL, "
-    "created_at REAL NOT NULL, UNIQUE(user_id, epoch))",
-)
-
-
-def ring_calls(path: Path, key: bytes, rows: list[Row]) -> float:
-    """A design sketch, not the engine: the window as a per-user ring of ``window`` slots
-    (``PRIMARY KEY(user_id, slot)``, WITHOUT ROWID) overwritten in place, so a write
-    touches the user's few window pages instead of inserting at the table's end and
-    deleting from an old page plus two index entries. Same counter and retention work."""
-    conn = sqlcipher3.connect(str(path), isolation_level=None)
-    conn.execute(f"PRAGMA key = \"x'{key.hex()}'\"")
-    for pragma in (*PRAGMAS, "PRAGMA foreign_keys = ON"):
-        conn.execute(pragma).fetchall()
-    for statement in RING_SCHEMA:
-        conn.execute(statement)
-    day = 86400.0
-    now = time.time()
-    cutoff = now - 90 * day
-    try:
-        t0 = time.perf_counter()
-        for user, item, event, ts, value in rows:
-            conn.execute("BEGIN IMMEDIATE")
-            (seq,) = conn.execute(
-                "INSERT INTO users(user_id, created_at, seq) VALUES (?, ?, 1) "
-                "ON CONFLICT(user_id) DO UPDATE SET seq = seq + 1 RETURNING seq",
-                (user, now),
-            ).fetchone()
-            conn.execute(
-                "INSERT INTO activity(user_id, day, event, count) VALUES (?, ?, ?, 1) "
-                "ON CONFLICT(user_id, day, event) DO UPDATE SET count = count + 1",
-                (user, int(ts // day), event),
-            )
-            conn.execute(
-                "INSERT INTO ring(user_id, slot, item_id, event, ts, value) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(user_id, slot) DO UPDATE SET "
-                "item_id = excluded.item_id, event = excluded.event, ts = excluded.ts, "
-                "value = excluded.value",
-                (user, seq % 100, item, event, ts, value),
-            )
-            conn.execute("DELETE FROM ring WHERE user_id = ? AND ts < ?", (user, cutoff))
-            conn.execute(
-                "DELETE FROM activity WHERE user_id = ? AND day < ?", (user, int(cutoff // day))
-            )
-            conn.execute("DELETE FROM derived WHERE user_id = ? AND updated_at < ?", (user, cutoff))
-            conn.execute(
-                "DELETE FROM egress WHERE created_at < ? AND user_id = ?", (now - 365 * day, user)
-            )
-            conn.execute("COMMIT")
-        return time.perf_counter() - t0
-    finally:
-        conn.close()
-
-
-def replay(
-    root: Path, key: bytes, rows: list[Row], records: list[tuple[str, dict[str, Any]]], repeats: int
-) -> None:
-    variants: dict[str, Callable[[Path], float]] = {
-        "engine.update_profile": lambda p: time_engine_calls(p, key, records),
-        "replay: all statements": lambda p: replay_calls(p, key, rows, None),
-    }
-    for piece in REPLAY_PIECES:
-        variants[f"replay without {piece}"] = (
-            lambda p, piece=piece: replay_calls(p, key, rows, piece)  # type: ignore[misc]
-        )
-    variants["replay: INSERT only"] = lambda p: replay_calls(p, key, rows, "everything")
-    variants["sketch: ring-buffer window"] = lambda p: ring_calls(p, key, rows)
-    variants["sqlcipher insert+commit"] = lambda p: time_bare_calls(sqlcipher3, p, key, rows)
-    times = measure(variants, root, repeats)
-    n = len(rows)
-    print(
-        f"\nReplay of the engine's per-call SQL on bare sqlcipher3 ({n} calls, "
-        f"median of {repeats}):"
-    )
-    per_call = {name: statistics.median(ts) / n * 1e6 for name, ts in times.items()}
-    full = per_call["replay: all statements"]
-    for name, us in per_call.items():
-        if name.startswith("replay without "):
-            note = f"-> the {name.split()[-1]} piece costs {full - us:5.1f} us/call"
-        elif name == "engine.update_profile":
-            note = f"-> Python layer (engine - replay) {us - full:5.1f} us/call"
-        else:
-            note = ""
-        print(f"  {name:<30} {1e6 / us:>9,.0f} calls/s  {us:7.1f} us/call  {note}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=2000, help="per-call writes per repeat")
@@ -534,7 +369,6 @@ def main() -> None:
 
         if args.breakdown:
             statement_times(root, key, records)
-            replay(root, key, rows, records, args.repeats)
 
         if args.profile:
             print("\ncProfile, engine.update_profile per call (top by own time):")

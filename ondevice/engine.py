@@ -152,7 +152,7 @@ class ProfileReport:
             "retention_days": self.retention_days,
             "encryption": self.encryption,
             "fields": [
-                {**f.to_dict(), "collected": self.privacy_level.allows(f.min_level)}
+                {**f.to_dict(), "collected": f.collected_at(self.privacy_level)}
                 for f in self.fields
             ],
             "users": [u.to_dict() for u in self.users],
@@ -460,7 +460,10 @@ class PersonalizationEngine:
                     continue
                 stored += len(fresh)
                 Store.ensure_user(conn, user_id, now)
-                Store.count_activity(conn, user_id, fresh)
+                if self._level is PrivacyLevel.SEGMENT:
+                    # Counters and taste sums stand in for the window the segment level
+                    # does not keep; from behavioral up the window itself tells.
+                    Store.count_activity(conn, user_id, fresh)
                 if self._level is PrivacyLevel.SEGMENT and self._runtime is not None:
                     from . import _personalize
 
@@ -472,8 +475,15 @@ class PersonalizationEngine:
                         fresh = [fresh[i] for i in sorted(order[-policy.window :])]
                     if keep_context:
                         fresh = [_live_context(it, policy, now) for it in fresh]
-                    Store.insert_interactions(conn, user_id, fresh, keep_context=keep_context)
-                    Store.enforce_window(conn, user_id, policy.window)
+                    if len(fresh) == 1:
+                        Store.add_to_window(
+                            conn, user_id, fresh[0], policy.window, keep_context=keep_context
+                        )
+                    else:
+                        Store.insert_interactions(
+                            conn, user_id, fresh, keep_context=keep_context
+                        )
+                        Store.enforce_window(conn, user_id, policy.window)
                 last = self._purged_at.get(user_id)
                 if last is None or not 0 <= now - last < _USER_PURGE_INTERVAL:
                     Store.purge_expired(conn, policy, now, user_id)
@@ -527,11 +537,11 @@ class PersonalizationEngine:
     ) -> None:
         """Moving from a level with a window down to ``segment``: keep the window's
         taste as factor-space sums (no item ids) before the window is purged."""
-        if (
-            new is PrivacyLevel.SEGMENT
-            and old.allows(PrivacyLevel.BEHAVIORAL)
-            and self._runtime is not None
-        ):
+        if new is not PrivacyLevel.SEGMENT or not old.allows(PrivacyLevel.BEHAVIORAL):
+            return
+        for user_id in Store.user_ids(conn):
+            Store.count_activity(conn, user_id, Store.interactions(conn, user_id))
+        if self._runtime is not None:
             from . import _personalize
 
             for user_id in Store.user_ids(conn):
@@ -843,7 +853,10 @@ class PersonalizationEngine:
                         oldest_interaction=window[0].timestamp if window else None,
                         newest_interaction=window[-1].timestamp if window else None,
                         context_values=sum(len(i.context) for i in window),
-                        active_days=len({d for d, _, _ in Store.activity(conn, uid)}),
+                        active_days=len(
+                            {d for d, _, _ in Store.activity(conn, uid)}
+                            | {int((i.timestamp or 0) // 86400) for i in window}
+                        ),
                         derived=tuple(n for n, _, _ in Store.derived(conn, uid)),
                         blocked_items=len(Store.blocks(conn, uid)),
                         reports_sent=sum(
@@ -951,6 +964,8 @@ class PersonalizationEngine:
                     for name, (value, updated) in plan.signals.items():
                         Store.set_signals(conn, plan.user_id, {name: value}, updated)
                 Store.restore_activity(conn, plan.user_id, plan.activity)
+                if level is PrivacyLevel.SEGMENT and plan.interactions:
+                    Store.count_activity(conn, plan.user_id, plan.interactions)
                 for name, blob, updated in plan.derived:
                     if level.allows(PrivacyLevel.INDIVIDUAL) or name not in ("user_vector",):
                         Store.set_derived(conn, plan.user_id, name, blob, updated)

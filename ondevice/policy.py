@@ -109,6 +109,15 @@ class FieldPurpose:
     #: Days the field is kept; ``None``: until the user removes it.
     retention_days: float | None
     min_level: PrivacyLevel
+    #: The highest level that keeps it (None: every level from ``min_level`` up). The
+    #: segment level's aggregates, for example, are not kept once the window is.
+    max_level: PrivacyLevel | None = None
+
+    def collected_at(self, level: PrivacyLevel) -> bool:
+        """Whether ``level`` stores this field."""
+        return level.allows(self.min_level) and (
+            self.max_level is None or self.max_level.allows(level)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready description, as shown in reports and exports."""
@@ -117,6 +126,7 @@ class FieldPurpose:
             "purpose": self.purpose,
             "retention_days": self.retention_days,
             "collected_from_level": self.min_level.value,
+            "collected_up_to_level": None if self.max_level is None else self.max_level.value,
         }
 
 
@@ -326,15 +336,18 @@ BUILTIN_FIELDS: Final = (
     ),
     FieldPurpose(
         "activity.daily_counts",
-        "how often you use the app (events per day, no items), to choose your segment",
+        "how often you use the app (events per day, no items), to choose your segment; "
+        "from the behavioral level up the window tells this instead",
         PROFILE_RETENTION,
+        PrivacyLevel.SEGMENT,
         PrivacyLevel.SEGMENT,
     ),
     FieldPurpose(
         "derived.taste_aggregates",
         "a summary of your tastes in the catalog's factor space (no item ids), to choose "
-        "your segment",
+        "your segment; from the behavioral level up the window tells this instead",
         PROFILE_RETENTION,
+        PrivacyLevel.SEGMENT,
         PrivacyLevel.SEGMENT,
     ),
     FieldPurpose(
@@ -527,7 +540,7 @@ class Policy:
             days = (
                 self.retention_days if f.retention_days == PROFILE_RETENTION else f.retention_days
             )
-            out.append(FieldPurpose(f.name, f.purpose, days, f.min_level))
+            out.append(FieldPurpose(f.name, f.purpose, days, f.min_level, f.max_level))
         out.extend(s.describe(PrivacyLevel.SEGMENT) for s in self.signals)
         out.extend(c.describe(PrivacyLevel.CONTEXTUAL) for c in self.context)
         return out

@@ -291,6 +291,45 @@ class Store:
         )
 
     @staticmethod
+    def add_to_window(
+        conn: _db.Connection,
+        user_id: str,
+        it: Interaction,
+        window: int,
+        *,
+        keep_context: bool,
+    ) -> None:
+        """Add one interaction to a user's rolling window. When the window is full, the
+        oldest row is overwritten in place (fewer pages touched than an insert plus a
+        delete; ``secure_delete`` overwrites the old values). An interaction older
+        than everything in a full window is not stored: it would be evicted at once.
+        Rows with equal timestamps keep a deterministic but not an arrival order."""
+        count, oldest = conn.execute(
+            "SELECT count(*), min(ts) FROM interactions WHERE user_id = ?", (user_id,)
+        ).fetchone()
+        if count < window:
+            Store.insert_interactions(conn, user_id, [it], keep_context=keep_context)
+            return
+        assert it.timestamp is not None
+        if it.timestamp < oldest:
+            return
+        (victim,) = conn.execute(
+            "SELECT id FROM interactions WHERE user_id = ? ORDER BY ts, id LIMIT 1", (user_id,)
+        ).fetchone()
+        conn.execute(
+            "UPDATE interactions SET item_id = ?, event = ?, ts = ?, value = ? WHERE id = ?",
+            (it.item_id, it.event, it.timestamp, it.value, victim),
+        )
+        conn.execute("DELETE FROM context WHERE interaction_id = ?", (victim,))
+        if keep_context and it.context:
+            conn.executemany(
+                "INSERT INTO context(interaction_id, name, value) VALUES (?, ?, ?)",
+                [(victim, k, json.dumps(v)) for k, v in it.context.items()],
+            )
+        if count > window:  # the window shrank, or another process raced us
+            Store.enforce_window(conn, user_id, window)
+
+    @staticmethod
     def enforce_window(conn: _db.Connection, user_id: str, window: int) -> int:
         """Evict the user's oldest interactions beyond ``window``; return how many."""
         (count,) = conn.execute(

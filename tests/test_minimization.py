@@ -122,8 +122,36 @@ def test_the_101st_interaction_evicts_the_oldest(make_engine):
     assert len(window) == 100
     assert window[0]["item_id"] == "item-1"
     assert window[-1]["item_id"] == "item-100"
-    # Counters still count every interaction (no item ids in them).
-    assert sum(a["count"] for a in engine.export_profile("u")["users"][0]["activity"]) == 101
+    # The window holds the activity: no separate counters at this level (minimization).
+    assert engine.export_profile("u")["users"][0]["activity"] == []
+
+
+def test_a_full_window_refuses_an_interaction_older_than_all_it_holds(make_engine):
+    engine = make_engine(policy=demo_policy(window=3))
+    for i in range(3):
+        engine.update_profile("u", {"item_id": f"new-{i}", "timestamp": T0 - 100 + i})
+    engine.update_profile("u", {"item_id": "ancient", "timestamp": T0 - 5000})
+    window = engine.export_profile("u")["users"][0]["interactions"]
+    assert [w["item_id"] for w in window] == ["new-0", "new-1", "new-2"]
+
+
+def test_recycled_window_rows_drop_their_old_context(make_engine):
+    engine = make_engine(privacy_level="contextual", policy=demo_policy(window=2))
+    engine.update_profile("u", {"item_id": "a", "timestamp": T0 - 30, "context": {"device": "x"}})
+    engine.update_profile("u", {"item_id": "b", "timestamp": T0 - 20})
+    engine.update_profile("u", {"item_id": "c", "timestamp": T0 - 10})
+    window = engine.export_profile("u")["users"][0]["interactions"]
+    assert [(w["item_id"], w["context"]) for w in window] == [("b", {}), ("c", {})]
+    assert rows(engine)["context"] == 0
+
+
+def test_segment_level_counts_every_interaction_without_item_ids(make_engine):
+    engine = make_engine(privacy_level="segment")
+    for i in range(101):
+        engine.update_profile("u", {"item_id": f"item-{i}", "timestamp": T0 - 1000 + i})
+    user = engine.export_profile("u")["users"][0]
+    assert user["interactions"] == []
+    assert sum(a["count"] for a in user["activity"]) == 101
 
 
 def test_window_keeps_the_newest_by_timestamp_not_by_arrival(make_engine):
@@ -289,3 +317,14 @@ def test_stored_level_and_policy_are_kept_when_not_given(make_engine):
     engine = make_engine(privacy_level=None, policy=None)
     assert engine.privacy_level is PrivacyLevel.INDIVIDUAL
     assert engine.policy == demo_policy()
+
+
+def test_lowering_to_segment_turns_the_window_into_counters(make_engine, profile_dir, raw_key):
+    engine = make_engine(privacy_level="behavioral")
+    for i in range(3):
+        engine.update_profile("u", {"item_id": f"{ITEM}-{i}", "timestamp": T0 - 100 + i})
+    engine.set_privacy_level("segment")
+    user = engine.export_profile("u")["users"][0]
+    assert user["interactions"] == []
+    assert sum(a["count"] for a in user["activity"]) == 3
+    assert ITEM.encode() not in plaintext_of_profile(profile_dir, raw_key)
