@@ -261,6 +261,8 @@ class Store:
         keep_context: bool,
     ) -> None:
         """Insert interaction rows, with their context when ``keep_context``."""
+        if interactions:
+            Store.lower_oldest_bound(conn, min(float(it.timestamp or 0.0) for it in interactions))
         if not keep_context or not any(it.context for it in interactions):
             conn.executemany(
                 "INSERT INTO interactions(user_id, item_id, event, ts, value) "
@@ -313,6 +315,7 @@ class Store:
         assert it.timestamp is not None
         if it.timestamp < oldest:
             return
+        Store.lower_oldest_bound(conn, it.timestamp)
         (victim,) = conn.execute(
             "SELECT id FROM interactions WHERE user_id = ? ORDER BY ts, id LIMIT 1", (user_id,)
         ).fetchone()
@@ -412,11 +415,18 @@ class Store:
             nonlocal total
             total += conn.execute(sql, (*params, *args)).rowcount
 
-        run(f"DELETE FROM interactions WHERE ts < ? {who}", cutoff)
+        # A full pass skips the interaction scan when the stored lower bound of every
+        # interaction's timestamp says nothing can have expired yet (at open, a scan
+        # would decrypt every page of the window).
+        oldest = Store.oldest_bound(conn) if user_id is None else None
+        shortest = min([policy.retention_days] + [c.retention_days for c in policy.context])
+        scan = oldest is None or oldest < now - shortest * DAY
+        if scan:
+            run(f"DELETE FROM interactions WHERE ts < ? {who}", cutoff)
         run(f"DELETE FROM activity WHERE day < ? {who}", _day(cutoff))
         run(f"DELETE FROM derived WHERE updated_at < ? {who}", cutoff)
         run(f"DELETE FROM egress WHERE created_at < ? {who}", now - EGRESS_RETENTION_DAYS * DAY)
-        for field in policy.context:
+        for field in policy.context if scan else ():
             if field.retention_days < policy.retention_days:
                 run(
                     "DELETE FROM context WHERE name = ? AND interaction_id IN (SELECT id FROM "
@@ -431,13 +441,39 @@ class Store:
                 now - signal.retention_days * DAY,
             )
         if user_id is None:
-            total += conn.execute(
+            if scan:
+                (low,) = conn.execute("SELECT min(ts) FROM interactions").fetchone()
+                Store.set_meta(conn, "oldest_ts", repr(float("inf") if low is None else low))
+            if total:
+                total += Store.drop_empty_users(conn)
+        return total
+
+    @staticmethod
+    def drop_empty_users(conn: _db.Connection) -> int:
+        """Delete user rows that have nothing left in any table."""
+        return int(
+            conn.execute(
                 "DELETE FROM users WHERE "
                 + " AND ".join(
-                    f"user_id NOT IN (SELECT user_id FROM {t})" for t in USER_TABLES[:-1]
+                    f"NOT EXISTS (SELECT 1 FROM {t} WHERE {t}.user_id = users.user_id)"
+                    for t in USER_TABLES[:-1]
                 )
             ).rowcount
-        return total
+        )
+
+    @staticmethod
+    def oldest_bound(conn: _db.Connection) -> float | None:
+        """A lower bound of every stored interaction's timestamp (None: unknown)."""
+        value = Store.get_meta(conn, "oldest_ts")
+        return None if value is None else float(value)
+
+    @staticmethod
+    def lower_oldest_bound(conn: _db.Connection, ts: float) -> None:
+        """Keep :meth:`oldest_bound` a lower bound after storing an interaction at ``ts``
+        (a write only when ``ts`` is older than the bound: a backfill or an import)."""
+        bound = Store.oldest_bound(conn)
+        if bound is not None and ts < bound:
+            Store.set_meta(conn, "oldest_ts", repr(ts))
 
     @staticmethod
     def purge_undeclared(conn: _db.Connection, policy: Policy) -> int:
@@ -475,6 +511,8 @@ class Store:
         if not level.allows(PrivacyLevel.SEGMENT):
             for table in USER_TABLES:
                 total += conn.execute(f"DELETE FROM {table}").rowcount
+        if total:
+            total += Store.drop_empty_users(conn)
         return total
 
     # -- reads ----------------------------------------------------------------------
@@ -605,9 +643,7 @@ class Store:
         )
 
     @staticmethod
-    def restore_egress(
-        conn: _db.Connection, user_id: str, rows: Sequence[dict[str, Any]]
-    ) -> None:
+    def restore_egress(conn: _db.Connection, user_id: str, rows: Sequence[dict[str, Any]]) -> None:
         """Insert exported egress rows back."""
         conn.executemany(
             "INSERT OR REPLACE INTO egress(user_id, epoch, body, epsilon, created_at, status, "

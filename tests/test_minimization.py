@@ -178,14 +178,14 @@ def test_batch_respects_the_window_per_user(make_engine):
 def test_retention_removes_old_rows_at_the_next_open(make_engine, clock, profile_dir, raw_key):
     engine = make_engine(privacy_level="contextual")
     engine.update_profile(
-        "u", {"item_id": "old", "timestamp": T0 - 10, "context": {"daypart": "morning"}}
+        "u", {"item_id": "expired-QZ9", "timestamp": T0 - 10, "context": {"daypart": "morning"}}
     )
     engine.set_signals("u", {"plan": "pro"})
     engine.close()
     clock.advance(days=31)  # past the context field's 30 days, not the profile's 90
     engine = make_engine(privacy_level="contextual")
     window = engine.export_profile("u")["users"][0]["interactions"]
-    assert window[0]["item_id"] == "old" and window[0]["context"] == {}
+    assert window[0]["item_id"] == "expired-QZ9" and window[0]["context"] == {}
     engine.close()
     clock.advance(days=60)  # 91 days: interactions and counters expire
     engine = make_engine(privacy_level="contextual")
@@ -197,7 +197,7 @@ def test_retention_removes_old_rows_at_the_next_open(make_engine, clock, profile
     engine = make_engine(privacy_level="contextual")
     assert engine.users() == []  # nothing left: the user row goes too
     assert rows(engine) == dict.fromkeys(rows(engine), 0)
-    assert b"old" not in plaintext_of_profile(profile_dir, raw_key).replace(b"old_", b"")
+    assert b"expired-QZ9" not in plaintext_of_profile(profile_dir, raw_key)
 
 
 def test_retention_is_enforced_inside_each_write(make_engine, clock):
@@ -328,3 +328,19 @@ def test_lowering_to_segment_turns_the_window_into_counters(make_engine, profile
     assert user["interactions"] == []
     assert sum(a["count"] for a in user["activity"]) == 3
     assert ITEM.encode() not in plaintext_of_profile(profile_dir, raw_key)
+
+
+def test_backfilled_history_still_expires_at_open(make_engine, clock):
+    """The open-time pass skips its scan only while every timestamp is provably fresh;
+    an older interaction written later (a backfill) lowers that bound."""
+    engine = make_engine()
+    engine.update_profile("u", {"item_id": "fresh", "timestamp": T0 - 10})
+    engine.close()
+    clock.advance(days=1)
+    engine = make_engine()  # full pass: records how old the oldest interaction is
+    engine.update_profile("u", {"item_id": "backfill", "timestamp": T0 - 80 * 86400})
+    engine.close()
+    clock.advance(days=11)  # "backfill" is now 92 days old, "fresh" 12
+    engine = make_engine()
+    ids = [i["item_id"] for i in engine.export_profile("u")["users"][0]["interactions"]]
+    assert ids == ["fresh"]
