@@ -54,7 +54,11 @@ def load_state(
     if level is PrivacyLevel.SEGMENT:
         state.aggregates = _decode_aggregates(derived.get(AGGREGATES), rt)
         return state, window
-    window = Store.interactions(conn, user_id)
+    # Context is read only where a level that may answer uses it.
+    with_context = level is PrivacyLevel.CONTEXTUAL or (
+        level is PrivacyLevel.INDIVIDUAL and not rt.has_factors
+    )
+    window = Store.interactions(conn, user_id, with_context=with_context)
     excluded: set[int] = set()
     items: list[int] = []
     times: list[float] = []
@@ -76,7 +80,7 @@ def load_state(
         times.append(float(it.timestamp or 0.0))
         strengths.append(strength)
         events.append(it.event)
-        contexts.append(dict(it.context) if level.allows(PrivacyLevel.CONTEXTUAL) else {})
+        contexts.append(it.context)
     for item_id, _ in Store.blocks(conn, user_id):
         idx = rt.index.get(item_id)
         if idx is not None:

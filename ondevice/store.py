@@ -540,14 +540,18 @@ class Store:
         return [(str(n), json.loads(v), float(t)) for n, v, t in rows]
 
     @staticmethod
-    def interactions(conn: _db.Connection, user_id: str) -> list[Interaction]:
-        """The user's window, oldest first, with context."""
+    def interactions(
+        conn: _db.Connection, user_id: str, *, with_context: bool = True
+    ) -> list[Interaction]:
+        """The user's window, oldest first (with context unless told otherwise)."""
         rows = conn.execute(
             "SELECT id, item_id, event, ts, value FROM interactions WHERE user_id = ? "
             "ORDER BY ts, id",
             (user_id,),
         ).fetchall()
         ctx: dict[int, dict[str, SignalValue]] = {}
+        if not with_context:
+            return [Interaction(item, event, ts, value, {}) for _, item, event, ts, value in rows]
         for iid, name, value in conn.execute(
             "SELECT c.interaction_id, c.name, c.value FROM context c JOIN interactions i "
             "ON i.id = c.interaction_id WHERE i.user_id = ? ORDER BY c.name",

@@ -29,26 +29,39 @@ def evidence(
     per_item: int = 2,
 ) -> dict[int, list[int]]:
     """For each recommended item, the window positions that contributed most to its
-    neighbour score (at most ``per_item`` distinct source items)."""
-    targets = np.asarray(items, dtype=np.int64)
-    found: dict[int, dict[int, tuple[float, int]]] = {}
-    for pos, src in enumerate(state.window):
-        if weights[pos] <= 0:
-            continue
-        nbr, sim = rt.catalog.neighbours_of(int(src))
-        hit = np.isin(nbr, targets)
-        if not hit.any():
-            continue
-        for j, s in zip(nbr[hit], sim[hit], strict=True):
-            contrib = float(weights[pos] * s)
-            slot = found.setdefault(int(j), {})
-            prev = slot.get(int(src))
-            if prev is None or contrib > prev[0]:
-                slot[int(src)] = (contrib, pos)
+    neighbour score (at most ``per_item`` distinct source items), in one vectorized
+    pass over the window's neighbour lists."""
+    if not items or state.window.size == 0:
+        return {}
+    cat = rt.catalog
+    win = state.window
+    starts = cat.nbr_indptr[win]
+    lens = cat.nbr_indptr[win + 1] - starts
+    total = int(lens.sum())
+    if total == 0:
+        return {}
+    run_start = np.cumsum(lens) - lens
+    offs = np.repeat(starts - run_start, lens) + np.arange(total, dtype=np.int64)
+    pos = np.repeat(np.arange(win.size), lens)
+    targets = cat.nbr_indices[offs]
+    hit = np.isin(targets, np.asarray(items, dtype=targets.dtype))
+    if not hit.any():
+        return {}
+    pos, targets = pos[hit], targets[hit]
+    contrib = cat.nbr_weights[offs[hit]] * weights[pos]
+    keep = contrib > 0
+    pos, targets, contrib = pos[keep], targets[keep], contrib[keep]
+    # Best contributions first per target; ties by the more recent position.
+    order = np.lexsort((pos, -contrib, targets))
     out: dict[int, list[int]] = {}
-    for j, by_src in found.items():
-        best = sorted(by_src.values(), key=lambda t: (-t[0], t[1]))[:per_item]
-        out[j] = [pos for _, pos in best]
+    used: dict[int, set[int]] = {}
+    for t, p in zip(targets[order].tolist(), pos[order].tolist(), strict=True):
+        chosen = out.setdefault(t, [])
+        sources = used.setdefault(t, set())
+        src = int(win[p])
+        if len(chosen) < per_item and src not in sources:
+            chosen.append(p)
+            sources.add(src)
     return out
 
 
