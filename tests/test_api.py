@@ -40,3 +40,23 @@ def test_package_is_typed_and_public_callables_are_documented():
         if not name.startswith("_"):
             assert member.__doc__, f"PersonalizationEngine.{name} has no docstring"
             assert "return" in member.__annotations__, f"{name} lacks a return annotation"
+
+
+def test_the_device_runtime_never_imports_operator_or_evaluation_code(tmp_path):
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from ondevice import PersonalizationEngine, RawKey
+from ondevice.sample import SAMPLE_BUNDLE, SAMPLE_PUBLIC_KEY, sample_policy
+e = PersonalizationEngine({str(tmp_path / "p")!r}, key=RawKey(bytes(32)), policy=sample_policy(),
+    privacy_level="individual", bundle=SAMPLE_BUNDLE, bundle_public_key=SAMPLE_PUBLIC_KEY)
+e.update_profile("me", {{"item_id": "photos-collage-template"}})
+assert len(e.get_recommendations("me", k=3)) == 3
+e.wipe()
+print(sorted(m for m in sys.modules if m.startswith(("ondevice.operator", "ondevice.eval"))))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
