@@ -41,8 +41,9 @@ def _png(result: EvalResult, path: Path) -> bool:
         colors = ["tab:blue" if r.group.startswith("on the device") else "tab:gray" for r in rows]
         ax.barh(labels[::-1], lifts[::-1], color=colors[::-1])
         ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set_title(f"{result.dataset}, {p}: NDCG@10 lift over none")
+        ax.set_title(f"{p.upper()}: NDCG@10 lift over none")
         ax.tick_params(axis="y", labelsize=7)
+    fig.suptitle(f"{result.dataset}: on the device (blue) and central references (grey)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
