@@ -47,11 +47,13 @@ from .export import (
 )
 from .keys import (
     KEY_FILE,
+    LOCK_FILE,
     UNREADABLE,
     Keychain,
     KeyProvider,
     Passphrase,
     fsync_dir,
+    key_lock,
     read_key_file,
     write_atomic,
 )
@@ -262,6 +264,13 @@ class PersonalizationEngine:
             self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"cannot create {self._dir}: {exc.strerror}") from exc
+        with key_lock(self._dir, self._busy_timeout):
+            if self._db_path.exists():  # another process created it meanwhile
+                return Store(self._connect_existing(locked=True))
+            return self._create()
+
+    def _create(self) -> Store:
+        """Create the profile; the caller holds the key lock."""
         if (self._dir / KEY_FILE).exists():
             # Key material without a database: a creation interrupted before the
             # database was written. Nothing can be encrypted under it; start afresh.
@@ -287,7 +296,7 @@ class PersonalizationEngine:
         fsync_dir(self._dir)
         return Store(_db.connect(self._db_path, key, busy_timeout=self._busy_timeout))
 
-    def _connect_existing(self) -> _db.Connection:
+    def _connect_existing(self, *, locked: bool = False) -> _db.Connection:
         try:
             size = self._db_path.stat().st_size
         except OSError as exc:
@@ -296,9 +305,28 @@ class PersonalizationEngine:
             # SQLite would take an empty file for a new database; a partial page is a
             # truncation. Either way the file is not the profile that was written.
             raise ProfileUnreadableError(UNREADABLE)
+        pending = self._dir / (KEY_FILE + ".pending")
+        if locked:
+            return self._connect_with_keys(locked=True)
+        if not pending.exists():
+            try:
+                return self._connect_with_keys(locked=False)
+            except ProfileUnreadableError:
+                if not pending.exists():
+                    raise
+        # A rotation is pending (interrupted, or running in another process right
+        # now): decide what to keep only while holding the key lock.
+        with key_lock(self._dir, self._busy_timeout):
+            return self._connect_with_keys(locked=True)
+
+    def _connect_with_keys(self, *, locked: bool) -> _db.Connection:
         keys = self._provider.load_candidates(self._dir)
+        if not locked:
+            keys = [(key, p) for key, p in keys if not p]
+            if not keys:
+                raise ProfileUnreadableError(UNREADABLE)
         last: ProfileError | None = None
-        has_pending = (self._dir / (KEY_FILE + ".pending")).exists()
+        has_pending = locked and (self._dir / (KEY_FILE + ".pending")).exists()
         for key, is_pending in keys:
             try:
                 conn = _db.connect(self._db_path, key, busy_timeout=self._busy_timeout)
@@ -480,9 +508,7 @@ class PersonalizationEngine:
                             conn, user_id, fresh[0], policy.window, keep_context=keep_context
                         )
                     else:
-                        Store.insert_interactions(
-                            conn, user_id, fresh, keep_context=keep_context
-                        )
+                        Store.insert_interactions(conn, user_id, fresh, keep_context=keep_context)
                         Store.enforce_window(conn, user_id, policy.window)
                 last = self._purged_at.get(user_id)
                 if last is None or not 0 <= now - last < _USER_PURGE_INTERVAL:
@@ -1021,6 +1047,7 @@ class PersonalizationEngine:
         """
         self._store.close()
         self._provider.destroy(self._dir)
+        (self._dir / LOCK_FILE).unlink(missing_ok=True)
         for suffix in ("", *_SIDE_FILES):
             try:
                 (self._dir / (DB_FILE + suffix)).unlink(missing_ok=True)
@@ -1056,17 +1083,18 @@ class PersonalizationEngine:
         if not isinstance(new, KeyProvider):
             raise InvalidInputError("key must be a RawKey, Passphrase or Keychain")
         new_key = new._initial_key()
-        new.store(self._dir, new_key, pending=True)
-        try:
-            with self._store._lock, _db.translating():
-                self._store.conn.execute(f"PRAGMA rekey = \"x'{new_key.hex()}'\"")
-        except BaseException:
-            new.discard_pending(self._dir)
-            raise
-        previous = read_key_file(self._dir)
-        new.commit_pending(self._dir)  # key.json names the new key before the old one goes
-        if previous is not None:
-            _provider_for(previous, self._provider).release_descriptor(previous)
+        with key_lock(self._dir, self._busy_timeout):
+            new.store(self._dir, new_key, pending=True)
+            try:
+                with self._store._lock, _db.translating():
+                    self._store.conn.execute(f"PRAGMA rekey = \"x'{new_key.hex()}'\"")
+            except BaseException:
+                new.discard_pending(self._dir)
+                raise
+            previous = read_key_file(self._dir)
+            new.commit_pending(self._dir)  # key.json names the new key before the old goes
+            if previous is not None:
+                _provider_for(previous, self._provider).release_descriptor(previous)
         self._provider = new
         log.info("profile data key rotated")
 

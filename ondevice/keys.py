@@ -21,12 +21,16 @@ the raw key) reopens a backup of the database. Shredding destroys the copies it 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
 import secrets
+import sys
+import time
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -39,8 +43,10 @@ from .errors import (
     InvalidInputError,
     KeychainUnavailableError,
     KeyProviderError,
+    ProfileBusyError,
     ProfileUnreadableError,
     ProfileVersionError,
+    StorageError,
 )
 
 __all__ = ["Argon2Params", "KeyProvider", "Keychain", "Passphrase", "RawKey"]
@@ -48,6 +54,9 @@ __all__ = ["Argon2Params", "KeyProvider", "Keychain", "Passphrase", "RawKey"]
 log = logging.getLogger(__name__)
 
 KEY_FILE: Final = "key.json"
+#: An empty file whose advisory lock serializes what changes key material: creating a
+#: profile, rotating its key, finishing an interrupted rotation.
+LOCK_FILE: Final = "profile.lock"
 KEY_FORMAT: Final = "ondevice.key"
 KEY_VERSION: Final = 1
 DATA_KEY_BYTES: Final = 32
@@ -55,6 +64,59 @@ UNREADABLE: Final = (
     "cannot open the profile: wrong key or passphrase, or the profile files were "
     "modified or truncated"
 )
+
+
+@contextlib.contextmanager
+def key_lock(directory: Path, timeout: float) -> Iterator[None]:
+    """Hold the profile directory's key lock (an OS advisory lock on ``profile.lock``)
+    for the block, waiting up to ``timeout`` seconds for another process to release it.
+    Only code that creates or changes key material takes it, so opening a profile whose
+    key is settled never writes a byte."""
+    try:
+        fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StorageError(f"cannot create the lock file in {directory}: {exc.strerror}") from exc
+    locked = False
+    try:
+        deadline = time.monotonic() + timeout
+        while not locked:
+            try:
+                _try_lock(fd)
+                locked = True
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise ProfileBusyError(
+                        "another process is creating or re-keying this profile; try again"
+                    ) from None
+                time.sleep(0.01)
+        yield
+    finally:
+        if locked:
+            with contextlib.suppress(OSError):
+                _unlock(fd)
+        os.close(fd)
+
+
+def _try_lock(fd: int) -> None:
+    if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
+        import msvcrt
+
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _unlock(fd: int) -> None:
+    if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
+        import msvcrt
+
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def new_data_key() -> bytes:
@@ -196,7 +258,10 @@ def shred_file(path: Path) -> None:
             os.fsync(fh.fileno())
     except OSError as exc:
         log.warning("could not overwrite %s before deleting it: %s", path.name, exc)
-    path.unlink(missing_ok=True)
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot delete {path.name}: {exc.strerror or exc}") from exc
 
 
 def read_key_file(directory: Path, name: str = KEY_FILE) -> dict[str, Any] | None:
@@ -321,7 +386,10 @@ class KeyProvider(ABC):
 
     def _write(self, directory: Path, data: dict[str, Any], pending: bool) -> None:
         name = KEY_FILE + (".pending" if pending else "")
-        write_atomic(directory / name, canonical(data))
+        try:
+            write_atomic(directory / name, canonical(data))
+        except OSError as exc:
+            raise StorageError(f"cannot write {name}: {exc.strerror or exc}") from exc
 
 
 class RawKey(KeyProvider):

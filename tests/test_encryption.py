@@ -71,6 +71,7 @@ def test_markers_stay_encrypted_while_a_write_transaction_is_open(make_engine, p
             "profile.db-wal",
             "profile.db-shm",
             "key.json",
+            "profile.lock",  # empty: an advisory lock for key changes
         }
 
 

@@ -93,7 +93,7 @@ def test_default_backend_is_the_real_secret_service() -> None:
 def test_keychain_profile_reads_back_after_reopen_and_markers_stay_encrypted() -> None:
     _, markers, obs = shared_run("roundtrip")
     assert obs["read_back"] == markers
-    assert obs["files"] == ["key.json", "profile.db"]
+    assert obs["files"] == ["key.json", "profile.db", "profile.lock"]
     assert obs["markers_on_disk"] == []
 
 
