@@ -102,8 +102,10 @@ def run_demo(out: TextIO, *, directory: Path | None = None) -> int:
                 for r in recs:
                     say(f"      - {r.title}: {r.explanation}")
             recs = strict.get_recommendations("carol", k=2)
-            say(f"   carol (no history) at individual: answered by {recs.level.value}; "
-                f"fell back because: {'; '.join(recs.fallbacks)}")
+            say(
+                f"   carol (no history) at individual: answered by {recs.level.value}; "
+                f"fell back because: {'; '.join(recs.fallbacks)}"
+            )
 
             say(f"4. Syncing to the server stub on {server.url} (loopback)")
             for user, _, _ in SESSION:
@@ -112,10 +114,12 @@ def run_demo(out: TextIO, *, directory: Path | None = None) -> int:
             none_outcome = engines[PrivacyLevel.NONE].sync("alice")
             say(f"   at level none: {none_outcome.status} ({none_outcome.reason})")
             report = strict.report("alice").users[0]
-            say(f"   alice's egress log: {report.reports_sent} report(s); privacy budget: "
+            say(
+                f"   alice's egress log: {report.reports_sent} report(s); privacy budget: "
                 f"{report.privacy_budget['epsilon_spent']:.2f} of "
                 f"{report.privacy_budget['epsilon_cap']:.2f} spent over "
-                f"{report.privacy_budget['period_days']:g} days")
+                f"{report.privacy_budget['period_days']:g} days"
+            )
             epoch = outcome.epoch or ""
             url = f"{server.url}/v1/stats?epoch={epoch}"
             with urllib.request.urlopen(url, timeout=5) as answer:  # loopback only
@@ -132,8 +136,10 @@ def run_demo(out: TextIO, *, directory: Path | None = None) -> int:
                 Path(tmp) / "alice.export", user_id="alice", passphrase="demo passphrase"
             )
             readable = b"pivot-table" in export.read_bytes()
-            say(f"6. Encrypted export written ({export.stat().st_size} bytes; "
-                f"readable without the passphrase: {readable})")
+            say(
+                f"6. Encrypted export written ({export.stat().st_size} bytes; "
+                f"readable without the passphrase: {readable})"
+            )
             say("7. Forget me: crypto-shredding every profile")
             for engine in engines.values():
                 engine.wipe()

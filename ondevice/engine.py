@@ -504,9 +504,13 @@ class PersonalizationEngine:
                     if keep_context:
                         fresh = [_live_context(it, policy, now) for it in fresh]
                     if len(fresh) == 1:
-                        Store.add_to_window(
-                            conn, user_id, fresh[0], policy.window, keep_context=keep_context
-                        )
+                        if (
+                            not Store.add_to_window(
+                                conn, user_id, fresh[0], policy.window, keep_context=keep_context
+                            )
+                            and self._level is not PrivacyLevel.SEGMENT
+                        ):
+                            stored -= 1  # older than all of a full window: not kept
                     else:
                         Store.insert_interactions(conn, user_id, fresh, keep_context=keep_context)
                         Store.enforce_window(conn, user_id, policy.window)
@@ -654,11 +658,15 @@ class PersonalizationEngine:
             and rt.has_factors
         ):
             state.user_vector = individual.fold_in(rt, state)
-            blob = _personalize.encode_vector(
-                state.user_vector, _personalize.window_digest(rt, window)
-            )
+            digest = _personalize.window_digest(rt, window)
+            blob = _personalize.encode_vector(state.user_vector, digest)
             with self._store.write() as conn:
-                Store.set_derived(conn, user_id, _personalize.USER_VECTOR, blob, now)
+                # Cache it only if the window it was computed from is still the window:
+                # a wipe_profile (or a write) in between must not be undone by a stale
+                # vector of a user who asked to be forgotten.
+                now_window = Store.interactions(conn, user_id, with_context=False)
+                if now_window and _personalize.window_digest(rt, now_window) == digest:
+                    Store.set_derived(conn, user_id, _personalize.USER_VECTOR, blob, now)
         extra = [
             rt.index[i] for i in (check_id(x, "exclude item") for x in exclude) if i in rt.index
         ]

@@ -119,8 +119,12 @@ class ScoringParams:
                 v = float(raw)
             except ValueError:
                 continue
-            if (math.isnan(v) or v < 0 or (v == 0 and f.name in must_be_positive)
-                    or (math.isinf(v) and f.name not in may_be_inf)):
+            if (
+                math.isnan(v)
+                or v < 0
+                or (v == 0 and f.name in must_be_positive)
+                or (math.isinf(v) and f.name not in may_be_inf)
+            ):
                 continue
             values[f.name] = int(v) if f.name == "fusion_depth" else v
         return cls(**values)
@@ -601,8 +605,8 @@ def context_affinity(
         return got
 
     overall = counts(idx)
-    base = overall / overall.sum() if overall.sum() > 0 else np.full(
-        n_categories, 1.0 / n_categories
+    base = (
+        overall / overall.sum() if overall.sum() > 0 else np.full(n_categories, 1.0 / n_categories)
     )
     out[""] = base.astype(np.float32)
     ctx = np.asarray(context_values, dtype=object)
@@ -669,8 +673,9 @@ def contextual_scores(
     The affinity comes from :func:`context_affinity` over the user's own history.
     """
     pw = session_weights(times, now, gap=session_gap, boost=session_boost)
-    scores = neighbour_scores(indptr, indices, weights, window, n_items=n_items,
-                              half_life=half_life, position_weights=pw)
+    scores = neighbour_scores(
+        indptr, indices, weights, window, n_items=n_items, half_life=half_life, position_weights=pw
+    )
     if strength != 0.0 and affinity and cat_indptr is not None and cat_indices is not None:
         cand = np.flatnonzero(scores > 0)
         if cand.size:

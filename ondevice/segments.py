@@ -30,8 +30,7 @@ def match_rules(rules: Sequence[SegmentRule], signals: Mapping[str, str] | None)
     if not signals:
         return None
     for rule in rules:
-        if all(name in signals and signals[name] in allowed
-               for name, allowed in rule.when.items()):
+        if all(name in signals and signals[name] in allowed for name, allowed in rule.when.items()):
             return rule.segment
     return None
 

@@ -300,21 +300,26 @@ class Store:
         window: int,
         *,
         keep_context: bool,
-    ) -> None:
-        """Add one interaction to a user's rolling window. When the window is full, the
-        oldest row is overwritten in place (fewer pages touched than an insert plus a
-        delete; ``secure_delete`` overwrites the old values). An interaction older
-        than everything in a full window is not stored: it would be evicted at once.
-        Rows with equal timestamps keep a deterministic but not an arrival order."""
-        count, oldest = conn.execute(
-            "SELECT count(*), min(ts) FROM interactions WHERE user_id = ?", (user_id,)
+    ) -> bool:
+        """Add one interaction to a user's rolling window; False if it was not kept.
+
+        When the window is full and the interaction is strictly the newest, the oldest
+        row is overwritten in place (fewer pages touched than an insert plus a delete;
+        ``secure_delete`` overwrites the old values). An interaction older than
+        everything in a full window is not stored: it would be evicted at once."""
+        count, oldest, newest = conn.execute(
+            "SELECT count(*), min(ts), max(ts) FROM interactions WHERE user_id = ?", (user_id,)
         ).fetchone()
-        if count < window:
-            Store.insert_interactions(conn, user_id, [it], keep_context=keep_context)
-            return
         assert it.timestamp is not None
-        if it.timestamp < oldest:
-            return
+        if count >= window and it.timestamp < oldest:
+            return False
+        if count < window or it.timestamp <= newest:
+            # Not strictly the newest: a fresh row (a larger id) keeps arrival order
+            # among equal timestamps, which an overwritten old row would not.
+            Store.insert_interactions(conn, user_id, [it], keep_context=keep_context)
+            if count >= window:
+                Store.enforce_window(conn, user_id, window)
+            return True
         Store.lower_oldest_bound(conn, it.timestamp)
         (victim,) = conn.execute(
             "SELECT id FROM interactions WHERE user_id = ? ORDER BY ts, id LIMIT 1", (user_id,)
@@ -331,6 +336,7 @@ class Store:
             )
         if count > window:  # the window shrank, or another process raced us
             Store.enforce_window(conn, user_id, window)
+        return True
 
     @staticmethod
     def enforce_window(conn: _db.Connection, user_id: str, window: int) -> int:
@@ -488,10 +494,11 @@ class Store:
             f"DELETE FROM context WHERE name NOT IN ({','.join('?' * len(fields))})", fields
         ).rowcount
         events = list(policy.events)
-        total += conn.execute(
-            f"DELETE FROM interactions WHERE event NOT IN ({','.join('?' * len(events))})",
-            events,
-        ).rowcount
+        for table in ("interactions", "activity"):
+            total += conn.execute(
+                f"DELETE FROM {table} WHERE event NOT IN ({','.join('?' * len(events))})",
+                events,
+            ).rowcount
         return int(total)
 
     @staticmethod

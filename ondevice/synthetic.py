@@ -67,8 +67,9 @@ class SyntheticData:
 
     def interactions(self) -> Iterator[tuple[str, str, int]]:
         """``(user_id, item_id, timestamp)`` rows, as the operator builder takes them."""
-        for u, i, t in zip(self.users.tolist(), self.items.tolist(), self.times.tolist(),
-                           strict=True):
+        for u, i, t in zip(
+            self.users.tolist(), self.items.tolist(), self.times.tolist(), strict=True
+        ):
             yield f"u{u}", f"i{i}", t
 
 
@@ -131,8 +132,10 @@ def generate(
             users.append(u)
             items.append(item)
             times.append(t)
-            t += int(rng.integers(60, 600)) if rng.random() < 0.8 else int(
-                rng.integers(3_600 * 6, 86_400 * 3)
+            t += (
+                int(rng.integers(60, 600))
+                if rng.random() < 0.8
+                else int(rng.integers(3_600 * 6, 86_400 * 3))
             )
             prev = item
     return SyntheticData(

@@ -235,3 +235,23 @@ def test_app_supplied_exclusions_apply_and_are_never_stored(open_engine, tmp_pat
         assert first[0].encode() not in plaintext_of_profile(path, raw_key)
     with pytest.raises(InvalidInputError):
         engine.get_recommendations("u", exclude=[5])
+
+
+def test_a_wipe_during_a_recommendation_is_not_undone_by_the_vector_cache(
+    open_engine, monkeypatch
+):
+    from ondevice.levels import individual
+
+    engine = open_engine("individual")
+    _history(engine)
+    real = individual.fold_in
+
+    def fold_in_then_forget(rt, state):  # the user says "forget me" mid-call
+        vector = real(rt, state)
+        engine.wipe_profile("u")
+        return vector
+
+    monkeypatch.setattr(individual, "fold_in", fold_in_then_forget)
+    engine.get_recommendations("u", k=3)
+    with engine._store.read() as conn:
+        assert Store.count_rows(conn) == dict.fromkeys(Store.count_rows(conn), 0)

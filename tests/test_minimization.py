@@ -344,3 +344,25 @@ def test_backfilled_history_still_expires_at_open(make_engine, clock):
     engine = make_engine()
     ids = [i["item_id"] for i in engine.export_profile("u")["users"][0]["interactions"]]
     assert ids == ["fresh"]
+
+
+def test_the_window_rolls_on_with_equal_timestamps(make_engine):
+    """Apps that send whole seconds: eight events in one second, window of three."""
+    engine = make_engine(policy=demo_policy(window=3))
+    for i in range(8):
+        engine.update_profile("u", {"item_id": f"e{i}", "timestamp": T0 - 5})
+    window = engine.export_profile("u")["users"][0]["interactions"]
+    assert [w["item_id"] for w in window] == ["e5", "e6", "e7"]
+
+
+def test_undeclaring_an_event_purges_its_counters_too(make_engine):
+    engine = make_engine(privacy_level="segment")
+    engine.update_profile("u", {"item_id": "a", "event": "click", "timestamp": T0 - 5})
+    engine.update_profile("u", {"item_id": "b", "event": "view", "timestamp": T0 - 4})
+    export = engine.export_profile()
+    engine.close()
+    engine = make_engine(privacy_level="segment", policy=demo_policy(events=("view",)))
+    assert [a["event"] for a in engine.export_profile("u")["users"][0]["activity"]] == ["view"]
+    with pytest.raises(PolicyViolationError):  # the old export still says "click"
+        engine.import_profile(export)
+    engine.import_profile(engine.export_profile())  # its own export imports cleanly

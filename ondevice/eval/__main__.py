@@ -16,8 +16,10 @@ def _bar(done: int, total: int, stage: str, *, t0: float) -> None:
     width = 30
     filled = int(width * done / max(total, 1))
     elapsed = time.perf_counter() - t0
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
-                     f"{elapsed:5.0f}s {stage[:48]:<48}")
+    sys.stderr.write(
+        f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
+        f"{elapsed:5.0f}s {stage[:48]:<48}"
+    )
     if done >= total:
         sys.stderr.write("\n")
     sys.stderr.flush()
@@ -52,16 +54,22 @@ def _png(result: EvalResult, path: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
-    ap = argparse.ArgumentParser(prog="python -m ondevice.eval", description=(
-        "Measure what each personalization level is worth (5-fold user CV, LOO and T20, "
-        "full ranking) next to centralized references, and print a markdown table."))
+    ap = argparse.ArgumentParser(
+        prog="python -m ondevice.eval",
+        description=(
+            "Measure what each personalization level is worth (5-fold user CV, LOO and T20, "
+            "full ranking) next to centralized references, and print a markdown table."
+        ),
+    )
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--movielens", metavar="DIR",
-                     help="an ML-100K directory (u.data, u.user, u.item)")
+    src.add_argument(
+        "--movielens", metavar="DIR", help="an ML-100K directory (u.data, u.user, u.item)"
+    )
     src.add_argument("--synthetic", action="store_true", help="a small synthetic data set")
     ap.add_argument("--out", metavar="FILE", help="also write the markdown table here")
-    ap.add_argument("--png", metavar="FILE",
-                    help="a lift-by-level chart (needs matplotlib; skipped otherwise)")
+    ap.add_argument(
+        "--png", metavar="FILE", help="a lift-by-level chart (needs matplotlib; skipped otherwise)"
+    )
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -77,12 +85,21 @@ def main(argv: list[str] | None = None) -> int:
             from ondevice.synthetic import generate
 
             data = from_synthetic(generate(n_users=400, n_items=300, seed=args.seed))
-            settings = EvalSettings(folds=args.folds, seed=args.seed, factors=16,
-                                    min_segment_users=20, segments=5, als_iterations=8)
+            settings = EvalSettings(
+                folds=args.folds,
+                seed=args.seed,
+                factors=16,
+                min_segment_users=20,
+                segments=5,
+                als_iterations=8,
+            )
         t0 = time.perf_counter()
-        result = evaluate(data, settings=settings, command=command,
-                          progress=None if args.quiet else
-                          (lambda d, t, s: _bar(d, t, s, t0=t0)))
+        result = evaluate(
+            data,
+            settings=settings,
+            command=command,
+            progress=None if args.quiet else (lambda d, t, s: _bar(d, t, s, t0=t0)),
+        )
     except OndeviceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -90,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         Path(args.out).write_text(text, encoding="utf-8")
-    png = Path(args.png) if args.png else (Path(args.out).with_suffix(".png") if args.out
-                                            else None)
+    png = Path(args.png) if args.png else (Path(args.out).with_suffix(".png") if args.out else None)
     if png is not None:
         _png(result, png)
     return 0

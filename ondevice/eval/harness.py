@@ -138,9 +138,16 @@ class Dataset:
 def from_synthetic(data: SyntheticData, *, name: str = "synthetic") -> Dataset:
     """A :class:`Dataset` from :func:`ondevice.synthetic.generate` output."""
     return Dataset.from_arrays(
-        name, data.users, data.items, data.times, n_users=data.n_users, n_items=data.n_items,
-        item_ids=data.item_ids, categories=data.categories,
-        signals=[data.signals[f"u{u}"] for u in range(data.n_users)], rule_signals=("plan",),
+        name,
+        data.users,
+        data.items,
+        data.times,
+        n_users=data.n_users,
+        n_items=data.n_items,
+        item_ids=data.item_ids,
+        categories=data.categories,
+        signals=[data.signals[f"u{u}"] for u in range(data.n_users)],
+        rule_signals=("plan",),
     )
 
 
@@ -236,25 +243,61 @@ class EvalResult:
         for p in self.rows:
             nd = {r.key: r.ndcg for r in self.rows[p]}
             if "central_als" in nd:
-                out.append((p, "fold-in / central ALS", nd["foldin"] / nd["central_als"],
-                            0.97, nd["foldin"] >= 0.97 * nd["central_als"]))
+                out.append(
+                    (
+                        p,
+                        "fold-in / central ALS",
+                        nd["foldin"] / nd["central_als"],
+                        0.97,
+                        nd["foldin"] >= 0.97 * nd["central_als"],
+                    )
+                )
                 best = max(nd[k] for k in device)
                 ref = max(nd["central_als"], nd["central_ease"])
-                out.append((p, "best on-device / max(EASE, ALS)", best / ref, need_best[p],
-                            best >= need_best[p] * ref))
-            out.append((p, "segment / none", nd["segment"] / nd["none"], need_seg[p],
-                        nd["segment"] >= need_seg[p] * nd["none"]))
+                out.append(
+                    (
+                        p,
+                        "best on-device / max(EASE, ALS)",
+                        best / ref,
+                        need_best[p],
+                        best >= need_best[p] * ref,
+                    )
+                )
+            out.append(
+                (
+                    p,
+                    "segment / none",
+                    nd["segment"] / nd["none"],
+                    need_seg[p],
+                    nd["segment"] >= need_seg[p] * nd["none"],
+                )
+            )
             if "segment_served" in nd:
-                out.append((p, "segment / none, both as served (no seen exclusion)",
-                            nd["segment_served"] / nd["none_served"], need_seg[p],
-                            nd["segment_served"] >= need_seg[p] * nd["none_served"]))
+                out.append(
+                    (
+                        p,
+                        "segment / none, both as served (no seen exclusion)",
+                        nd["segment_served"] / nd["none_served"],
+                        need_seg[p],
+                        nd["segment_served"] >= need_seg[p] * nd["none_served"],
+                    )
+                )
             worst = min(nd[k] for k in device if k != "none")
             out.append((p, "min level / none", worst / nd["none"], 1.0, worst >= nd["none"]))
-            chain = (nd["none"] < nd["segment"] < nd["behavioral"]
-                     and nd["behavioral"] <= nd["contextual"]
-                     and nd["behavioral"] <= nd["individual"])
-            out.append((p, "none < segment < behavioral <= contextual, individual",
-                        float(chain), 1.0, chain))
+            chain = (
+                nd["none"] < nd["segment"] < nd["behavioral"]
+                and nd["behavioral"] <= nd["contextual"]
+                and nd["behavioral"] <= nd["individual"]
+            )
+            out.append(
+                (
+                    p,
+                    "none < segment < behavioral <= contextual, individual",
+                    float(chain),
+                    1.0,
+                    chain,
+                )
+            )
         return out
 
     def to_markdown(self) -> str:
@@ -275,10 +318,13 @@ class EvalResult:
         for p in self.rows:
             title = {"loo": "leave last one out (LOO)", "t20": "last 20% held out (T20)"}[p]
             none = self.row(p, "none").ndcg
-            lines += [f"## {title}", "",
-                      "| level | reads | HR@10 | NDCG@10 | Recall@20 | coverage | "
-                      "lift (NDCG) | ms/user (mean) |",
-                      "|---|---|---|---|---|---|---|---|"]
+            lines += [
+                f"## {title}",
+                "",
+                "| level | reads | HR@10 | NDCG@10 | Recall@20 | coverage | "
+                "lift (NDCG) | ms/user (mean) |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
             group = ""
             for r in self.rows[p]:
                 if r.group != group:
@@ -288,13 +334,17 @@ class EvalResult:
                 lines.append(
                     f"| {r.label} | {r.reads} | {r.hr:.3f} ± {r.hr_se:.3f} | "
                     f"{r.ndcg:.3f} ± {r.ndcg_se:.3f} | {r.recall:.3f} ± {r.recall_se:.3f} | "
-                    f"{r.coverage:.1%} | {lift:.2f}x | {r.ms_per_user:.2f} |")
+                    f"{r.coverage:.1%} | {lift:.2f}x | {r.ms_per_user:.2f} |"
+                )
             lines.append("")
-        lines += ["## Targets (NDCG@10 ratios)", "", "| protocol | target | measured | "
-                  "required | met |", "|---|---|---|---|---|"]
+        lines += [
+            "## Targets (NDCG@10 ratios)",
+            "",
+            "| protocol | target | measured | required | met |",
+            "|---|---|---|---|---|",
+        ]
         for p, name, got, need, ok in self.targets():
-            lines.append(f"| {p} | {name} | {got:.3f} | {need:.2f} | "
-                         f"{'yes' if ok else 'NO'} |")
+            lines.append(f"| {p} | {name} | {got:.3f} | {need:.2f} | {'yes' if ok else 'NO'} |")
         lines += ["", "## Segments and hyper-parameters chosen on validation", ""]
         for p in self.chosen:
             counts = ", ".join(str(c) for c in self.segment_counts.get(p, ()))
@@ -316,7 +366,10 @@ def holdout_size(n: int, protocol: str) -> int:
 
 
 def user_metrics(
-    ranking: npt.NDArray[np.integer], targets: npt.NDArray[np.integer], *, cutoff: int = 10,
+    ranking: npt.NDArray[np.integer],
+    targets: npt.NDArray[np.integer],
+    *,
+    cutoff: int = 10,
     recall_cutoff: int = 20,
 ) -> tuple[float, float, float]:
     """``(HR@cutoff, NDCG@cutoff, Recall@recall_cutoff)`` of one ranking, binary
@@ -352,8 +405,9 @@ class _View:
     signals: Mapping[str, str]
 
 
-def _views(data: Dataset, users: Sequence[int], protocol: str, window: int,
-           inner: bool) -> list[_View]:
+def _views(
+    data: Dataset, users: Sequence[int], protocol: str, window: int, inner: bool
+) -> list[_View]:
     out = []
     for u in users:
         seq, tm = data.sequences[u], data.times[u]
@@ -366,11 +420,23 @@ def _views(data: Dataset, users: Sequence[int], protocol: str, window: int,
             n_val = holdout_size(train.size, protocol)
             if n_val == 0:
                 continue
-            train, ttrain, test, ttest = (train[:-n_val], ttrain[:-n_val], train[-n_val:],
-                                          ttrain[-n_val:])
-        out.append(_View(row=u, window=train[::-1][:window].copy(),
-                         times=ttrain[::-1][:window].copy(), seen=train.copy(),
-                         targets=test.copy(), now=float(ttest[0]), signals=data.signals[u]))
+            train, ttrain, test, ttest = (
+                train[:-n_val],
+                ttrain[:-n_val],
+                train[-n_val:],
+                ttrain[-n_val:],
+            )
+        out.append(
+            _View(
+                row=u,
+                window=train[::-1][:window].copy(),
+                times=ttrain[::-1][:window].copy(),
+                seen=train.copy(),
+                targets=test.copy(),
+                now=float(ttest[0]),
+                signals=data.signals[u],
+            )
+        )
     return out
 
 
@@ -393,8 +459,7 @@ def _mean_ndcg(views: Sequence[_View], rank: Ranker, s: EvalSettings) -> float:
         return 0.0
     total = 0.0
     for v in views:
-        total += user_metrics(rank(v), v.targets, cutoff=s.cutoff,
-                              recall_cutoff=s.recall_cutoff)[1]
+        total += user_metrics(rank(v), v.targets, cutoff=s.cutoff, recall_cutoff=s.recall_cutoff)[1]
     return total / len(views)
 
 
@@ -404,8 +469,9 @@ def _run(views: Sequence[_View], rank: Ranker, acc: _Acc, s: EvalSettings) -> No
         t0 = time.perf_counter()
         r = rank(v)
         acc.ms.append((time.perf_counter() - t0) * 1000.0)
-        hr, nd, rc = user_metrics(r[:depth], v.targets, cutoff=s.cutoff,
-                                  recall_cutoff=s.recall_cutoff)
+        hr, nd, rc = user_metrics(
+            r[:depth], v.targets, cutoff=s.cutoff, recall_cutoff=s.recall_cutoff
+        )
         acc.hr.append(hr)
         acc.ndcg.append(nd)
         acc.recall.append(rc)
@@ -423,15 +489,28 @@ class _Model:
     user_factors: F32 | None = None  # central ALS only: each user's trained vector
 
 
-def _catalog(data: Dataset, x: Csr, *, nbr: tuple[I64, I32, F32],
-             y: F32 | None, reg: float, alpha: float, s: EvalSettings) -> Catalog:
+def _catalog(
+    data: Dataset,
+    x: Csr,
+    *,
+    nbr: tuple[I64, I32, F32],
+    y: F32 | None,
+    reg: float,
+    alpha: float,
+    s: EvalSettings,
+) -> Catalog:
     gram = None if y is None else (y.astype(np.float64).T @ y).astype(np.float32)
     return Catalog(
-        item_ids=data.item_ids, titles=data.titles, popularity=item_popularity(x),
-        nbr_indptr=nbr[0], nbr_indices=nbr[1], nbr_weights=nbr[2],
-        categories=data.categories, item_factors=y, gram=gram,
-        als=None if y is None else AlsParams(factors=s.factors, regularization=reg,
-                                             alpha=alpha),
+        item_ids=data.item_ids,
+        titles=data.titles,
+        popularity=item_popularity(x),
+        nbr_indptr=nbr[0],
+        nbr_indices=nbr[1],
+        nbr_weights=nbr[2],
+        categories=data.categories,
+        item_factors=y,
+        gram=gram,
+        als=None if y is None else AlsParams(factors=s.factors, regularization=reg, alpha=alpha),
         name=data.name,
     )
 
@@ -440,11 +519,13 @@ def _model(cat: Catalog, user_factors: F32 | None = None) -> _Model:
     n = cat.n_items
     order = np.lexsort((np.arange(n), -cat.popularity.astype(np.float64))).astype(np.int32)
     _, ip, ix = scoring.category_index(cat.categories, n)
-    return _Model(catalog=cat, pop_order=order, cat_indptr=ip, cat_indices=ix,
-                  user_factors=user_factors)
+    return _Model(
+        catalog=cat, pop_order=order, cat_indptr=ip, cat_indices=ix, user_factors=user_factors
+    )
 
 
 # ---- the device levels, each a thin call into ondevice.scoring / ondevice.segments ----
+
 
 def _rank_none(m: _Model, depth: int, *, exclude_seen: bool = True) -> Ranker:
     # On the device, levels none and segment keep no item ids, so they cannot exclude
@@ -455,8 +536,14 @@ def _rank_none(m: _Model, depth: int, *, exclude_seen: bool = True) -> Ranker:
     )
 
 
-def _rank_segment(m: _Model, depth: int, *, behaviour: bool,
-                  half_life: float = math.inf, exclude_seen: bool = True) -> Ranker:
+def _rank_segment(
+    m: _Model,
+    depth: int,
+    *,
+    behaviour: bool,
+    half_life: float = math.inf,
+    exclude_seen: bool = True,
+) -> Ranker:
     cat = m.catalog
 
     def rank(v: _View) -> I32:
@@ -465,49 +552,72 @@ def _rank_segment(m: _Model, depth: int, *, behaviour: bool,
         if behaviour and cat.item_factors is not None and cat.gram is not None and cat.als:
             # the segment level keeps only recency-decayed aggregates: b (f), A (f x f)
             w = scoring.decay_weights(v.window.size, half_life)
-            b, a = scoring.aggregates(cat.item_factors, v.window, alpha=cat.als.alpha,
-                                      weights=w)
-            vec = scoring.fold_in_aggregates(cat.gram, b, a,
-                                             regularization=cat.als.regularization)
+            b, a = scoring.aggregates(cat.item_factors, v.window, alpha=cat.als.alpha, weights=w)
+            vec = scoring.fold_in_aggregates(cat.gram, b, a, regularization=cat.als.regularization)
         sid = assign_segment(cat, signals=None if behaviour else v.signals, user_vector=vec)
         seg = segment_by_id(cat, sid)
         if seg is None:
             return scoring.popularity_ranking(cat.popularity, depth, exclude=seen)
-        return scoring.segment_ranking(seg.top_items, depth, n_items=cat.n_items,
-                                       exclude=seen, fallback=m.pop_order)
+        return scoring.segment_ranking(
+            seg.top_items, depth, n_items=cat.n_items, exclude=seen, fallback=m.pop_order
+        )
+
     return rank
 
 
-def _rank_behavioral(m: _Model, depth: int, half_life: float, max_window: int | None = None
-                     ) -> Ranker:
+def _rank_behavioral(
+    m: _Model, depth: int, half_life: float, max_window: int | None = None
+) -> Ranker:
     cat = m.catalog
 
     def rank(v: _View) -> I32:
-        sc = scoring.neighbour_scores(cat.nbr_indptr, cat.nbr_indices, cat.nbr_weights,
-                                      v.window, n_items=cat.n_items, half_life=half_life,
-                                      max_window=max_window)
+        sc = scoring.neighbour_scores(
+            cat.nbr_indptr,
+            cat.nbr_indices,
+            cat.nbr_weights,
+            v.window,
+            n_items=cat.n_items,
+            half_life=half_life,
+            max_window=max_window,
+        )
         return scoring.rank_sparse(sc, depth, exclude=v.seen, fallback=m.pop_order)
+
     return rank
 
 
 def _affinity(m: _Model, v: _View) -> dict[str, F32]:
     n_cat = int(m.cat_indices.max()) + 1 if m.cat_indices.size else 0
-    return scoring.context_affinity(m.cat_indptr, m.cat_indices, n_cat, v.window,
-                                    [daypart(float(t)) for t in v.times])
+    return scoring.context_affinity(
+        m.cat_indptr, m.cat_indices, n_cat, v.window, [daypart(float(t)) for t in v.times]
+    )
 
 
-def _rank_contextual(m: _Model, depth: int, half_life: float, boost: float, strength: float,
-                     gap: float) -> Ranker:
+def _rank_contextual(
+    m: _Model, depth: int, half_life: float, boost: float, strength: float, gap: float
+) -> Ranker:
     cat = m.catalog
 
     def rank(v: _View) -> I32:
         aff = _affinity(m, v) if strength != 0.0 else None
         sc = scoring.contextual_scores(
-            cat.nbr_indptr, cat.nbr_indices, cat.nbr_weights, v.window, v.times,
-            n_items=cat.n_items, now=v.now, half_life=half_life, session_gap=gap,
-            session_boost=boost, cat_indptr=m.cat_indptr, cat_indices=m.cat_indices,
-            affinity=aff, context=daypart(v.now), strength=strength)
+            cat.nbr_indptr,
+            cat.nbr_indices,
+            cat.nbr_weights,
+            v.window,
+            v.times,
+            n_items=cat.n_items,
+            now=v.now,
+            half_life=half_life,
+            session_gap=gap,
+            session_boost=boost,
+            cat_indptr=m.cat_indptr,
+            cat_indices=m.cat_indices,
+            affinity=aff,
+            context=daypart(v.now),
+            strength=strength,
+        )
         return scoring.rank_sparse(sc, depth, exclude=v.seen, fallback=m.pop_order)
+
     return rank
 
 
@@ -518,12 +628,25 @@ def _user_vector(m: _Model, v: _View, half_life: float) -> F32:
         return row
     assert cat.item_factors is not None and cat.gram is not None and cat.als is not None
     w = None if math.isinf(half_life) else scoring.decay_weights(v.window.size, half_life)
-    return scoring.fold_in(cat.item_factors, cat.gram, v.window, weights=w,
-                           regularization=cat.als.regularization, alpha=cat.als.alpha)
+    return scoring.fold_in(
+        cat.item_factors,
+        cat.gram,
+        v.window,
+        weights=w,
+        regularization=cat.als.regularization,
+        alpha=cat.als.alpha,
+    )
 
 
-def _rank_individual(m: _Model, depth: int, half_life: float, weight: float, c: float,
-                     fusion_depth: int, foldin_half_life: float = math.inf) -> Ranker:
+def _rank_individual(
+    m: _Model,
+    depth: int,
+    half_life: float,
+    weight: float,
+    c: float,
+    fusion_depth: int,
+    foldin_half_life: float = math.inf,
+) -> Ranker:
     cat = m.catalog
     assert cat.item_factors is not None
 
@@ -531,11 +654,26 @@ def _rank_individual(m: _Model, depth: int, half_life: float, weight: float, c: 
         x = _user_vector(m, v, foldin_half_life)
         nb = None
         if weight != 0.0:
-            nb = scoring.neighbour_scores(cat.nbr_indptr, cat.nbr_indices, cat.nbr_weights,
-                                          v.window, n_items=cat.n_items, half_life=half_life)
+            nb = scoring.neighbour_scores(
+                cat.nbr_indptr,
+                cat.nbr_indices,
+                cat.nbr_weights,
+                v.window,
+                n_items=cat.n_items,
+                half_life=half_life,
+            )
         assert cat.item_factors is not None
-        return scoring.individual_ranking(cat.item_factors, x, nb, depth, exclude=v.seen,
-                                          depth=fusion_depth, neighbour_weight=weight, c=c)
+        return scoring.individual_ranking(
+            cat.item_factors,
+            x,
+            nb,
+            depth,
+            exclude=v.seen,
+            depth=fusion_depth,
+            neighbour_weight=weight,
+            c=c,
+        )
+
     return rank
 
 
@@ -544,38 +682,88 @@ def _rank_ease(b: F32, depth: int) -> Ranker:
 
 
 _LEVELS: tuple[tuple[str, str, str, str], ...] = (
-    ("none", "none: global popularity", "on the device (panel catalog)",
-     "nothing (bundle only)"),
-    ("segment_rules", "segment: declared signals ({rules})", "on the device (panel catalog)",
-     "declared signals"),
-    ("segment", "segment: behaviour (nearest centroid)", "on the device (panel catalog)",
-     "decayed factor aggregates b (f), A (f x f); no item IDs"),
-    ("none_served", "none, as served (no item ids kept: seen items not excluded)",
-     "on the device (panel catalog)", "nothing (bundle only)"),
-    ("segment_served", "segment: behaviour, as served (seen items not excluded)",
-     "on the device (panel catalog)", "decayed factor aggregates; no item IDs"),
-    ("flat100", "behavioral: item-item, flat last 100", "on the device (panel catalog)",
-     "last 100 item IDs"),
-    ("behavioral", "behavioral: recency-decayed neighbours", "on the device (panel catalog)",
-     "item-ID window"),
-    ("contextual", "contextual: + session and daypart affinity",
-     "on the device (panel catalog)", "window + timestamps + declared context"),
-    ("foldin", "individual: ALS fold-in alone", "on the device (panel catalog)",
-     "window + user vector"),
-    ("individual", "individual: recency-weighted fold-in ⊕ decayed neighbours (RRF)",
-     "on the device (panel catalog)", "window + user vector"),
+    ("none", "none: global popularity", "on the device (panel catalog)", "nothing (bundle only)"),
+    (
+        "segment_rules",
+        "segment: declared signals ({rules})",
+        "on the device (panel catalog)",
+        "declared signals",
+    ),
+    (
+        "segment",
+        "segment: behaviour (nearest centroid)",
+        "on the device (panel catalog)",
+        "decayed factor aggregates b (f), A (f x f); no item IDs",
+    ),
+    (
+        "none_served",
+        "none, as served (no item ids kept: seen items not excluded)",
+        "on the device (panel catalog)",
+        "nothing (bundle only)",
+    ),
+    (
+        "segment_served",
+        "segment: behaviour, as served (seen items not excluded)",
+        "on the device (panel catalog)",
+        "decayed factor aggregates; no item IDs",
+    ),
+    (
+        "flat100",
+        "behavioral: item-item, flat last 100",
+        "on the device (panel catalog)",
+        "last 100 item IDs",
+    ),
+    (
+        "behavioral",
+        "behavioral: recency-decayed neighbours",
+        "on the device (panel catalog)",
+        "item-ID window",
+    ),
+    (
+        "contextual",
+        "contextual: + session and daypart affinity",
+        "on the device (panel catalog)",
+        "window + timestamps + declared context",
+    ),
+    (
+        "foldin",
+        "individual: ALS fold-in alone",
+        "on the device (panel catalog)",
+        "window + user vector",
+    ),
+    (
+        "individual",
+        "individual: recency-weighted fold-in ⊕ decayed neighbours (RRF)",
+        "on the device (panel catalog)",
+        "window + user vector",
+    ),
     ("central_ease", "EASE", "central (everyone's training data)", "all users' histories"),
     ("central_als", "ALS", "central (everyone's training data)", "all users' histories"),
-    ("central_none", "popularity", "central (everyone's training data)",
-     "all users' histories"),
-    ("central_segment", "behaviour segments", "central (everyone's training data)",
-     "all users' histories"),
-    ("central_behavioral", "recency-decayed neighbours", "central (everyone's training data)",
-     "all users' histories"),
-    ("central_contextual", "contextual", "central (everyone's training data)",
-     "all users' histories"),
-    ("central_individual", "recency-weighted fold-in ⊕ decayed neighbours",
-     "central (everyone's training data)", "all users' histories"),
+    ("central_none", "popularity", "central (everyone's training data)", "all users' histories"),
+    (
+        "central_segment",
+        "behaviour segments",
+        "central (everyone's training data)",
+        "all users' histories",
+    ),
+    (
+        "central_behavioral",
+        "recency-decayed neighbours",
+        "central (everyone's training data)",
+        "all users' histories",
+    ),
+    (
+        "central_contextual",
+        "contextual",
+        "central (everyone's training data)",
+        "all users' histories",
+    ),
+    (
+        "central_individual",
+        "recency-weighted fold-in ⊕ decayed neighbours",
+        "central (everyone's training data)",
+        "all users' histories",
+    ),
 )
 
 
@@ -588,8 +776,9 @@ def _matrix(data: Dataset, rows: Mapping[int, I64]) -> Csr:
 T = TypeVar("T")
 
 
-def _best(views: Sequence[_View], candidates: Sequence[T], make: Callable[[T], Ranker],
-          s: EvalSettings) -> T:
+def _best(
+    views: Sequence[_View], candidates: Sequence[T], make: Callable[[T], Ranker], s: EvalSettings
+) -> T:
     """The candidate with the best mean validation NDCG (the first one on ties)."""
     best, best_val = candidates[0], -1.0
     for c in candidates:
@@ -609,25 +798,46 @@ class _Panel:
     als: Mapping[tuple[float, float], tuple[F32, F32]]
 
 
-def _with_segments(model: _Model, x: Csr, user_factors: F32 | None,
-                   signals: Sequence[Mapping[str, str] | None], *, shrinkage: float,
-                   behaviour: bool, rules: tuple[str, ...], s: EvalSettings) -> _Model:
+def _with_segments(
+    model: _Model,
+    x: Csr,
+    user_factors: F32 | None,
+    signals: Sequence[Mapping[str, str] | None],
+    *,
+    shrinkage: float,
+    behaviour: bool,
+    rules: tuple[str, ...],
+    s: EvalSettings,
+) -> _Model:
     """``model`` with behaviour segments (k-means over ``user_factors``) or declared-
     signal rule segments, built by the operator code from the rows of ``x``."""
-    bs = BuildSettings(factors=s.factors, min_segment_users=s.min_segment_users,
-                       segments=s.segments if behaviour else 0,
-                       rule_signals=() if behaviour else rules, shrinkage=shrinkage,
-                       seed=s.seed)
-    segs, srules, default = make_segments(x, user_factors if behaviour else None, signals,
-                                          settings=bs)
-    cat = replace(model.catalog, segments=tuple(segs), segment_rules=tuple(srules),
-                  default_segment=default)
+    bs = BuildSettings(
+        factors=s.factors,
+        min_segment_users=s.min_segment_users,
+        segments=s.segments if behaviour else 0,
+        rule_signals=() if behaviour else rules,
+        shrinkage=shrinkage,
+        seed=s.seed,
+    )
+    segs, srules, default = make_segments(
+        x, user_factors if behaviour else None, signals, settings=bs
+    )
+    cat = replace(
+        model.catalog, segments=tuple(segs), segment_rules=tuple(srules), default_segment=default
+    )
     return replace(model, catalog=cat)
 
 
-def _protocol(data: Dataset, s: EvalSettings, rules: tuple[str, ...], device: list[int],
-              panel: _Panel, p: str, a: Mapping[str, _Acc],
-              tick: Callable[[str], None]) -> tuple[dict[str, object], int]:
+def _protocol(
+    data: Dataset,
+    s: EvalSettings,
+    rules: tuple[str, ...],
+    device: list[int],
+    panel: _Panel,
+    p: str,
+    a: Mapping[str, _Acc],
+    tick: Callable[[str], None],
+) -> tuple[dict[str, object], int]:
     """Tune on validation, then measure every level and reference for one fold and one
     protocol; returns the chosen hyper-parameters and the behaviour segment count."""
     depth = max(s.cutoff, s.recall_cutoff)
@@ -637,38 +847,82 @@ def _protocol(data: Dataset, s: EvalSettings, rules: tuple[str, ...], device: li
     xp = panel.x
 
     def als_model(cfg: tuple[float, float]) -> _Model:
-        return _model(_catalog(data, xp, nbr=panel.nbr, y=panel.als[cfg][1], reg=cfg[0],
-                               alpha=cfg[1], s=s))
+        return _model(
+            _catalog(data, xp, nbr=panel.nbr, y=panel.als[cfg][1], reg=cfg[0], alpha=cfg[1], s=s)
+        )
 
     # -- tuning on the inner validation split (test items are never seen) --
     plain = _model(_catalog(data, xp, nbr=panel.nbr, y=None, reg=0.0, alpha=0.0, s=s))
-    cfg = _best(val, s.als_grid, lambda c: _rank_individual(
-        als_model(c), depth, 1.0, 0.0, 60.0, s.fusion_depth), s)
+    cfg = _best(
+        val,
+        s.als_grid,
+        lambda c: _rank_individual(als_model(c), depth, 1.0, 0.0, 60.0, s.fusion_depth),
+        s,
+    )
     mod = als_model(cfg)
     hl = _best(val, s.half_life_grid, lambda h: _rank_behavioral(plain, depth, h), s)
-    fh = _best(val, s.foldin_half_life_grid, lambda h: _rank_individual(
-        mod, depth, hl, 0.0, 60.0, s.fusion_depth, h), s)
-    w_c = _best(val, list(product(s.fusion_weight_grid, s.fusion_c_grid)),
-                lambda wc: _rank_individual(mod, depth, hl, wc[0], wc[1], s.fusion_depth, fh),
-                s)
-    ctx = _best(val, list(product(s.session_boost_grid, s.context_strength_grid)),
-                lambda bs: _rank_contextual(plain, depth, hl, bs[0], bs[1], s.session_gap), s)
+    fh = _best(
+        val,
+        s.foldin_half_life_grid,
+        lambda h: _rank_individual(mod, depth, hl, 0.0, 60.0, s.fusion_depth, h),
+        s,
+    )
+    w_c = _best(
+        val,
+        list(product(s.fusion_weight_grid, s.fusion_c_grid)),
+        lambda wc: _rank_individual(mod, depth, hl, wc[0], wc[1], s.fusion_depth, fh),
+        s,
+    )
+    ctx = _best(
+        val,
+        list(product(s.session_boost_grid, s.context_strength_grid)),
+        lambda bs: _rank_contextual(plain, depth, hl, bs[0], bs[1], s.session_gap),
+        s,
+    )
     sig_rows = [data.signals[u] if u not in dev else None for u in range(data.n_users)]
 
     def seg(m_: float, behaviour: bool) -> _Model:
-        return _with_segments(mod, xp, panel.als[cfg][0], sig_rows, shrinkage=m_,
-                              behaviour=behaviour, rules=rules, s=s)
+        return _with_segments(
+            mod,
+            xp,
+            panel.als[cfg][0],
+            sig_rows,
+            shrinkage=m_,
+            behaviour=behaviour,
+            rules=rules,
+            s=s,
+        )
 
-    m_beh = _best(val, s.shrinkage_grid,
-                  lambda m_: _rank_segment(seg(m_, True), depth, behaviour=True), s)
+    m_beh = _best(
+        val, s.shrinkage_grid, lambda m_: _rank_segment(seg(m_, True), depth, behaviour=True), s
+    )
     seg_b = seg(m_beh, True)
-    sh = _best(val, s.segment_half_life_grid,
-               lambda h: _rank_segment(seg_b, depth, behaviour=True, half_life=h), s)
-    m_rule = _best(val, s.shrinkage_grid, lambda m_: _rank_segment(
-        seg(m_, False), depth, behaviour=False), s) if rules else 0.0
-    ch: dict[str, object] = dict(als=cfg, half_life=hl, foldin_half_life=fh, fusion=w_c,
-                                 context=ctx, shrink=m_beh, segment_half_life=sh,
-                                 shrink_rules=m_rule)
+    sh = _best(
+        val,
+        s.segment_half_life_grid,
+        lambda h: _rank_segment(seg_b, depth, behaviour=True, half_life=h),
+        s,
+    )
+    m_rule = (
+        _best(
+            val,
+            s.shrinkage_grid,
+            lambda m_: _rank_segment(seg(m_, False), depth, behaviour=False),
+            s,
+        )
+        if rules
+        else 0.0
+    )
+    ch: dict[str, object] = dict(
+        als=cfg,
+        half_life=hl,
+        foldin_half_life=fh,
+        fusion=w_c,
+        context=ctx,
+        shrink=m_beh,
+        segment_half_life=sh,
+        shrink_rules=m_rule,
+    )
     tick("tuning")
     # -- the device levels on the test items --
     seg_r = seg(m_rule, False)
@@ -679,15 +933,22 @@ def _protocol(data: Dataset, s: EvalSettings, rules: tuple[str, ...], device: li
     # As the device serves them: levels none and segment keep no item ids, so they
     # cannot leave out what the user has already seen.
     _run(test, _rank_none(mod, depth, exclude_seen=False), a["none_served"], s)
-    _run(test, _rank_segment(seg_b, depth, behaviour=True, half_life=sh, exclude_seen=False),
-         a["segment_served"], s)
+    _run(
+        test,
+        _rank_segment(seg_b, depth, behaviour=True, half_life=sh, exclude_seen=False),
+        a["segment_served"],
+        s,
+    )
     _run(test, _rank_behavioral(mod, depth, math.inf, s.flat_window), a["flat100"], s)
     _run(test, _rank_behavioral(mod, depth, hl), a["behavioral"], s)
-    _run(test, _rank_contextual(mod, depth, hl, ctx[0], ctx[1], s.session_gap),
-         a["contextual"], s)
+    _run(test, _rank_contextual(mod, depth, hl, ctx[0], ctx[1], s.session_gap), a["contextual"], s)
     _run(test, _rank_individual(mod, depth, hl, 0.0, 60.0, s.fusion_depth), a["foldin"], s)
-    _run(test, _rank_individual(mod, depth, hl, w_c[0], w_c[1], s.fusion_depth, fh),
-         a["individual"], s)
+    _run(
+        test,
+        _rank_individual(mod, depth, hl, w_c[0], w_c[1], s.fusion_depth, fh),
+        a["individual"],
+        s,
+    )
     tick("device levels")
     # -- central references: everyone's training data --
     fit_rows = dict(panel.rows)
@@ -698,33 +959,62 @@ def _protocol(data: Dataset, s: EvalSettings, rules: tuple[str, ...], device: li
     lam = _best(val, s.ease_grid, lambda lm: _rank_ease(ease_fit(x_fit, lm), depth), s)
     _run(test, _rank_ease(ease_fit(x_train, lam), depth), a["central_ease"], s)
     nbr_fit = item_neighbours(x_fit, top_n=s.neighbours)
-    als_fit = {c: train_als(x_fit, factors=s.factors, regularization=c[0], alpha=c[1],
-                            iterations=s.als_iterations, seed=s.seed) for c in s.als_grid}
+    als_fit = {
+        c: train_als(
+            x_fit,
+            factors=s.factors,
+            regularization=c[0],
+            alpha=c[1],
+            iterations=s.als_iterations,
+            seed=s.seed,
+        )
+        for c in s.als_grid
+    }
 
     def central_fit(c: tuple[float, float]) -> _Model:
-        return _model(_catalog(data, x_fit, nbr=nbr_fit, y=als_fit[c][1], reg=c[0],
-                               alpha=c[1], s=s), user_factors=als_fit[c][0])
+        return _model(
+            _catalog(data, x_fit, nbr=nbr_fit, y=als_fit[c][1], reg=c[0], alpha=c[1], s=s),
+            user_factors=als_fit[c][0],
+        )
 
-    ccfg = _best(val, s.als_grid, lambda c: _rank_individual(
-        central_fit(c), depth, 1.0, 0.0, 60.0, s.fusion_depth), s)
-    u_c, y_c = train_als(x_train, factors=s.factors, regularization=ccfg[0], alpha=ccfg[1],
-                         iterations=s.als_iterations, seed=s.seed)
+    ccfg = _best(
+        val,
+        s.als_grid,
+        lambda c: _rank_individual(central_fit(c), depth, 1.0, 0.0, 60.0, s.fusion_depth),
+        s,
+    )
+    u_c, y_c = train_als(
+        x_train,
+        factors=s.factors,
+        regularization=ccfg[0],
+        alpha=ccfg[1],
+        iterations=s.als_iterations,
+        seed=s.seed,
+    )
     nbr_c = item_neighbours(x_train, top_n=s.neighbours)
-    cmod = _model(_catalog(data, x_train, nbr=nbr_c, y=y_c, reg=ccfg[0], alpha=ccfg[1], s=s),
-                  user_factors=u_c)
+    cmod = _model(
+        _catalog(data, x_train, nbr=nbr_c, y=y_c, reg=ccfg[0], alpha=ccfg[1], s=s), user_factors=u_c
+    )
     ch.update(ease=lam, central_als=ccfg)
-    _run(test, _rank_individual(cmod, depth, hl, 0.0, 60.0, s.fusion_depth),
-         a["central_als"], s)
+    _run(test, _rank_individual(cmod, depth, hl, 0.0, 60.0, s.fusion_depth), a["central_als"], s)
     _run(test, _rank_none(cmod, depth), a["central_none"], s)
-    cseg = _with_segments(cmod, x_train, u_c, list(data.signals), shrinkage=m_beh,
-                          behaviour=True, rules=rules, s=s)
-    _run(test, _rank_segment(cseg, depth, behaviour=True, half_life=sh),
-         a["central_segment"], s)
+    cseg = _with_segments(
+        cmod, x_train, u_c, list(data.signals), shrinkage=m_beh, behaviour=True, rules=rules, s=s
+    )
+    _run(test, _rank_segment(cseg, depth, behaviour=True, half_life=sh), a["central_segment"], s)
     _run(test, _rank_behavioral(cmod, depth, hl), a["central_behavioral"], s)
-    _run(test, _rank_contextual(cmod, depth, hl, ctx[0], ctx[1], s.session_gap),
-         a["central_contextual"], s)
-    _run(test, _rank_individual(cmod, depth, hl, w_c[0], w_c[1], s.fusion_depth, fh),
-         a["central_individual"], s)
+    _run(
+        test,
+        _rank_contextual(cmod, depth, hl, ctx[0], ctx[1], s.session_gap),
+        a["central_contextual"],
+        s,
+    )
+    _run(
+        test,
+        _rank_individual(cmod, depth, hl, w_c[0], w_c[1], s.fusion_depth, fh),
+        a["central_individual"],
+        s,
+    )
     tick("central references")
     return ch, len(seg_b.catalog.segments)
 
@@ -764,16 +1054,35 @@ def evaluate(
         dev = set(device.tolist())
         panel_rows = {u: data.sequences[u] for u in range(data.n_users) if u not in dev}
         xp = _matrix(data, panel_rows)
-        panel = _Panel(rows=panel_rows, x=xp, nbr=item_neighbours(xp, top_n=s.neighbours),
-                       als={cfg: train_als(xp, factors=s.factors, regularization=cfg[0],
-                                           alpha=cfg[1], iterations=s.als_iterations,
-                                           seed=s.seed)
-                            for cfg in s.als_grid})
+        panel = _Panel(
+            rows=panel_rows,
+            x=xp,
+            nbr=item_neighbours(xp, top_n=s.neighbours),
+            als={
+                cfg: train_als(
+                    xp,
+                    factors=s.factors,
+                    regularization=cfg[0],
+                    alpha=cfg[1],
+                    iterations=s.als_iterations,
+                    seed=s.seed,
+                )
+                for cfg in s.als_grid
+            },
+        )
         tick(f"fold {f + 1}: panel catalog")
         for p in s.protocols:
             prefix = f"fold {f + 1} {p}: "
-            ch, n_seg = _protocol(data, s, tuple(rules), device.tolist(), panel, p, accs[p],
-                                  functools.partial(_prefixed, tick, prefix))
+            ch, n_seg = _protocol(
+                data,
+                s,
+                tuple(rules),
+                device.tolist(),
+                panel,
+                p,
+                accs[p],
+                functools.partial(_prefixed, tick, prefix),
+            )
             chosen[p].append(ch)
             seg_counts[p].append(n_seg)
             log.info("fold %d %s: %s", f, p, ch)
@@ -795,14 +1104,32 @@ def evaluate(
             hr, hr_se = ms(acc.hr)
             nd, nd_se = ms(acc.ndcg)
             rc, rc_se = ms(acc.recall)
-            out.append(LevelResult(
-                key=key, label=label.format(rules=" x ".join(rules)), group=group, reads=reads,
-                hr=hr, hr_se=hr_se, ndcg=nd, ndcg_se=nd_se, recall=rc, recall_se=rc_se,
-                coverage=len(acc.covered) / data.n_items,
-                ms_per_user=float(np.mean(acc.ms)) if acc.ms else 0.0, users=n))
+            out.append(
+                LevelResult(
+                    key=key,
+                    label=label.format(rules=" x ".join(rules)),
+                    group=group,
+                    reads=reads,
+                    hr=hr,
+                    hr_se=hr_se,
+                    ndcg=nd,
+                    ndcg_se=nd_se,
+                    recall=rc,
+                    recall_se=rc_se,
+                    coverage=len(acc.covered) / data.n_items,
+                    ms_per_user=float(np.mean(acc.ms)) if acc.ms else 0.0,
+                    users=n,
+                )
+            )
         rows[p] = tuple(out)
     return EvalResult(
-        dataset=data.name, n_users=data.n_users, n_items=data.n_items, settings=s, rows=rows,
+        dataset=data.name,
+        n_users=data.n_users,
+        n_items=data.n_items,
+        settings=s,
+        rows=rows,
         chosen={p: tuple(v) for p, v in chosen.items()},
         segment_counts={p: tuple(v) for p, v in seg_counts.items()},
-        seconds=time.perf_counter() - t_start, command=command)
+        seconds=time.perf_counter() - t_start,
+        command=command,
+    )

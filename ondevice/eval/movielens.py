@@ -19,16 +19,38 @@ from ondevice.eval.harness import Dataset
 __all__ = ["GENRES", "age_band", "load_movielens"]
 
 GENRES = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
-    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
-    "Romance", "Sci-Fi", "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 )
 
 
 def age_band(age: int) -> str:
     """The MovieLens-1M age bands, used as a coarse declared signal."""
-    for upper, name in ((18, "<18"), (25, "18-24"), (35, "25-34"), (45, "35-44"),
-                        (50, "45-49"), (56, "50-55")):
+    for upper, name in (
+        (18, "<18"),
+        (25, "18-24"),
+        (35, "25-34"),
+        (45, "35-44"),
+        (50, "45-49"),
+        (56, "50-55"),
+    ):
         if age < upper:
             return name
     return "56+"
@@ -41,8 +63,9 @@ def load_movielens(path: str | os.PathLike[str]) -> Dataset:
         raw = np.loadtxt(root / "u.data", dtype=np.int64, ndmin=2)
         user_lines = (root / "u.user").read_text(encoding="latin-1").splitlines()
         item_file = root / "u.item"
-        item_lines = (item_file.read_text(encoding="latin-1").splitlines()
-                      if item_file.exists() else [])
+        item_lines = (
+            item_file.read_text(encoding="latin-1").splitlines() if item_file.exists() else []
+        )
     except (OSError, ValueError) as exc:
         raise InvalidInputError(f"cannot read MovieLens data in {root}: {exc}") from exc
     if raw.shape[1] < 4:
@@ -66,12 +89,20 @@ def load_movielens(path: str | os.PathLike[str]) -> Dataset:
     for line in user_lines:
         parts = line.split("|")
         if len(parts) >= 4:
-            signals_by_id[int(parts[0])] = {"age": age_band(int(parts[1])),
-                                            "gender": parts[2], "occupation": parts[3]}
+            signals_by_id[int(parts[0])] = {
+                "age": age_band(int(parts[1])),
+                "gender": parts[2],
+                "occupation": parts[3],
+            }
     users = np.searchsorted(u_ids, user_raw)
     items = np.searchsorted(i_ids, item_raw)
     return Dataset.from_arrays(
-        "MovieLens-100K", users, items, raw[:, 3], n_users=u_ids.size, n_items=i_ids.size,
+        "MovieLens-100K",
+        users,
+        items,
+        raw[:, 3],
+        n_users=u_ids.size,
+        n_items=i_ids.size,
         item_ids=[str(i) for i in i_ids.tolist()],
         titles=[titles.get(i, str(i)) for i in i_ids.tolist()],
         categories=[genres.get(i, ()) for i in i_ids.tolist()],

@@ -86,4 +86,3 @@ def recommend(rt: CatalogRuntime, state: UserState, req: Request) -> Answer | st
             pick if int(i) in in_head else why if int(i) in rank_of else POPULAR for i in ranked
         ],
     )
-

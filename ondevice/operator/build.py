@@ -133,8 +133,9 @@ class Csr:
         return Csr(indptr, self.indices[mask], self.data[mask], self.shape)
 
 
-def _coo_to_csr(rows: I64, cols: I64, vals: npt.NDArray[np.floating],
-                shape: tuple[int, int]) -> Csr:
+def _coo_to_csr(
+    rows: I64, cols: I64, vals: npt.NDArray[np.floating], shape: tuple[int, int]
+) -> Csr:
     order = np.lexsort((cols, rows))
     rows, cols, v = rows[order], cols[order], np.asarray(vals, dtype=np.float32)[order]
     if rows.size:
@@ -306,9 +307,7 @@ def train_als(
     return u.astype(np.float32), y.astype(np.float32)
 
 
-def user_vectors(
-    x: Csr, item_factors: F32, *, regularization: float, alpha: float
-) -> F32:
+def user_vectors(x: Csr, item_factors: F32, *, regularization: float, alpha: float) -> F32:
     """The exact ALS user vector of every row of ``x`` against ``item_factors``."""
     y = item_factors.astype(np.float64)
     return _solve_side(x, y, regularization=regularization, alpha=alpha).astype(np.float32)
@@ -490,8 +489,11 @@ def build_catalog(
     stage)`` is called during the long stages.
     """
     s = settings or BuildSettings()
-    rows = read_interactions(interactions) if isinstance(interactions, (str, os.PathLike)) \
+    rows = (
+        read_interactions(interactions)
+        if isinstance(interactions, (str, os.PathLike))
         else list(interactions)
+    )
     if not rows:
         raise InvalidInputError("the interaction log is empty")
     u_names: list[str] = []
@@ -514,15 +516,24 @@ def build_catalog(
     ii = np.fromiter((item_pos[n] for n in i_names), dtype=np.int64, count=len(rows))
     x = interaction_matrix(uu, ii, len(user_list), len(item_list))
     t0 = time.perf_counter()
-    log.info("building catalog: %d panel users, %d items, %d interactions",
-             x.shape[0], x.shape[1], x.indices.size)
+    log.info(
+        "building catalog: %d panel users, %d items, %d interactions",
+        x.shape[0],
+        x.shape[1],
+        x.indices.size,
+    )
 
     pop = item_popularity(x)
-    nbr_indptr, nbr_indices, nbr_weights = item_neighbours(x, top_n=s.neighbours,
-                                                           progress=progress)
-    user_f, item_f = train_als(x, factors=s.factors, regularization=s.regularization,
-                               alpha=s.alpha, iterations=s.iterations, seed=s.seed,
-                               progress=progress)
+    nbr_indptr, nbr_indices, nbr_weights = item_neighbours(x, top_n=s.neighbours, progress=progress)
+    user_f, item_f = train_als(
+        x,
+        factors=s.factors,
+        regularization=s.regularization,
+        alpha=s.alpha,
+        iterations=s.iterations,
+        seed=s.seed,
+        progress=progress,
+    )
     gram = (item_f.astype(np.float64).T @ item_f.astype(np.float64)).astype(np.float32)
     user_sig = [signals.get(name) if signals else None for name in user_list]
     segs, rules, default = make_segments(x, user_f, user_sig, settings=s)
@@ -539,9 +550,9 @@ def build_catalog(
         segments=tuple(segs),
         segment_rules=tuple(rules),
         default_segment=default,
-        categories=None if categories is None else tuple(
-            tuple(categories.get(name, ())) for name in item_list
-        ),
+        categories=None
+        if categories is None
+        else tuple(tuple(categories.get(name, ())) for name in item_list),
         item_factors=item_f,
         gram=gram,
         als=AlsParams(factors=s.factors, regularization=s.regularization, alpha=s.alpha),
@@ -570,29 +581,42 @@ def make_segments(
     # rules alone keep one slot for the catch-all "everyone" segment
     rule_room = s.max_segments - (min(s.segments, s.max_segments - 1) if behaviour else 1)
     if s.rule_signals and rule_room > 0:
-        for when, members in rule_segments(user_signals, s.rule_signals,
-                                           min_users=s.min_segment_users,
-                                           max_segments=rule_room):
+        for when, members in rule_segments(
+            user_signals, s.rule_signals, min_users=s.min_segment_users, max_segments=rule_room
+        ):
             sid = len(segs)
             name = " & ".join(f"{k}={v[0]}" for k, v in when.items())
-            segs.append(Segment(id=sid, name=name, panel_users=int(members.size),
-                                top_items=segment_top_items(x, members, shrinkage=s.shrinkage,
-                                                            top_n=s.segment_top_n,
-                                                            global_share=share)))
+            segs.append(
+                Segment(
+                    id=sid,
+                    name=name,
+                    panel_users=int(members.size),
+                    top_items=segment_top_items(
+                        x, members, shrinkage=s.shrinkage, top_n=s.segment_top_n, global_share=share
+                    ),
+                )
+            )
             rules.append(SegmentRule(segment=sid, when=when))
     room = s.max_segments - len(segs)
     if behaviour and room > 0 and user_factors is not None:
         active = np.flatnonzero(np.diff(x.indptr) > 0)
-        cents, labels = spherical_kmeans(user_factors[active], min(s.segments, room),
-                                         min_size=s.min_segment_users, seed=s.seed)
+        cents, labels = spherical_kmeans(
+            user_factors[active], min(s.segments, room), min_size=s.min_segment_users, seed=s.seed
+        )
         for c in range(cents.shape[0]):
             members = active[labels == c]
             sid = len(segs)
-            segs.append(Segment(id=sid, name=f"behaviour {c}", panel_users=int(members.size),
-                                top_items=segment_top_items(x, members, shrinkage=s.shrinkage,
-                                                            top_n=s.segment_top_n,
-                                                            global_share=share),
-                                centroid=cents[c]))
+            segs.append(
+                Segment(
+                    id=sid,
+                    name=f"behaviour {c}",
+                    panel_users=int(members.size),
+                    top_items=segment_top_items(
+                        x, members, shrinkage=s.shrinkage, top_n=s.segment_top_n, global_share=share
+                    ),
+                    centroid=cents[c],
+                )
+            )
     if not segs or (not any(g.centroid is not None for g in segs) and len(segs) < s.max_segments):
         # users matching no rule need a segment too: the whole panel, if large enough
         n_active = int((np.diff(x.indptr) > 0).sum())
@@ -600,8 +624,7 @@ def make_segments(
             sid = len(segs)
             order = np.lexsort((np.arange(x.shape[1]), -share))
             top: I32 = order[share[order] > 0][: s.segment_top_n].astype(np.int32)
-            segs.append(Segment(id=sid, name="everyone", panel_users=n_active,
-                                top_items=top))
+            segs.append(Segment(id=sid, name="everyone", panel_users=n_active, top_items=top))
     if not segs:
         return [], [], 0
     default = max(segs, key=lambda g: (g.panel_users, -g.id)).id
