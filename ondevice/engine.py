@@ -1258,7 +1258,7 @@ def _plan_user(data: Any, policy: Policy, now: float) -> _UserPlan:
         for a in data.get("activity", []):
             event = a["event"]
             if event not in policy.events:
-                raise PolicyViolationError(f"event {event!r} is not declared")
+                raise PolicyViolationError("an exported activity event is not declared")
             count = a["count"]
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 raise ExportError("malformed export: activity count must be a positive int")
@@ -1278,7 +1278,10 @@ def _plan_user(data: Any, policy: Policy, now: float) -> _UserPlan:
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         if isinstance(exc, OndeviceError):
             raise
-        raise ExportError(f"malformed export: {exc!r}") from exc
+        # Name the kind of problem, never the exported value (messages reach logs).
+        raise ExportError(
+            f"malformed export: a user entry is invalid ({type(exc).__name__})"
+        ) from None
     return _UserPlan(user_id, created, signals, interactions, activity, derived, blocks, egress)
 
 

@@ -165,7 +165,8 @@ class Argon2Params:
         mem, it, lanes = d["memory_kib"], d["iterations"], d["lanes"]
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (mem, it, lanes)):
             raise TypeError("KDF parameters must be ints")
-        if mem > 4 * 1024 * 1024 or it > 64 or lanes > 64:
+        # An export or key file from elsewhere must not make us allocate gigabytes.
+        if mem > 1024 * 1024 or it > 16 or lanes > 16:
             raise ValueError("KDF parameters unreasonably large")
         return cls(memory_kib=mem, iterations=it, lanes=lanes)
 

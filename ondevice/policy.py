@@ -202,7 +202,8 @@ class _Declared:
             raise InvalidInputError(f"{where} must be a str; got {type(value).__name__}")
         _check_text(value, where, self.max_length)
         if self.choices is not None and value not in self.choices:
-            raise InvalidInputError(f"{where} must be one of {list(self.choices)}; got {value!r}")
+            # Never echo the refused value: error messages end up in app logs.
+            raise InvalidInputError(f"{where} must be one of {list(self.choices)}")
         return value
 
     def describe(self, min_level: PrivacyLevel) -> FieldPurpose:
@@ -497,7 +498,7 @@ class Policy:
             raise InvalidInputError(f"event must be a str; got {type(event).__name__}")
         if event not in self.events:
             raise PolicyViolationError(
-                f"event {event!r} is not declared; declared events: {list(self.events)}"
+                f"the interaction's event is not declared; declared events: {list(self.events)}"
             )
         ts = self._timestamp(raw.get("timestamp"), now)
         value = raw.get("value")
@@ -523,12 +524,10 @@ class Policy:
         if not math.isfinite(value):
             raise InvalidInputError(f"timestamp must be finite; got {value!r}")
         if value < MIN_TIMESTAMP:
-            raise InvalidInputError(
-                f"timestamp {value!r} is before 2000-01-01; expected Unix seconds"
-            )
+            raise InvalidInputError("timestamp is before 2000-01-01; expected Unix seconds")
         if value > now + self.max_future_seconds:
             raise InvalidInputError(
-                f"timestamp {value!r} is {value - now:.0f} s in the future "
+                f"timestamp is {value - now:.0f} s in the future "
                 f"(at most {self.max_future_seconds:.0f} s allowed)"
             )
         return value

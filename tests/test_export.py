@@ -182,3 +182,19 @@ def test_export_bytes_are_versioned_and_documented_fields_present(make_engine):
     }
     enc = json.loads(encode_export(doc, passphrase="x", kdf=FAST_KDF))
     assert enc["format"] == "ondevice.export.encrypted" and enc["version"] == 1
+
+
+def test_an_export_asking_for_a_huge_kdf_is_refused_cheaply(make_engine):
+    engine = make_engine()
+    doc = {
+        "format": "ondevice.export.encrypted",
+        "version": 1,
+        "kdf": {"name": "argon2id", "memory_kib": 4 * 1024 * 1024, "iterations": 3, "lanes": 4},
+        "sealed": {
+            "salt": "AAAAAAAAAAAAAAAAAAAAAA==",
+            "nonce": "AAAAAAAAAAAAAAAA",
+            "ciphertext": "AAAA",
+        },
+    }
+    with pytest.raises(ExportError):
+        engine.import_profile(json.dumps(doc).encode(), passphrase="pw")

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from ondevice import (
     Interaction,
     InvalidInputError,
+    OndeviceError,
     PersonalizationEngine,
     PolicyViolationError,
     PrivacyLevel,
@@ -366,3 +367,36 @@ def test_undeclaring_an_event_purges_its_counters_too(make_engine):
     with pytest.raises(PolicyViolationError):  # the old export still says "click"
         engine.import_profile(export)
     engine.import_profile(engine.export_profile())  # its own export imports cleanly
+
+
+SECRET = "diagnosis-QQ71"
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda e: e.set_signals("u", {"plan": SECRET}),
+        lambda e: e.update_profile("u", {"item_id": "a", "event": SECRET}),
+        lambda e: e.update_profile("u", {"item_id": "a", "context": {"daypart": SECRET}}),
+        lambda e: e.update_profile("u", {"item_id": SECRET * 30}),
+        lambda e: e.import_profile(
+            {
+                "format": "ondevice.export",
+                "version": 1,
+                "users": [
+                    {
+                        "user_id": "u",
+                        "created_at": T0,
+                        "activity": [{"day": SECRET, "event": "view", "count": 1}],
+                    }
+                ],
+            }
+        ),
+    ],
+)
+def test_refused_values_are_never_echoed_in_error_messages(make_engine, call):
+    engine = make_engine(privacy_level="contextual")
+    with pytest.raises(OndeviceError) as err:
+        call(engine)
+    assert SECRET not in str(err.value)
+    assert SECRET not in repr(err.value.__cause__ or "")
