@@ -386,11 +386,12 @@ class PersonalizationEngine:
             if meta["profile_id"] is None:
                 Store.set_meta(conn, "profile_id", str(uuid.uuid4()))
                 Store.set_meta(conn, "created_at", repr(now))
-            if lowered:
-                assert stored_level is not None
+            if stored_level is not None and stored_level != level.value:
+                # Any change of level, up or down, purges what the new level does not
+                # keep (moving up drops the segment level's stand-ins for the window).
                 self._keep_taste_before_purge(conn, PrivacyLevel(stored_level), level, now)
                 purged += Store.purge_for_level(conn, level)
-                log.info("privacy level lowered from %s to %s", stored_level, level.value)
+                log.info("privacy level changed from %s to %s", stored_level, level.value)
             if policy_changed:
                 if old_policy is not None and policy is not None:
                     purged += _purge_changed_declarations(conn, old_policy, new_policy)
@@ -538,12 +539,14 @@ class PersonalizationEngine:
         return True
 
     def set_privacy_level(self, level: PrivacyLevel | str) -> None:
-        """Change the privacy level. Lowering it purges, at once, everything the new
-        level does not collect (and the purged rows are overwritten in the file)."""
+        """Change the privacy level. Everything the new level does not keep is purged at
+        once (and the purged rows are overwritten in the file): lowering drops what the
+        lower level does not collect; raising past ``segment`` drops its per-day
+        counters and taste sums, which the window replaces."""
         new = PrivacyLevel.parse(level)
         with self._store.write() as conn:
             purged = 0
-            if not new.allows(self._level):
+            if new is not self._level:
                 self._keep_taste_before_purge(conn, self._level, new, self.now())
                 purged = Store.purge_for_level(conn, new)
             Store.set_meta(conn, "privacy_level", new.value)
@@ -997,11 +1000,18 @@ class PersonalizationEngine:
                 if plan.signals:
                     for name, (value, updated) in plan.signals.items():
                         Store.set_signals(conn, plan.user_id, {name: value}, updated)
-                Store.restore_activity(conn, plan.user_id, plan.activity)
-                if level is PrivacyLevel.SEGMENT and plan.interactions:
-                    Store.count_activity(conn, plan.user_id, plan.interactions)
+                if level is PrivacyLevel.SEGMENT:
+                    # Only the segment level keeps counters (the window tells the rest).
+                    Store.restore_activity(conn, plan.user_id, plan.activity)
+                    if plan.interactions:
+                        Store.count_activity(conn, plan.user_id, plan.interactions)
+                kept = {
+                    f.name.removeprefix("derived.")
+                    for f in policy.purposes()
+                    if f.name.startswith("derived.") and f.collected_at(level)
+                }
                 for name, blob, updated in plan.derived:
-                    if level.allows(PrivacyLevel.INDIVIDUAL) or name not in ("user_vector",):
+                    if name in kept:
                         Store.set_derived(conn, plan.user_id, name, blob, updated)
                 if level.allows(PrivacyLevel.BEHAVIORAL):
                     Store.insert_interactions(

@@ -93,6 +93,8 @@ USER_TABLES: Final = (
 #: Derived state kept only at the individual level (everything else in ``derived``
 #: is aggregate state kept from the segment level up).
 INDIVIDUAL_DERIVED: Final = ("user_vector",)
+#: Derived state kept only at the segment level.
+SEGMENT_DERIVED: Final = "taste_aggregates"
 
 
 #: The egress log is kept a year: long enough to show the user every report and to
@@ -503,8 +505,12 @@ class Store:
 
     @staticmethod
     def purge_for_level(conn: _db.Connection, level: PrivacyLevel) -> int:
-        """Delete everything the given level does not collect."""
+        """Delete everything the given level does not keep."""
         total = 0
+        if level.allows(PrivacyLevel.BEHAVIORAL):
+            # The segment level's stand-ins for the window: counters and taste sums.
+            total += conn.execute("DELETE FROM activity").rowcount
+            total += conn.execute("DELETE FROM derived WHERE name = ?", (SEGMENT_DERIVED,)).rowcount
         if not level.allows(PrivacyLevel.INDIVIDUAL):
             marks = ",".join("?" * len(INDIVIDUAL_DERIVED))
             total += conn.execute(

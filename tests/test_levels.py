@@ -255,3 +255,15 @@ def test_a_wipe_during_a_recommendation_is_not_undone_by_the_vector_cache(
     engine.get_recommendations("u", k=3)
     with engine._store.read() as conn:
         assert Store.count_rows(conn) == dict.fromkeys(Store.count_rows(conn), 0)
+
+
+def test_raising_the_level_drops_the_segment_levels_stand_ins(open_engine):
+    engine = open_engine("segment")
+    _history(engine)
+    with engine._store.read() as conn:
+        assert Store.count_rows(conn)["activity"] > 0 and Store.count_rows(conn)["derived"] == 1
+    engine.set_privacy_level("individual")
+    report = {f["name"]: f for f in engine.report("u").to_dict()["fields"]}
+    assert report["activity.daily_counts"]["collected"] is False
+    with engine._store.read() as conn:
+        assert Store.count_rows(conn)["activity"] == 0 and Store.count_rows(conn)["derived"] == 0
