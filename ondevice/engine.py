@@ -722,9 +722,17 @@ class PersonalizationEngine:
                 timeout=settings.timeout,
                 k=k,
             )
+            lease = now + settings.timeout + 30.0
             with self._store.write() as conn:
                 prior = {e["epoch"]: e for e in Store.egress(conn, user_id)}
                 entry = prior.get(epoch)
+                tag = Store.ledger_tag(conn, user_id)
+                spent = Store.ledger(conn, tag)
+                if entry is None and any(e == epoch for e, _, _ in spent):
+                    # Reported this epoch under this user id before a wipe_profile.
+                    return SyncOutcome(
+                        user_id, "already_sent", epoch, reason="one report per epoch"
+                    )
                 if entry is not None:
                     if entry["status"] in ("sent", "refused"):
                         return SyncOutcome(
@@ -748,9 +756,10 @@ class PersonalizationEngine:
                         )
                     body = entry["body"].encode("ascii")
                     attempts = int(entry["attempts"])
+                    Store.lease_egress(conn, user_id, epoch, lease)
                 else:
                     accountant = privacy.BudgetAccountant(
-                        spends=tuple((e["created_at"], e["epsilon"]) for e in prior.values()),
+                        spends=tuple((t, eps) for _, eps, t in spent),
                         cap=settings.budget_cap,
                         period=settings.budget_period_days * 86400.0,
                     )
@@ -768,7 +777,10 @@ class PersonalizationEngine:
                         )
                     reported = privacy.randomize(chosen[0].id, k=k, epsilon=settings.epsilon)
                     body = client.build_report(reported, epoch)
-                    Store.log_egress(conn, user_id, epoch, body, settings.epsilon, now)
+                    Store.log_egress(
+                        conn, user_id, epoch, body, settings.epsilon, now, lease_until=lease
+                    )
+                    Store.spend(conn, tag, epoch, settings.epsilon, now)
                     attempts = 0
             status, answer, retry = "sent", "", None
             try:
@@ -899,7 +911,7 @@ class PersonalizationEngine:
                         reports_sent=sum(
                             1 for e in Store.egress(conn, uid) if e["status"] == "sent"
                         ),
-                        privacy_budget=self._budget(Store.egress(conn, uid)),
+                        privacy_budget=self._budget(conn, uid),
                     )
                 )
         return ProfileReport(
@@ -910,12 +922,13 @@ class PersonalizationEngine:
             users=tuple(users),
         )
 
-    def _budget(self, egress: list[dict[str, Any]]) -> dict[str, float]:
+    def _budget(self, conn: _db.Connection, user_id: str) -> dict[str, float]:
         """The local differential-privacy budget: spent in the rolling period, cap, left."""
         settings = self._sync_settings or SyncSettings(server_url="http://unset.invalid")
         period = settings.budget_period_days * 86400.0
         now = self.now()
-        spent = sum(e["epsilon"] for e in egress if e["created_at"] > now - period)
+        ledger = Store.ledger(conn, Store.ledger_tag_if_any(conn, user_id))
+        spent = sum(eps for _, eps, t in ledger if t > now - period)
         return {
             "epsilon_spent": spent,
             "epsilon_cap": settings.budget_cap,
@@ -934,7 +947,7 @@ class PersonalizationEngine:
             ids = [user_id] if user_id is not None else Store.user_ids(conn)
             users = [_export_user(conn, uid) for uid in ids if Store.user_row(conn, uid)]
             for user in users:
-                user["privacy_budget"] = self._budget(user["egress"])
+                user["privacy_budget"] = self._budget(conn, user["user_id"])
         return {
             "format": EXPORT_FORMAT,
             "version": EXPORT_VERSION,
@@ -1023,6 +1036,10 @@ class PersonalizationEngine:
                     Store.enforce_window(conn, plan.user_id, policy.window)
                     Store.restore_blocks(conn, plan.user_id, plan.blocks)
                 Store.restore_egress(conn, plan.user_id, plan.egress)
+                if plan.egress:
+                    tag = Store.ledger_tag(conn, plan.user_id)
+                    for e in plan.egress:
+                        Store.spend(conn, tag, e["epoch"], e["epsilon"], e["created_at"])
                 Store.purge_expired(conn, policy, now, plan.user_id)
         return [p.user_id for p in plans]
 

@@ -365,6 +365,14 @@ BUILTIN_FIELDS: Final = (
         PrivacyLevel.SEGMENT,
     ),
     FieldPurpose(
+        "budget_ledger.spend",
+        "keep the privacy budget and the one-report-a-week rule even after a user is "
+        "forgotten or the level lowered: a keyed tag (no user id), the week and the "
+        "epsilon of each report; kept at every level until it expires",
+        365.0,
+        PrivacyLevel.NONE,
+    ),
+    FieldPurpose(
         "derived.user_vector",
         "your taste vector, computed on this device from your own interactions",
         PROFILE_RETENTION,

@@ -18,6 +18,8 @@ forward steps):
 - ``blocks(user_id, item_id, created_at)``: items the user asked never to see (v2).
 - ``egress(user_id, epoch, body, epsilon, status, ...)``: every segment report, logged
   before it is sent (v3).
+- ``budget_ledger(tag, epoch, epsilon, created_at)``: the privacy budget spent, per
+  keyed tag of a user (v4); survives ``wipe_profile``.
 """
 
 from __future__ import annotations
@@ -75,6 +77,15 @@ MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
             status TEXT NOT NULL, sent_at REAL, answer TEXT,
             attempts INTEGER NOT NULL DEFAULT 0, next_attempt REAL,
             UNIQUE(user_id, epoch))""",
+    ),
+    4: (
+        # The privacy-budget ledger: what was spent, per keyed tag of a local user (no
+        # user id, no segment). It outlives wipe_profile() and level changes, so that
+        # forgetting a user or lowering the level cannot reset the budget or allow a
+        # second report in the same epoch.
+        """CREATE TABLE budget_ledger(
+            tag BLOB NOT NULL, epoch TEXT NOT NULL, epsilon REAL NOT NULL,
+            created_at REAL NOT NULL, PRIMARY KEY(tag, epoch)) WITHOUT ROWID""",
     ),
 }
 SCHEMA_VERSION: Final = max(MIGRATIONS)
@@ -434,6 +445,11 @@ class Store:
         run(f"DELETE FROM activity WHERE day < ? {who}", _day(cutoff))
         run(f"DELETE FROM derived WHERE updated_at < ? {who}", cutoff)
         run(f"DELETE FROM egress WHERE created_at < ? {who}", now - EGRESS_RETENTION_DAYS * DAY)
+        if user_id is None:
+            total += conn.execute(
+                "DELETE FROM budget_ledger WHERE created_at < ?",
+                (now - EGRESS_RETENTION_DAYS * DAY,),
+            ).rowcount
         for field in policy.context if scan else ():
             if field.retention_days < policy.retention_days:
                 run(
@@ -631,13 +647,74 @@ class Store:
 
     @staticmethod
     def log_egress(
-        conn: _db.Connection, user_id: str, epoch: str, body: bytes, epsilon: float, now: float
+        conn: _db.Connection,
+        user_id: str,
+        epoch: str,
+        body: bytes,
+        epsilon: float,
+        now: float,
+        *,
+        lease_until: float,
     ) -> None:
-        """Append a report to the egress log, before it is sent."""
+        """Append a report to the egress log, before it is sent, leased to the caller
+        until ``lease_until`` (a concurrent sync waits instead of sending it too)."""
         conn.execute(
-            "INSERT INTO egress(user_id, epoch, body, epsilon, created_at, status) "
-            "VALUES (?, ?, ?, ?, ?, 'pending')",
-            (user_id, epoch, body, epsilon, now),
+            "INSERT INTO egress(user_id, epoch, body, epsilon, created_at, status, "
+            "next_attempt) VALUES (?, ?, ?, ?, ?, 'pending', ?)",
+            (user_id, epoch, body, epsilon, now, lease_until),
+        )
+
+    @staticmethod
+    def lease_egress(conn: _db.Connection, user_id: str, epoch: str, until: float) -> None:
+        """Take a logged report for sending until ``until``."""
+        conn.execute(
+            "UPDATE egress SET next_attempt = ? WHERE user_id = ? AND epoch = ?",
+            (until, user_id, epoch),
+        )
+
+    @staticmethod
+    def ledger_tag(conn: _db.Connection, user_id: str) -> bytes:
+        """The budget ledger's tag of a user: HMAC-SHA256 under a random secret kept in
+        the (encrypted) profile, so the ledger holds no user id."""
+        import hashlib
+        import hmac
+        import secrets
+
+        secret = Store.get_meta(conn, "ledger_secret")
+        if secret is None:
+            secret = secrets.token_hex(32)
+            Store.set_meta(conn, "ledger_secret", secret)
+        return hmac.new(bytes.fromhex(secret), user_id.encode(), hashlib.sha256).digest()
+
+    @staticmethod
+    def ledger_tag_if_any(conn: _db.Connection, user_id: str) -> bytes:
+        """The user's ledger tag, or ``b""`` (matching nothing) if nothing was ever
+        spent in this profile; never writes (for read transactions)."""
+        import hashlib
+        import hmac
+
+        secret = Store.get_meta(conn, "ledger_secret")
+        if secret is None:
+            return b""
+        return hmac.new(bytes.fromhex(secret), user_id.encode(), hashlib.sha256).digest()
+
+    @staticmethod
+    def ledger(conn: _db.Connection, tag: bytes) -> list[tuple[str, float, float]]:
+        """(epoch, epsilon, created_at) spent under ``tag``, oldest first."""
+        rows = conn.execute(
+            "SELECT epoch, epsilon, created_at FROM budget_ledger WHERE tag = ? "
+            "ORDER BY created_at",
+            (tag,),
+        )
+        return [(str(e), float(x), float(t)) for e, x, t in rows]
+
+    @staticmethod
+    def spend(conn: _db.Connection, tag: bytes, epoch: str, epsilon: float, now: float) -> None:
+        """Record a report's epsilon in the ledger."""
+        conn.execute(
+            "INSERT OR IGNORE INTO budget_ledger(tag, epoch, epsilon, created_at) "
+            "VALUES (?, ?, ?, ?)",
+            (tag, epoch, epsilon, now),
         )
 
     @staticmethod
@@ -694,5 +771,6 @@ class Store:
             "derived",
             "blocks",
             "egress",
+            "budget_ledger",
         )
         return {t: int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in tables}

@@ -52,6 +52,9 @@ class SyncSettings:
                 raise InvalidInputError(f"{name} must be positive and finite")
         if self.epsilon > self.budget_cap:
             raise InvalidInputError("epsilon must not exceed budget_cap")
+        if self.budget_period_days > 365:
+            # The budget ledger is kept a year: a longer period could not be enforced.
+            raise InvalidInputError("budget_period_days must be at most 365")
 
 
 @dataclass(frozen=True, slots=True)

@@ -209,3 +209,47 @@ def test_report_bodies_are_logged_before_sending(open_engine):
     assert outcome.status == "failed"
     (entry,) = engine.export_profile("u")["users"][0]["egress"]
     assert entry["body"] == outcome.body and entry["status"] == "failed"
+
+
+def test_forgetting_a_user_does_not_reset_the_weekly_report_or_the_budget(open_engine, server):
+    engine = open_engine("segment", sync=SyncSettings(server_url=server.url))
+    _record(engine, "u")
+    assert engine.sync("u").status == "sent"
+    engine.wipe_profile("u")
+    _record(engine, "u")
+    assert engine.sync("u").status == "already_sent"
+    engine.set_privacy_level("none")
+    engine.set_privacy_level("segment")
+    _record(engine, "u")
+    assert engine.sync("u").status == "already_sent"
+    assert len(_reports(server)) == 1
+    budget = engine.report("u").users[0].privacy_budget
+    assert budget["epsilon_spent"] == pytest.approx(math.log(3))
+
+
+def test_a_report_in_flight_is_not_sent_twice(open_engine, server):
+    """A second sync() while the first is still sending waits for it."""
+    from sync.client import HttpTransport
+
+    seen: list[str] = []
+
+    class Reentrant(HttpTransport):
+        def request(self, method, url, headers, body, timeout):
+            if method == "POST" and not seen:
+                seen.append(engine.sync("u").status)  # the app syncs again, meanwhile
+            return super().request(method, url, headers, body, timeout)
+
+    engine = open_engine(
+        "segment", sync=SyncSettings(server_url=server.url, transport=Reentrant())
+    )
+    _record(engine, "u")
+    assert engine.sync("u").status == "sent"
+    assert seen == ["waiting"]
+    assert len(_reports(server)) == 1
+
+
+def test_a_budget_period_longer_than_the_ledger_is_refused():
+    from ondevice import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="365"):
+        SyncSettings(server_url="http://127.0.0.1:1", budget_period_days=400)
