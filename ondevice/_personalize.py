@@ -4,14 +4,13 @@ derived state kept for the segment and individual levels. Internal."""
 from __future__ import annotations
 
 import hashlib
-import struct
 from collections.abc import Mapping, Sequence
 from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
-from . import _db
+from . import _aggblob, _db
 from .levels.base import EVENT_WEIGHTS, CatalogRuntime, UserState
 from .policy import Interaction, PrivacyLevel, SignalValue
 from .store import Store
@@ -28,8 +27,8 @@ __all__ = [
 
 AGGREGATES: Final = "taste_aggregates"
 USER_VECTOR: Final = "user_vector"
-_AGG_MAGIC: Final = b"ODAG2"
 _VEC_MAGIC: Final = b"ODUV1"
+DAY: Final = 86400.0
 
 
 def _strength(event: str) -> float:
@@ -43,6 +42,8 @@ def load_state(
     rt: CatalogRuntime,
     *,
     exclude_seen: bool,
+    now: float,
+    retention_days: float,
 ) -> tuple[UserState, list[Interaction]]:
     """Read what ``level`` may read about ``user_id``; also return the raw window."""
     state = UserState(user_id=user_id)
@@ -52,7 +53,8 @@ def load_state(
     state.signals = {n: v for n, v, _ in Store.signals(conn, user_id)}
     derived = {n: blob for n, blob, _ in Store.derived(conn, user_id)}
     if level is PrivacyLevel.SEGMENT:
-        state.aggregates = _decode_aggregates(derived.get(AGGREGATES), rt)
+        cutoff_day = int((now - retention_days * DAY) // DAY)
+        state.aggregates = _decode_aggregates(derived.get(AGGREGATES), rt, cutoff_day)
         return state, window
     # Context is read only where a level that may answer uses it.
     with_context = level is PrivacyLevel.CONTEXTUAL or (
@@ -127,29 +129,38 @@ def cached_vector(blob: bytes | None, digest: bytes) -> npt.NDArray[np.float32] 
 
 
 def _decode_aggregates(
-    blob: bytes | None, rt: CatalogRuntime
+    blob: bytes | None, rt: CatalogRuntime, cutoff_day: int
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None:
-    """``(b, A)`` for :func:`ondevice.scoring.fold_in_aggregates` from the stored sums."""
-    parts = _decode_parts(blob, rt)
-    if parts is None:
+    """``(b, A)`` for :func:`ondevice.scoring.fold_in_aggregates`: the sums of every
+    bucket still within retention (``b = S + D``)."""
+    buckets = _buckets(blob, rt, cutoff_day)
+    if not buckets:
         return None
-    s, d, a = parts
+    f = _factors(rt)
+    s = sum((parts[0] for parts in buckets.values()), np.zeros(f))
+    d = sum((parts[1] for parts in buckets.values()), np.zeros(f))
+    a = sum((parts[2] for parts in buckets.values()), np.zeros((f, f)))
     return s + d, a
 
 
-def _decode_parts(
-    blob: bytes | None, rt: CatalogRuntime
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]] | None:
+_Parts = tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]
+
+
+def _buckets(blob: bytes | None, rt: CatalogRuntime, cutoff_day: int) -> dict[int, _Parts]:
     f = _factors(rt)
-    if blob is None or f == 0 or not blob.startswith(_AGG_MAGIC):
-        return None
-    head = len(_AGG_MAGIC) + 32 + 8
-    if blob[len(_AGG_MAGIC) : len(_AGG_MAGIC) + 32] != _catalog_digest(rt):
-        return None  # computed against another catalog's factors: meaningless here
-    if len(blob) != head + 4 * (2 * f + f * f):
-        return None
-    body = np.frombuffer(blob[head:], dtype="<f4").astype(np.float64)
-    return body[:f].copy(), body[f : 2 * f].copy(), body[2 * f :].reshape(f, f).copy()
+    parsed = _aggblob.unpack(blob) if blob is not None and f else None
+    if parsed is None:
+        return {}
+    digest, _, stored_f, raw = parsed
+    if digest != _catalog_digest(rt) or stored_f != f:
+        return {}  # computed against another catalog's factors: meaningless here
+    out: dict[int, _Parts] = {}
+    for day, data in raw:
+        if day < cutoff_day:
+            continue  # past retention: never used, dropped at the next write
+        body = np.frombuffer(data, dtype="<f4").astype(np.float64)
+        out[day] = (body[:f].copy(), body[f : 2 * f].copy(), body[2 * f :].reshape(f, f).copy())
+    return out
 
 
 def _catalog_digest(rt: CatalogRuntime) -> bytes:
@@ -167,6 +178,8 @@ def add_to_aggregates(
     rt: CatalogRuntime,
     interactions: Sequence[Interaction],
     now: float,
+    *,
+    retention_days: float,
 ) -> None:
     """Fold new interactions into the user's factor-space sums: the only taste state the
     segment level keeps (no item ids).
@@ -174,10 +187,12 @@ def add_to_aggregates(
     With confidence ``c_i = 1 + alpha * r_i * w_i`` and recency weights ``w_i`` halving
     every ``segment_half_life`` interactions (as :func:`ondevice.scoring.aggregates`
     weighs a window, newest first), the fold-in needs ``b = sum c_i y_i`` and
-    ``A = sum (c_i - 1) y_i y_i^T``. They are kept as three sums: ``S = sum y_i`` (not
-    decayed), ``D = sum alpha r_i w_i y_i`` and ``A`` (both decayed by one step per new
-    interaction); ``b = S + D``. The one difference from the window form: an item seen
-    twice counts twice, since no item ids are kept to notice it.
+    ``A = sum (c_i - 1) y_i y_i^T``. They are kept as three sums per 30-day bucket
+    (:mod:`ondevice._aggblob`): ``S = sum y_i`` (not decayed), ``D = sum alpha r_i w_i
+    y_i`` and ``A`` (both decayed by one step per new interaction); ``b = S + D``.
+    Buckets that start before the retention period are dropped, so the sums forget what
+    retention deletes. The one difference from the window form: an item seen twice
+    counts twice, since no item ids are kept to notice it.
     """
     f = _factors(rt)
     cat = rt.catalog
@@ -186,48 +201,39 @@ def add_to_aggregates(
     known = [(it, rt.index[it.item_id]) for it in interactions if it.item_id in rt.index]
     if not known:
         return
+    cutoff_day = int((now - retention_days * DAY) // DAY)
     row = {n: blob for n, blob, _ in Store.derived(conn, user_id)}.get(AGGREGATES)
-    parts = _decode_parts(row, rt)
-    if parts is None:
-        s, d, a = np.zeros(f), np.zeros(f), np.zeros((f, f))
-        last = now
-    else:
-        s, d, a = parts
-        last = _updated_at(row) if row is not None else now
+    buckets = _buckets(row, rt, cutoff_day)
     half_life = rt.params.segment_half_life
     step = 1.0 if np.isinf(half_life) else 0.5 ** (1.0 / half_life)
     alpha = cat.als.alpha
+    last = now
     for it, idx in sorted(known, key=lambda pair: pair[0].timestamp or 0.0):
         strength = _strength(it.event)
-        if strength == 0.0:
+        ts = float(it.timestamp or now)
+        day = _aggblob.bucket_day(int(ts // DAY))
+        if strength == 0.0 or day < cutoff_day:
             continue
         y = cat.item_factors[idx].astype(np.float64)
-        s = s + y
-        d = d * step + alpha * strength * y
-        a = a * step + alpha * strength * np.outer(y, y)
-        last = max(last, float(it.timestamp or now))
-    blob = (
-        _AGG_MAGIC
-        + _catalog_digest(rt)
-        + struct.pack("<d", last)
-        + np.concatenate((s, d, a.ravel())).astype("<f4").tobytes()
-    )
-    Store.set_derived(conn, user_id, AGGREGATES, blob, now)
+        for key, (s, d, a) in list(buckets.items()):
+            buckets[key] = (s, d * step, a * step)
+        s, d, a = buckets.get(day, (np.zeros(f), np.zeros(f), np.zeros((f, f))))
+        buckets[day] = (s + y, d + alpha * strength * y, a + alpha * strength * np.outer(y, y))
+        last = max(last, ts)
+    raw = [
+        (day, np.concatenate((s, d, a.ravel())).astype("<f4").tobytes())
+        for day, (s, d, a) in sorted(buckets.items())
+    ]
+    if raw:
+        blob = _aggblob.pack(_catalog_digest(rt), last, f, raw)
+        Store.set_derived(conn, user_id, AGGREGATES, blob, now)
 
 
 def aggregates_from_window(
-    conn: _db.Connection, user_id: str, rt: CatalogRuntime, now: float
+    conn: _db.Connection, user_id: str, rt: CatalogRuntime, now: float, *, retention_days: float
 ) -> None:
     """Before the window is purged (level lowered to ``segment``), keep its taste as
     factor-space sums so the segment level still knows the user's tastes."""
-    window = Store.interactions(conn, user_id)
+    window = Store.interactions(conn, user_id, with_context=False)
     if window:
-        add_to_aggregates(conn, user_id, rt, window, now)
-
-
-def _updated_at(blob: bytes) -> float:
-    off = len(_AGG_MAGIC) + 32
-    if len(blob) < off + 8:
-        return 0.0
-    value: float = struct.unpack("<d", blob[off : off + 8])[0]
-    return value
+        add_to_aggregates(conn, user_id, rt, window, now, retention_days=retention_days)

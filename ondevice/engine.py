@@ -496,7 +496,14 @@ class PersonalizationEngine:
                 if self._level is PrivacyLevel.SEGMENT and self._runtime is not None:
                     from . import _personalize
 
-                    _personalize.add_to_aggregates(conn, user_id, self._runtime, fresh, now)
+                    _personalize.add_to_aggregates(
+                        conn,
+                        user_id,
+                        self._runtime,
+                        fresh,
+                        now,
+                        retention_days=policy.retention_days,
+                    )
                 if keep_items:
                     if len(fresh) > policy.window:
                         # Only the newest `window` can survive: do not write the rest.
@@ -578,7 +585,13 @@ class PersonalizationEngine:
             from . import _personalize
 
             for user_id in Store.user_ids(conn):
-                _personalize.aggregates_from_window(conn, user_id, self._runtime, now)
+                _personalize.aggregates_from_window(
+                    conn,
+                    user_id,
+                    self._runtime,
+                    now,
+                    retention_days=self._policy.retention_days,
+                )
 
     # -- recommendations ----------------------------------------------------------------
 
@@ -652,7 +665,13 @@ class PersonalizationEngine:
         now = self.now()
         with self._store.read() as conn:
             state, window = _personalize.load_state(
-                conn, user_id, self._level, rt, exclude_seen=self._exclude_seen
+                conn,
+                user_id,
+                self._level,
+                rt,
+                exclude_seen=self._exclude_seen,
+                now=now,
+                retention_days=self._policy.retention_days,
             )
         if (
             self._level is PrivacyLevel.INDIVIDUAL
@@ -765,7 +784,13 @@ class PersonalizationEngine:
                     )
                     accountant.check(now, settings.epsilon)
                     state, _ = _personalize.load_state(
-                        conn, user_id, self._level, rt, exclude_seen=False
+                        conn,
+                        user_id,
+                        self._level,
+                        rt,
+                        exclude_seen=False,
+                        now=now,
+                        retention_days=self._policy.retention_days,
                     )
                     chosen = choose_segment(rt, state)
                     if chosen is None:

@@ -444,6 +444,7 @@ class Store:
             run(f"DELETE FROM interactions WHERE ts < ? {who}", cutoff)
         run(f"DELETE FROM activity WHERE day < ? {who}", _day(cutoff))
         run(f"DELETE FROM derived WHERE updated_at < ? {who}", cutoff)
+        total += Store._trim_taste_sums(conn, _day(cutoff), user_id)
         run(f"DELETE FROM egress WHERE created_at < ? {who}", now - EGRESS_RETENTION_DAYS * DAY)
         if user_id is None:
             total += conn.execute(
@@ -471,6 +472,31 @@ class Store:
             if total:
                 total += Store.drop_empty_users(conn)
         return total
+
+    @staticmethod
+    def _trim_taste_sums(conn: _db.Connection, cutoff_day: int, user_id: str | None) -> int:
+        """Drop the segment level's taste-sum buckets that started before retention."""
+        from . import _aggblob
+
+        who, args = ("AND user_id = ?", (user_id,)) if user_id is not None else ("", ())
+        rows = conn.execute(
+            f"SELECT user_id, value FROM derived WHERE name = ? {who}", (SEGMENT_DERIVED, *args)
+        ).fetchall()
+        changed = 0
+        for uid, blob in rows:
+            trimmed = _aggblob.trim(bytes(blob), cutoff_day)
+            if trimmed is None:
+                conn.execute(
+                    "DELETE FROM derived WHERE user_id = ? AND name = ?", (uid, SEGMENT_DERIVED)
+                )
+                changed += 1
+            elif trimmed != bytes(blob):
+                conn.execute(
+                    "UPDATE derived SET value = ? WHERE user_id = ? AND name = ?",
+                    (trimmed, uid, SEGMENT_DERIVED),
+                )
+                changed += 1
+        return changed
 
     @staticmethod
     def drop_empty_users(conn: _db.Connection) -> int:

@@ -267,3 +267,28 @@ def test_raising_the_level_drops_the_segment_levels_stand_ins(open_engine):
     assert report["activity.daily_counts"]["collected"] is False
     with engine._store.read() as conn:
         assert Store.count_rows(conn)["activity"] == 0 and Store.count_rows(conn)["derived"] == 0
+
+
+def test_segment_taste_sums_forget_what_retention_deletes(open_engine, clock):
+    import numpy as np
+
+    from ondevice import _aggblob
+
+    engine = open_engine("segment")
+    engine.update_profile("u", {"item_id": "i21", "timestamp": clock.now - 85 * 86400})
+    clock.advance(days=40)  # i21 is now 125 days old: past the 90-day retention
+    engine.update_profile("u", {"item_id": "i3", "timestamp": clock.now - 60})
+
+    def sums():
+        with engine._store.read() as conn:
+            blob = {n: b for n, b, _ in Store.derived(conn, "u")}.get("taste_aggregates")
+        return None if blob is None else _aggblob.unpack(blob)
+
+    _, _, f, buckets = sums()
+    assert len(buckets) == 1  # only the span holding i3
+    s = np.frombuffer(buckets[0][1], dtype="<f4")[:f]
+    y = engine.catalog.item_factors
+    assert np.allclose(s, y[3], atol=1e-6)  # S = y(i3) alone: i21 is gone
+    clock.advance(days=120)  # and an inactive user's sums go at the next open's pass
+    engine.purge_expired()
+    assert sums() is None
