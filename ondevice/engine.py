@@ -641,7 +641,8 @@ class PersonalizationEngine:
         did not. ``context`` holds declared context fields (an undeclared one raises
         PolicyViolationError); ``current_item`` is what the user is looking at now (used,
         never stored). Items already in the window are excluded (see ``exclude_seen``),
-        blocked and dismissed items always, and ``exclude`` adds item ids the app knows
+        blocked items always, dismissed items while the dismissal is in the window, and
+        ``exclude`` adds item ids the app knows
         the user has (used for this call, never stored: at levels ``none`` and
         ``segment`` the profile keeps no item ids to exclude by itself). Never touches
         the network.
@@ -1138,7 +1139,9 @@ class PersonalizationEngine:
         """Rotate the data key: re-encrypt the whole database under a new random key
         (or the given :class:`~ondevice.keys.RawKey`), optionally moving to another key
         provider. Crash-safe: the new key is stored as *pending* before the database is
-        re-encrypted, and an interrupted rotation is finished at the next open."""
+        re-encrypted, and an interrupted rotation is finished at the next open. Other
+        engines (threads or processes) that had the profile open keep the old key and
+        fail with ProfileUnreadableError at their next read: reopen them."""
         new = key if key is not None else self._provider
         if not isinstance(new, KeyProvider):
             raise InvalidInputError("key must be a RawKey, Passphrase or Keychain")
