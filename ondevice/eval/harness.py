@@ -767,6 +767,15 @@ _LEVELS: tuple[tuple[str, str, str, str], ...] = (
 )
 
 
+def _als_grid(x: Csr, s: EvalSettings) -> dict[tuple[float, float], tuple[F32, F32]]:
+    """Implicit ALS trained once per (regularization, alpha) of the tuning grid."""
+    return {
+        c: train_als(x, factors=s.factors, regularization=c[0], alpha=c[1],
+                     iterations=s.als_iterations, seed=s.seed)
+        for c in s.als_grid
+    }
+
+
 def _matrix(data: Dataset, rows: Mapping[int, I64]) -> Csr:
     users = np.concatenate([np.full(v.size, u, dtype=np.int64) for u, v in rows.items()])
     items = np.concatenate(list(rows.values()))
@@ -959,17 +968,7 @@ def _protocol(
     lam = _best(val, s.ease_grid, lambda lm: _rank_ease(ease_fit(x_fit, lm), depth), s)
     _run(test, _rank_ease(ease_fit(x_train, lam), depth), a["central_ease"], s)
     nbr_fit = item_neighbours(x_fit, top_n=s.neighbours)
-    als_fit = {
-        c: train_als(
-            x_fit,
-            factors=s.factors,
-            regularization=c[0],
-            alpha=c[1],
-            iterations=s.als_iterations,
-            seed=s.seed,
-        )
-        for c in s.als_grid
-    }
+    als_fit = _als_grid(x_fit, s)
 
     def central_fit(c: tuple[float, float]) -> _Model:
         return _model(
@@ -1058,17 +1057,7 @@ def evaluate(
             rows=panel_rows,
             x=xp,
             nbr=item_neighbours(xp, top_n=s.neighbours),
-            als={
-                cfg: train_als(
-                    xp,
-                    factors=s.factors,
-                    regularization=cfg[0],
-                    alpha=cfg[1],
-                    iterations=s.als_iterations,
-                    seed=s.seed,
-                )
-                for cfg in s.als_grid
-            },
+            als=_als_grid(xp, s),
         )
         tick(f"fold {f + 1}: panel catalog")
         for p in s.protocols:

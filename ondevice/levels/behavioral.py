@@ -20,6 +20,22 @@ def position_weights(rt: CatalogRuntime, state: UserState) -> npt.NDArray[np.flo
     return (decay * state.strengths).astype(np.float32)
 
 
+def window_scores(
+    rt: CatalogRuntime, state: UserState, weights: npt.NDArray[np.float32]
+) -> npt.NDArray[np.float32]:
+    """Neighbour scores of the window with the given per-position weights."""
+    cat = rt.catalog
+    return scoring.neighbour_scores(
+        cat.nbr_indptr,
+        cat.nbr_indices,
+        cat.nbr_weights,
+        state.window,
+        n_items=rt.n,
+        half_life=float("inf"),
+        position_weights=weights,
+    )
+
+
 def evidence(
     rt: CatalogRuntime,
     state: UserState,
@@ -100,14 +116,4 @@ def recommend(rt: CatalogRuntime, state: UserState, req: Request) -> Answer | st
     if state.window.size == 0:
         return "no interactions with catalog items in the window yet"
     weights = position_weights(rt, state)
-    cat = rt.catalog
-    scores = scoring.neighbour_scores(
-        cat.nbr_indptr,
-        cat.nbr_indices,
-        cat.nbr_weights,
-        state.window,
-        n_items=rt.n,
-        half_life=float("inf"),
-        position_weights=weights,
-    )
-    return answer_from_scores(rt, state, req, scores, weights)
+    return answer_from_scores(rt, state, req, window_scores(rt, state, weights), weights)

@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import scoring
 from .base import Answer, CatalogRuntime, Request, UserState
-from .behavioral import answer_from_scores, position_weights
+from .behavioral import answer_from_scores, position_weights, window_scores
 
 
 def with_current_item(state: UserState, req: Request) -> UserState:
@@ -42,16 +42,7 @@ def recommend(rt: CatalogRuntime, state: UserState, req: Request) -> Answer | st
     weights = position_weights(rt, state) * scoring.session_weights(
         state.times, req.now, gap=p.session_gap, boost=p.session_boost
     )
-    cat = rt.catalog
-    scores = scoring.neighbour_scores(
-        cat.nbr_indptr,
-        cat.nbr_indices,
-        cat.nbr_weights,
-        state.window,
-        n_items=rt.n,
-        half_life=float("inf"),
-        position_weights=weights,
-    )
+    scores = window_scores(rt, state, weights)
     notes: dict[int, str] = {}
     if rt.cat_names and p.context_strength > 0:
         cand = np.flatnonzero(scores > 0)

@@ -9,7 +9,7 @@ import numpy.typing as npt
 
 from .. import scoring
 from .base import Answer, CatalogRuntime, Request, UserState
-from .behavioral import evidence, explain, position_weights
+from .behavioral import evidence, explain, position_weights, window_scores
 from .contextual import with_current_item
 
 
@@ -42,15 +42,7 @@ def recommend(rt: CatalogRuntime, state: UserState, req: Request) -> Answer | st
     assert cat.item_factors is not None
     x = cached if cached is not None else fold_in(rt, state)
     weights = position_weights(rt, state)
-    neighbours = scoring.neighbour_scores(
-        cat.nbr_indptr,
-        cat.nbr_indices,
-        cat.nbr_weights,
-        state.window,
-        n_items=rt.n,
-        half_life=float("inf"),
-        position_weights=weights,
-    )
+    neighbours = window_scores(rt, state, weights)
     ranked = scoring.individual_ranking(
         cat.item_factors,
         x,
