@@ -169,7 +169,7 @@ class PersonalizationEngine:
 
         with PersonalizationEngine("~/.myapp/profile", key=Passphrase("...")) as engine:
             engine.update_profile("alice", {"item_id": "sku-1", "event": "view"})
-            print(engine.report("alice").to_dict())
+            report = engine.report("alice")  # what is stored, and why
 
     Parameters (all keyword-only except ``path``):
 

@@ -51,6 +51,7 @@ import queue
 import signal
 import socket
 import sqlite3
+import sys
 import threading
 import time
 import urllib.parse
@@ -877,7 +878,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         server = SyncServer(config=config)
     except (SyncError, OSError) as exc:
-        print(f"ondevice-sync-server: {exc}")
+        sys.stderr.write(f"ondevice-sync-server: error: {exc}\n")
         return 2
 
     def _stop(signum: int, frame: FrameType | None) -> None:
