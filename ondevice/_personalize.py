@@ -151,7 +151,7 @@ def _buckets(blob: bytes | None, rt: CatalogRuntime, cutoff_day: int) -> dict[in
     parsed = _aggblob.unpack(blob) if blob is not None and f else None
     if parsed is None:
         return {}
-    digest, _, stored_f, raw = parsed
+    digest, _, stored_f, _, raw = parsed
     if digest != _catalog_digest(rt) or stored_f != f:
         return {}  # computed against another catalog's factors: meaningless here
     out: dict[int, _Parts] = {}
@@ -186,10 +186,11 @@ def add_to_aggregates(
 
     With confidence ``c_i = 1 + alpha * r_i * w_i`` and recency weights ``w_i`` halving
     every ``segment_half_life`` interactions (as :func:`ondevice.scoring.aggregates`
-    weighs a window, newest first), the fold-in needs ``b = sum c_i y_i`` and
-    ``A = sum (c_i - 1) y_i y_i^T``. They are kept as three sums per 30-day bucket
-    (:mod:`ondevice._aggblob`): ``S = sum y_i`` (not decayed), ``D = sum alpha r_i w_i
-    y_i`` and ``A`` (both decayed by one step per new interaction); ``b = S + D``.
+    weighs a window, newest first: the weight scales the whole contribution), the
+    fold-in needs ``b = sum w_i c_i y_i`` and ``A = sum w_i (c_i - 1) y_i y_i^T``. They
+    are kept as three sums per bucket of days (:mod:`ondevice._aggblob`): ``S = sum w_i
+    y_i``, ``D = sum alpha r_i w_i y_i`` and ``A``, all decayed by one step per new
+    interaction; ``b = S + D``.
     Buckets that start before the retention period are dropped, so the sums forget what
     retention deletes. The one difference from the window form: an item seen twice
     counts twice, since no item ids are kept to notice it.
@@ -202,6 +203,7 @@ def add_to_aggregates(
     if not known:
         return
     cutoff_day = int((now - retention_days * DAY) // DAY)
+    span = _aggblob.span_days(retention_days)
     row = {n: blob for n, blob, _ in Store.derived(conn, user_id)}.get(AGGREGATES)
     buckets = _buckets(row, rt, cutoff_day)
     half_life = rt.params.segment_half_life
@@ -211,12 +213,12 @@ def add_to_aggregates(
     for it, idx in sorted(known, key=lambda pair: pair[0].timestamp or 0.0):
         strength = _strength(it.event)
         ts = float(it.timestamp or now)
-        day = _aggblob.bucket_day(int(ts // DAY))
+        day = _aggblob.bucket_day(int(ts // DAY), span)
         if strength == 0.0 or day < cutoff_day:
             continue
         y = cat.item_factors[idx].astype(np.float64)
         for key, (s, d, a) in list(buckets.items()):
-            buckets[key] = (s, d * step, a * step)
+            buckets[key] = (s * step, d * step, a * step)
         s, d, a = buckets.get(day, (np.zeros(f), np.zeros(f), np.zeros((f, f))))
         buckets[day] = (s + y, d + alpha * strength * y, a + alpha * strength * np.outer(y, y))
         last = max(last, ts)
@@ -225,7 +227,7 @@ def add_to_aggregates(
         for day, (s, d, a) in sorted(buckets.items())
     ]
     if raw:
-        blob = _aggblob.pack(_catalog_digest(rt), last, f, raw)
+        blob = _aggblob.pack(_catalog_digest(rt), last, f, span, raw)
         Store.set_derived(conn, user_id, AGGREGATES, blob, now)
 
 

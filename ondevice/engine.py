@@ -12,6 +12,7 @@ import base64
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import time
 import uuid
@@ -241,6 +242,7 @@ class PersonalizationEngine:
             raise InvalidInputError("busy_timeout must be between 0 and 3600 seconds")
         self._busy_timeout = float(busy_timeout)
         self._purged_at: dict[str, float] = {}
+        self._key = b""  # the data key this engine opened the database with
         self._store = self._open(create)
         try:
             self._level, self._policy = self._settle(wanted, policy)
@@ -294,6 +296,7 @@ class PersonalizationEngine:
             store.close()
         os.replace(staging, self._db_path)
         fsync_dir(self._dir)
+        self._key = key
         return Store(_db.connect(self._db_path, key, busy_timeout=self._busy_timeout))
 
     def _connect_existing(self, *, locked: bool = False) -> _db.Connection:
@@ -309,11 +312,14 @@ class PersonalizationEngine:
         if locked:
             return self._connect_with_keys(locked=True)
         if not pending.exists():
+            before = _file_bytes(self._dir / KEY_FILE)
             try:
                 return self._connect_with_keys(locked=False)
             except ProfileUnreadableError:
-                if not pending.exists():
+                if not pending.exists() and _file_bytes(self._dir / KEY_FILE) == before:
                     raise
+                # A rotation ran meanwhile (pending now, or key.json switched): settle
+                # it under the lock.
         # A rotation is pending (interrupted, or running in another process right
         # now): decide what to keep only while holding the key lock.
         with key_lock(self._dir, self._busy_timeout):
@@ -349,6 +355,7 @@ class PersonalizationEngine:
                         _provider_for(previous, self._provider).release_descriptor(previous)
                     except KeyProviderError as exc:
                         log.warning("could not delete the replaced key: %s", exc)
+            self._key = key
             return conn
         assert last is not None
         raise last
@@ -389,7 +396,9 @@ class PersonalizationEngine:
             if stored_level is not None and stored_level != level.value:
                 # Any change of level, up or down, purges what the new level does not
                 # keep (moving up drops the segment level's stand-ins for the window).
-                self._keep_taste_before_purge(conn, PrivacyLevel(stored_level), level, now)
+                self._keep_taste_before_purge(
+                    conn, PrivacyLevel(stored_level), level, now, new_policy.retention_days
+                )
                 purged += Store.purge_for_level(conn, level)
                 log.info("privacy level changed from %s to %s", stored_level, level.value)
             if policy_changed:
@@ -458,8 +467,9 @@ class PersonalizationEngine:
         """Record many ``(user_id, interaction)`` pairs in one transaction.
 
         All records are validated before anything is written: one bad record refuses
-        the whole batch. Returns how many interactions were recorded (counted in the
-        activity counters; only the newest ``window`` per user are kept as rows).
+        the whole batch. Returns how many interactions were recorded: at ``segment`` in
+        the counters and taste sums; from ``behavioral`` up as window rows (only the
+        newest ``window`` per user survive the call).
         """
         now = self.now()
         policy = self._policy
@@ -554,7 +564,9 @@ class PersonalizationEngine:
         with self._store.write() as conn:
             purged = 0
             if new is not self._level:
-                self._keep_taste_before_purge(conn, self._level, new, self.now())
+                self._keep_taste_before_purge(
+                    conn, self._level, new, self.now(), self._policy.retention_days
+                )
                 purged = Store.purge_for_level(conn, new)
             Store.set_meta(conn, "privacy_level", new.value)
         self._level = new
@@ -573,7 +585,12 @@ class PersonalizationEngine:
         return purged
 
     def _keep_taste_before_purge(
-        self, conn: _db.Connection, old: PrivacyLevel, new: PrivacyLevel, now: float
+        self,
+        conn: _db.Connection,
+        old: PrivacyLevel,
+        new: PrivacyLevel,
+        now: float,
+        retention_days: float,
     ) -> None:
         """Moving from a level with a window down to ``segment``: keep the window's
         taste as factor-space sums (no item ids) before the window is purged."""
@@ -590,7 +607,7 @@ class PersonalizationEngine:
                     user_id,
                     self._runtime,
                     now,
-                    retention_days=self._policy.retention_days,
+                    retention_days=retention_days,
                 )
 
     # -- recommendations ----------------------------------------------------------------
@@ -1107,7 +1124,8 @@ class PersonalizationEngine:
         reopens a *backup* of the database. The engine is closed afterwards.
         """
         self._store.close()
-        self._provider.destroy(self._dir)
+        with key_lock(self._dir, self._busy_timeout):
+            self._provider.destroy(self._dir)
         (self._dir / LOCK_FILE).unlink(missing_ok=True)
         for suffix in ("", *_SIDE_FILES):
             try:
@@ -1129,10 +1147,9 @@ class PersonalizationEngine:
         if not isinstance(self._provider, Passphrase):
             raise KeyProviderError("this profile is not protected by a passphrase")
         new = Passphrase(new_passphrase)
-        current = [key for key, pending in self._provider.load_candidates(self._dir) if not pending]
-        if not current:
-            raise KeyProviderError("finish the interrupted key rotation first (reopen)")
-        new.store(self._dir, current[0])
+        with key_lock(self._dir, self._busy_timeout):
+            self._check_key_is_current()
+            new.store(self._dir, self._key)
         self._provider = new
 
     def rekey(self, key: KeyProvider | None = None) -> None:
@@ -1147,6 +1164,7 @@ class PersonalizationEngine:
             raise InvalidInputError("key must be a RawKey, Passphrase or Keychain")
         new_key = new._initial_key()
         with key_lock(self._dir, self._busy_timeout):
+            self._check_key_is_current()
             new.store(self._dir, new_key, pending=True)
             try:
                 with self._store._lock, _db.translating():
@@ -1159,7 +1177,24 @@ class PersonalizationEngine:
             if previous is not None:
                 _provider_for(previous, self._provider).release_descriptor(previous)
         self._provider = new
+        self._key = new_key
         log.info("profile data key rotated")
+
+    def _check_key_is_current(self) -> None:
+        """Refuse a key change from an engine whose key is no longer the profile's: a
+        rotation elsewhere finished or was interrupted since this engine opened. The
+        caller holds the key lock."""
+        if (self._dir / (KEY_FILE + ".pending")).exists():
+            raise KeyProviderError(
+                "a key rotation is unfinished: reopen the profile to finish it first"
+            )
+        current = [k for k, pending in self._provider.load_candidates(self._dir) if not pending]
+        if current != [self._key]:
+            raise KeyProviderError(
+                "the profile was re-keyed since this engine opened it: reopen it first"
+            )
+        with self._store._lock, _db.translating():
+            self._store.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -1214,6 +1249,13 @@ def _live_context(it: Interaction, policy: Policy, now: float) -> Interaction:
         if it.timestamp >= now - policy.context_field(name).retention_days * 86400.0
     }
     return it if len(keep) == len(it.context) else dataclasses.replace(it, context=keep)
+
+
+def _file_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
 
 
 def _segment_count(rt: CatalogRuntime) -> int:
@@ -1347,7 +1389,7 @@ def _egress_entry(e: Mapping[str, Any]) -> dict[str, Any]:
     body = e["body"]
     if not isinstance(body, str):
         raise TypeError("egress body must be text")
-    decode_report(body.encode("ascii"))  # only ever a well-formed report
+    report = decode_report(body.encode("ascii"))  # only ever a well-formed report
     status = e["status"]
     if status not in ("pending", "sent", "failed", "refused"):
         raise ValueError(f"unknown egress status {status!r}")
@@ -1361,11 +1403,19 @@ def _egress_entry(e: Mapping[str, Any]) -> dict[str, Any]:
     answer = e.get("answer")
     if answer is not None and not isinstance(answer, str):
         raise TypeError("egress answer must be text")
+    epsilon = _num(e["epsilon"], "epsilon")
+    if not 0.0 <= epsilon <= 20.0:  # finite, and within what sync.privacy accepts
+        raise ValueError("egress epsilon out of range")
+    if e["epoch"] != report.epoch:
+        raise ValueError("egress epoch does not match its report")
+    created = _num(e["created_at"], "created_at")
+    if not math.isfinite(created):
+        raise ValueError("egress time must be finite")
     return {
-        "epoch": str(e["epoch"]),
+        "epoch": report.epoch,
         "body": body,
-        "epsilon": _num(e["epsilon"], "epsilon"),
-        "created_at": _num(e["created_at"], "created_at"),
+        "epsilon": epsilon,
+        "created_at": created,
         "status": status,
         "answer": answer,
         "attempts": attempts,

@@ -213,6 +213,14 @@ class Store:
             for version in range(current + 1, target + 1):
                 for statement in MIGRATIONS[version]:
                     conn.execute(statement)
+                if version == 4:
+                    # Spends recorded before the ledger existed stay spent.
+                    for (user_id,) in conn.execute(
+                        "SELECT DISTINCT user_id FROM egress"
+                    ).fetchall():
+                        tag = Store.ledger_tag(conn, user_id)
+                        for e in Store.egress(conn, user_id):
+                            Store.spend(conn, tag, e["epoch"], e["epsilon"], e["created_at"])
                 conn.execute(f"PRAGMA user_version = {version}")
                 log.info("profile schema migrated to version %d", version)
 
@@ -415,6 +423,9 @@ class Store:
         total = 0
         for table in USER_TABLES:
             total += conn.execute(f"DELETE FROM {table} WHERE user_id = ?", (user_id,)).rowcount
+        # The timestamp bound may be this user's first interaction: forget it too (the
+        # next full retention pass recomputes it).
+        conn.execute("DELETE FROM meta WHERE key = 'oldest_ts'")
         return total
 
     # -- minimization ---------------------------------------------------------------
@@ -568,6 +579,7 @@ class Store:
                 total += conn.execute(f"DELETE FROM {table}").rowcount
         if total:
             total += Store.drop_empty_users(conn)
+            conn.execute("DELETE FROM meta WHERE key = 'oldest_ts'")
         return total
 
     # -- reads ----------------------------------------------------------------------
@@ -732,7 +744,11 @@ class Store:
             "ORDER BY created_at",
             (tag,),
         )
-        return [(str(e), float(x), float(t)) for e, x, t in rows]
+        return [
+            (str(e), float(x), float(t))
+            for e, x, t in rows
+            if isinstance(x, float) and 0.0 <= x <= 20.0 and isinstance(t, float)
+        ]
 
     @staticmethod
     def spend(conn: _db.Connection, tag: bytes, epoch: str, epsilon: float, now: float) -> None:

@@ -97,7 +97,7 @@ def open_engine(tmp_path, raw_key, bundles, signer, clock):
             kw.pop("path", tmp_path / f"profile-{level}-{len(opened)}"),
             key=RawKey(raw_key),
             privacy_level=level,
-            policy=POLICY,
+            policy=kw.pop("policy", POLICY),
             clock=kw.pop("clock", clock),
             bundle=bundles[bundle] if bundle else None,
             bundle_public_key=public_key_bytes(signer),

@@ -74,3 +74,22 @@ def test_two_processes_creating_one_profile_end_with_one_readable_profile(tmp_pa
     assert children[0].returncode == 0, err
     with PersonalizationEngine(path, key=Passphrase("pw")) as engine:
         assert engine.users() == ["alice", "bob"]
+
+
+def test_a_stale_engine_cannot_rotate_or_rewrap_a_key_changed_elsewhere(tmp_path):
+    """An engine opened before another one re-keyed the profile (or before a rotation
+    was interrupted) must refuse to touch key material: it would destroy the new key."""
+    from ondevice import KeyProviderError
+
+    path = tmp_path / "p"
+    stale = PersonalizationEngine(path, key=Passphrase("pw", kdf=FAST_KDF))
+    stale.update_profile("alice", {"item_id": "x"})
+    with PersonalizationEngine(path, key=Passphrase("pw")) as other:
+        other.rekey()
+    with pytest.raises(KeyProviderError, match="reopen"):
+        stale.rekey()
+    with pytest.raises(KeyProviderError, match="reopen"):
+        stale.change_passphrase("new")
+    stale.close()
+    with PersonalizationEngine(path, key=Passphrase("pw")) as engine:
+        assert engine.users() == ["alice"]

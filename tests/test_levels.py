@@ -237,9 +237,7 @@ def test_app_supplied_exclusions_apply_and_are_never_stored(open_engine, tmp_pat
         engine.get_recommendations("u", exclude=[5])
 
 
-def test_a_wipe_during_a_recommendation_is_not_undone_by_the_vector_cache(
-    open_engine, monkeypatch
-):
+def test_a_wipe_during_a_recommendation_is_not_undone_by_the_vector_cache(open_engine, monkeypatch):
     from ondevice.levels import individual
 
     engine = open_engine("individual")
@@ -284,7 +282,7 @@ def test_segment_taste_sums_forget_what_retention_deletes(open_engine, clock):
             blob = {n: b for n, b, _ in Store.derived(conn, "u")}.get("taste_aggregates")
         return None if blob is None else _aggblob.unpack(blob)
 
-    _, _, f, buckets = sums()
+    _, _, f, _, buckets = sums()
     assert len(buckets) == 1  # only the span holding i3
     s = np.frombuffer(buckets[0][1], dtype="<f4")[:f]
     y = engine.catalog.item_factors
@@ -292,3 +290,27 @@ def test_segment_taste_sums_forget_what_retention_deletes(open_engine, clock):
     clock.advance(days=120)  # and an inactive user's sums go at the next open's pass
     engine.purge_expired()
     assert sums() is None
+
+
+def test_opening_at_segment_from_a_higher_level_with_a_bundle_keeps_the_taste(
+    open_engine, tmp_path
+):
+    path = tmp_path / "down"
+    engine = open_engine("behavioral", path=path)
+    for n, item in enumerate(["i21", "i22", "i23"]):
+        engine.update_profile("v", {"item_id": item, "timestamp": T0 - 10 + n})
+    engine.close()
+    engine = open_engine("segment", path=path)
+    recs = engine.get_recommendations("v", k=1)
+    assert recs.level is PrivacyLevel.SEGMENT and "cluster-c" in recs[0].explanation
+
+
+def test_short_retention_still_keeps_segment_taste_sums(open_engine, tmp_path):
+    import dataclasses
+
+    from planted import POLICY
+
+    engine = open_engine("segment", policy=dataclasses.replace(POLICY, retention_days=7))
+    engine.update_profile("v", {"item_id": "i21", "timestamp": T0 - 60})
+    with engine._store.read() as conn:
+        assert Store.count_rows(conn)["derived"] == 1

@@ -400,3 +400,16 @@ def test_refused_values_are_never_echoed_in_error_messages(make_engine, call):
         call(engine)
     assert SECRET not in str(err.value)
     assert SECRET not in repr(err.value.__cause__ or "")
+
+
+def test_forgetting_a_user_forgets_the_stored_timestamp_bound(make_engine, clock):
+    engine = make_engine()
+    engine.update_profile("u", {"item_id": "a", "timestamp": T0 - 7777})
+    engine.close()
+    clock.advance(days=1)
+    engine = make_engine()  # the open-time pass records the bound
+    with engine._store.read() as conn:
+        assert Store.get_meta(conn, "oldest_ts") == repr(T0 - 7777)
+    engine.wipe_profile("u")
+    with engine._store.read() as conn:
+        assert Store.get_meta(conn, "oldest_ts") is None

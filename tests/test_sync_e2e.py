@@ -239,9 +239,7 @@ def test_a_report_in_flight_is_not_sent_twice(open_engine, server):
                 seen.append(engine.sync("u").status)  # the app syncs again, meanwhile
             return super().request(method, url, headers, body, timeout)
 
-    engine = open_engine(
-        "segment", sync=SyncSettings(server_url=server.url, transport=Reentrant())
-    )
+    engine = open_engine("segment", sync=SyncSettings(server_url=server.url, transport=Reentrant()))
     _record(engine, "u")
     assert engine.sync("u").status == "sent"
     assert seen == ["waiting"]
@@ -253,3 +251,62 @@ def test_a_budget_period_longer_than_the_ledger_is_refused():
 
     with pytest.raises(InvalidInputError, match="365"):
         SyncSettings(server_url="http://127.0.0.1:1", budget_period_days=400)
+
+
+def test_an_export_with_a_forged_egress_entry_is_refused(open_engine, server):
+    from ondevice import ExportError
+
+    engine = open_engine("segment", sync=SyncSettings(server_url=server.url))
+    _record(engine, "u")
+    engine.sync("u")
+    export = engine.export_profile()
+    forged = json.loads(json.dumps(export))
+    forged["users"][0]["egress"][0]["epsilon"] = -50.0
+    with pytest.raises(ExportError):
+        engine.import_profile(forged)
+    forged = json.loads(json.dumps(export))
+    forged["users"][0]["egress"][0]["epoch"] = "2020-W01"
+    with pytest.raises(ExportError):
+        engine.import_profile(forged)
+
+
+def test_budget_spent_before_the_ledger_existed_stays_spent(tmp_path, clock):
+    """A schema-3 profile (egress log, no ledger) migrates its spends into the ledger."""
+    from ondevice import RawKey, _db
+    from ondevice.store import Store
+
+    path = tmp_path / "old"
+    path.mkdir()
+    key = bytes(range(32))
+    RawKey(key).create(path)
+    store = Store(_db.connect(path / "profile.db", key, busy_timeout=5))
+    store.migrate(target=3)
+    with store.write() as conn:
+        Store.ensure_user(conn, "u", clock.now)
+        body = b'{"version":1,"epoch":"' + epoch_of(clock.now).encode() + b'","segment":"01"}'
+        Store.log_egress(
+            conn, "u", epoch_of(clock.now), body, 1.0, clock.now, lease_until=clock.now
+        )
+        Store.settle_egress(
+            conn,
+            "u",
+            epoch_of(clock.now),
+            status="sent",
+            now=clock.now,
+            answer="200 counted",
+            next_attempt=None,
+        )
+    store.close()
+    from ondevice.sample import SAMPLE_BUNDLE, SAMPLE_PUBLIC_KEY
+
+    engine = PersonalizationEngine(
+        path,
+        key=RawKey(key),
+        clock=clock,
+        sync=SyncSettings(server_url="http://127.0.0.1:9"),
+        bundle=SAMPLE_BUNDLE,
+        bundle_public_key=SAMPLE_PUBLIC_KEY,
+    )
+    assert engine.report("u").users[0].privacy_budget["epsilon_spent"] == pytest.approx(1.0)
+    assert engine.sync("u").status == "already_sent"
+    engine.close()

@@ -770,8 +770,14 @@ _LEVELS: tuple[tuple[str, str, str, str], ...] = (
 def _als_grid(x: Csr, s: EvalSettings) -> dict[tuple[float, float], tuple[F32, F32]]:
     """Implicit ALS trained once per (regularization, alpha) of the tuning grid."""
     return {
-        c: train_als(x, factors=s.factors, regularization=c[0], alpha=c[1],
-                     iterations=s.als_iterations, seed=s.seed)
+        c: train_als(
+            x,
+            factors=s.factors,
+            regularization=c[0],
+            alpha=c[1],
+            iterations=s.als_iterations,
+            seed=s.seed,
+        )
         for c in s.als_grid
     }
 
