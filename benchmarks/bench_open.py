@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlcipher3
+from _timing import TimedConnection
 
 from ondevice import Passphrase, PersonalizationEngine, Policy, RawKey, Signal, _db
 from ondevice.keys import Argon2Params
@@ -124,31 +125,6 @@ def repeat(fn: Callable[[], Any], n: int) -> list[float]:
     return out
 
 
-class _TimedConnection:
-    """Wraps a connection and adds up the time of every statement (for --breakdown)."""
-
-    def __init__(self, conn: Any, totals: dict[str, list[float]]) -> None:
-        self._conn = conn
-        self._totals = totals
-
-    def _timed(self, method: str, sql: str, *args: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return getattr(self._conn, method)(sql, *args)
-        finally:
-            key = " ".join(sql.split())
-            self._totals[key[:100]].append(time.perf_counter() - t0)
-
-    def execute(self, sql: str, *args: Any) -> Any:
-        return self._timed("execute", sql, *args)
-
-    def executemany(self, sql: str, *args: Any) -> Any:
-        return self._timed("executemany", sql, *args)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._conn, name)
-
-
 def breakdown(path: Path, key: bytes, runs: int) -> None:
     """Per-statement times of the engine's open (median over ``runs``), then cProfile."""
     totals: dict[str, list[float]] = collections.defaultdict(list)
@@ -158,7 +134,7 @@ def breakdown(path: Path, key: bytes, runs: int) -> None:
         t0 = time.perf_counter()
         conn = real_connect(*args, **kwargs)
         totals["(ondevice._db.connect: key check + pragmas)"].append(time.perf_counter() - t0)
-        return _TimedConnection(conn, totals)
+        return TimedConnection(conn, totals)
 
     _db.connect = connect
     try:

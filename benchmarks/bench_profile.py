@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlcipher3
+from _timing import TimedConnection
 
 from ondevice import PersonalizationEngine, RawKey, _db
 
@@ -229,38 +230,13 @@ def profile_engine(
         cleanup(path)
 
 
-class _TimedConnection:
-    """Wraps a connection and adds up the time of every statement (for --breakdown)."""
-
-    def __init__(self, conn: Any, totals: dict[str, list[float]]) -> None:
-        self._conn = conn
-        self._totals = totals
-
-    def _timed(self, method: str, sql: str, *args: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return getattr(self._conn, method)(sql, *args)
-        finally:
-            key = ("many: " if method == "executemany" else "") + " ".join(sql.split())
-            self._totals[key[:96]].append(time.perf_counter() - t0)
-
-    def execute(self, sql: str, *args: Any) -> Any:
-        return self._timed("execute", sql, *args)
-
-    def executemany(self, sql: str, *args: Any) -> Any:
-        return self._timed("executemany", sql, *args)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._conn, name)
-
-
 def statement_times(root: Path, key: bytes, records: list[tuple[str, dict[str, Any]]]) -> None:
     """Time each statement of the engine's per-call path."""
     totals: dict[str, list[float]] = collections.defaultdict(list)
     real_connect = _db.connect
 
     def connect(*args: Any, **kwargs: Any) -> Any:
-        return _TimedConnection(real_connect(*args, **kwargs), totals)
+        return TimedConnection(real_connect(*args, **kwargs), totals)
 
     path = fresh(root, "stmts")
     _db.connect = connect

@@ -36,9 +36,14 @@ def _arrays(n: int, seed: int = 0) -> dict[str, np.ndarray]:
     indptr = np.arange(0, (n + 1) * nbr, nbr, dtype=np.int64)
     indices = rng.integers(0, n, size=n * nbr, dtype=np.int32)
     weights = np.sort(rng.random(n * nbr, dtype=np.float32).reshape(n, nbr), axis=1)[:, ::-1]
-    return {"y": y, "gram": (y.T.astype(np.float64) @ y).astype(np.float32),
-            "pop": rng.pareto(1.5, size=n).astype(np.float32), "indptr": indptr,
-            "indices": indices, "weights": np.ascontiguousarray(weights).ravel()}
+    return {
+        "y": y,
+        "gram": (y.T.astype(np.float64) @ y).astype(np.float32),
+        "pop": rng.pareto(1.5, size=n).astype(np.float32),
+        "indptr": indptr,
+        "indices": indices,
+        "weights": np.ascontiguousarray(weights).ravel(),
+    }
 
 
 def _time_all(fns: list[Callable[[], object]], reps: int) -> list[tuple[float, float]]:
@@ -57,8 +62,9 @@ def _time_all(fns: list[Callable[[], object]], reps: int) -> list[tuple[float, f
                 out[j, r] = time.perf_counter() - t0
     finally:
         gc.enable()
-    return [(float(np.percentile(row, 50)) * 1e3, float(np.percentile(row, 99)) * 1e3)
-            for row in out]
+    return [
+        (float(np.percentile(row, 50)) * 1e3, float(np.percentile(row, 99)) * 1e3) for row in out
+    ]
 
 
 def bench(n: int, reps: int) -> list[tuple[str, float, float]]:
@@ -75,20 +81,39 @@ def bench(n: int, reps: int) -> list[tuple[str, float, float]]:
     pop_order = np.lexsort((np.arange(n), -a["pop"].astype(np.float64))).astype(np.int32)
     cents = rng.standard_normal((10, F)).astype(np.float32)
     cents /= np.linalg.norm(cents, axis=1, keepdims=True)
-    segs = tuple(Segment(id=i, name=f"s{i}", panel_users=50,
-                         top_items=rng.choice(n, size=min(300, n), replace=False).astype(np.int32),
-                         centroid=cents[i]) for i in range(10))
-    cat = Catalog(item_ids=(), titles=(), popularity=a["pop"], nbr_indptr=a["indptr"],
-                  nbr_indices=a["indices"], nbr_weights=a["weights"], segments=segs)
+    segs = tuple(
+        Segment(
+            id=i,
+            name=f"s{i}",
+            panel_users=50,
+            top_items=rng.choice(n, size=min(300, n), replace=False).astype(np.int32),
+            centroid=cents[i],
+        )
+        for i in range(10)
+    )
+    cat = Catalog(
+        item_ids=(),
+        titles=(),
+        popularity=a["pop"],
+        nbr_indptr=a["indptr"],
+        nbr_indices=a["indices"],
+        nbr_weights=a["weights"],
+        segments=segs,
+    )
     cat_indptr = np.arange(0, 2 * (n + 1), 2, dtype=np.int64)
     cat_indices = rng.integers(0, 19, size=2 * n, dtype=np.int32)
-    aff = scoring.context_affinity(cat_indptr, cat_indices, 19, window,
-                                   [("morning", "evening")[i % 2] for i in range(window.size)])
+    aff = scoring.context_affinity(
+        cat_indptr,
+        cat_indices,
+        19,
+        window,
+        [("morning", "evening")[i % 2] for i in range(window.size)],
+    )
     ip, ix, w = a["indptr"], a["indices"], a["weights"]
 
     def floor() -> object:
         s = y @ x
-        return np.argpartition(s, n - K)[n - K:]
+        return np.argpartition(s, n - K)[n - K :]
 
     def none() -> object:
         return scoring.popularity_ranking(a["pop"], K, exclude=window)
@@ -97,18 +122,31 @@ def bench(n: int, reps: int) -> list[tuple[str, float, float]]:
         vec = scoring.fold_in_aggregates(gram, b, big_a, regularization=reg)
         seg = segment_by_id(cat, assign_segment(cat, user_vector=vec))
         assert seg is not None
-        return scoring.segment_ranking(seg.top_items, K, n_items=n, exclude=window,
-                                       fallback=pop_order)
+        return scoring.segment_ranking(
+            seg.top_items, K, n_items=n, exclude=window, fallback=pop_order
+        )
 
     def behavioral() -> object:
         s = scoring.neighbour_scores(ip, ix, w, window, n_items=n, half_life=5.0)
         return scoring.rank_sparse(s, K, exclude=window, fallback=pop_order)
 
     def contextual() -> object:
-        s = scoring.contextual_scores(ip, ix, w, window, times, n_items=n, now=now,
-                                      half_life=5.0, session_boost=1.0, cat_indptr=cat_indptr,
-                                      cat_indices=cat_indices, affinity=aff,
-                                      context="morning", strength=1.0)
+        s = scoring.contextual_scores(
+            ip,
+            ix,
+            w,
+            window,
+            times,
+            n_items=n,
+            now=now,
+            half_life=5.0,
+            session_boost=1.0,
+            cat_indptr=cat_indptr,
+            cat_indices=cat_indices,
+            affinity=aff,
+            context="morning",
+            strength=1.0,
+        )
         return scoring.rank_sparse(s, K, exclude=window, fallback=pop_order)
 
     def individual() -> object:
@@ -124,11 +162,15 @@ def bench(n: int, reps: int) -> list[tuple[str, float, float]]:
         return scoring.individual_ranking(y, x, None, K, exclude=window)
 
     named: list[tuple[str, Callable[[], object]]] = [
-        ("floor: Y@x + argpartition", floor), ("none", none),
-        ("segment (aggregates fold-in)", segment), ("behavioral", behavioral),
-        ("contextual", contextual), ("individual: fold-in only", foldin_only),
+        ("floor: Y@x + argpartition", floor),
+        ("none", none),
+        ("segment (aggregates fold-in)", segment),
+        ("behavioral", behavioral),
+        ("contextual", contextual),
+        ("individual: fold-in only", foldin_only),
         ("individual (cached vector)", individual),
-        ("individual (+ fold-in refresh)", individual_refresh)]
+        ("individual (+ fold-in refresh)", individual_refresh),
+    ]
     timed = _time_all([fn for _, fn in named], reps if n < 1_000_000 else max(20, reps // 4))
     return [(name, p50, p99) for (name, _), (p50, p99) in zip(named, timed, strict=True)]
 
@@ -142,8 +184,10 @@ def main() -> None:
     for n in (int(v) for v in args.sizes.split(",")):
         rows = bench(n, args.reps)
         floor50 = rows[0][1]
-        print(f"\n{n:,} items x {F} factors (float32), k={K}, window={WINDOW}, "
-              f"{NEIGHBOURS} neighbours/item")
+        print(
+            f"\n{n:,} items x {F} factors (float32), k={K}, window={WINDOW}, "
+            f"{NEIGHBOURS} neighbours/item"
+        )
         print(f"{'level':<32}{'p50 ms':>9}{'p99 ms':>9}{'p50/floor':>11}")
         for name, p50, p99 in rows:
             print(f"{name:<32}{p50:>9.3f}{p99:>9.3f}{p50 / floor50:>10.2f}x")

@@ -153,13 +153,17 @@ def run_load(port: int, threads: int, duration: float) -> None:
         thread.join()
     wall = time.perf_counter() - begin
     flat = sorted(x for per in latencies for x in per)
-    print(json.dumps({
-        "ok": len(flat),
-        "failed": sum(failures),
-        "wall": wall,
-        "p50": flat[len(flat) // 2] if flat else float("nan"),
-        "p99": flat[min(len(flat) - 1, int(len(flat) * 0.99))] if flat else float("nan"),
-    }))
+    print(
+        json.dumps(
+            {
+                "ok": len(flat),
+                "failed": sum(failures),
+                "wall": wall,
+                "p50": flat[len(flat) // 2] if flat else float("nan"),
+                "p99": flat[min(len(flat) - 1, int(len(flat) * 0.99))] if flat else float("nan"),
+            }
+        )
+    )
 
 
 # --------------------------------------------------------------------------- driver
@@ -174,8 +178,19 @@ def stored_total(db: Path) -> int:
 def start(kind: str, directory: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
     db, ready = directory / f"{kind}.db", directory / f"{kind}.port"
     if kind == "real":
-        command = [sys.executable, "-m", "sync.server", "--k", "8", "--db", str(db),
-                   "--port", "0", "--ready-file", str(ready)]
+        command = [
+            sys.executable,
+            "-m",
+            "sync.server",
+            "--k",
+            "8",
+            "--db",
+            str(db),
+            "--port",
+            "0",
+            "--ready-file",
+            str(ready),
+        ]
     else:
         command = [sys.executable, __file__, "--floor-server", str(db), str(ready), kind]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -191,7 +206,9 @@ def start(kind: str, directory: Path) -> tuple[subprocess.Popen[bytes], int, Pat
 def load(port: int, threads: int, duration: float) -> dict[str, float]:
     output = subprocess.run(
         [sys.executable, __file__, "--load", str(port), str(threads), str(duration)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     result: dict[str, float] = json.loads(output)
     return result
@@ -223,13 +240,17 @@ def main() -> None:
             process.terminate()
             process.wait()
 
-    print(f"loopback, Connection: close, {args.repeats} repeats x {args.duration:g} s, "
-          "medians; synchronous=FULL for both")
+    print(
+        f"loopback, Connection: close, {args.repeats} repeats x {args.duration:g} s, "
+        "medians; synchronous=FULL for both"
+    )
     print("floor = bare ThreadingHTTPServer (thread per connection), commit per request;")
     print("pooled = the same floor with 32 pre-started threads; ratios are real/floor and")
     print("real/pooled")
-    print(f"{'clients':>7} {'server':>6} {'reports/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'failed':>6} {'lost':>5} {'real/floor':>10} {'real/pooled':>11}")
+    print(
+        f"{'clients':>7} {'server':>6} {'reports/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'failed':>6} {'lost':>5} {'real/floor':>10} {'real/pooled':>11}"
+    )
     for clients in args.clients:
         rates = {}
         for kind in kinds:
@@ -238,7 +259,8 @@ def main() -> None:
             rates[kind] = rate
             ratios = (
                 f"{rates['real'] / rates['floor']:>10.2f} {rates['real'] / rates['pooled']:>11.2f}"
-                if kind == "real" else ""
+                if kind == "real"
+                else ""
             )
             print(
                 f"{clients:>7} {kind:>6} {rate:>10.0f} "

@@ -40,9 +40,21 @@ def main() -> None:
     directory = Path(tempfile.mkdtemp(prefix="bench_client_"))
     ready = directory / "port"
     server = subprocess.Popen(
-        [sys.executable, "-m", "sync.server", "--k", "8", "--db", str(directory / "c.db"),
-         "--port", "0", "--ready-file", str(ready)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "sync.server",
+            "--k",
+            "8",
+            "--db",
+            str(directory / "c.db"),
+            "--port",
+            "0",
+            "--ready-file",
+            str(ready),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         while not ready.exists():
@@ -88,8 +100,10 @@ def main() -> None:
         server.terminate()
         server.wait()
 
-    print(f"send_report latency on loopback, {args.repeats} blocks x {args.requests} "
-          "sequential requests, medians over blocks")
+    print(
+        f"send_report latency on loopback, {args.repeats} blocks x {args.requests} "
+        "sequential requests, medians over blocks"
+    )
     print(f"{'path':>8} {'p50 ms':>8} {'p99 ms':>8} {'reports/s':>10}")
     p50s = {}
     for name in ("bare", "client"):
