@@ -492,13 +492,14 @@ class PersonalizationEngine:
         keep_items = self._level.allows(PrivacyLevel.BEHAVIORAL)
         keep_context = self._level.allows(PrivacyLevel.CONTEXTUAL)
         stored = 0
-        with self._store.write() as conn:
+        store = self._store
+        with store.write(cached=True) as conn:
             for user_id, items in grouped.items():
                 fresh = [it for it in items if it.timestamp is not None and it.timestamp >= cutoff]
                 if not fresh:
                     continue
                 stored += len(fresh)
-                Store.ensure_user(conn, user_id, now)
+                store.ensure_user_cached(conn, user_id, now)
                 if self._level is PrivacyLevel.SEGMENT:
                     # Counters and taste sums stand in for the window the segment level
                     # does not keep; from behavioral up the window itself tells.
@@ -522,19 +523,18 @@ class PersonalizationEngine:
                     if keep_context:
                         fresh = [_live_context(it, policy, now) for it in fresh]
                     if len(fresh) == 1:
-                        if (
-                            not Store.add_to_window(
-                                conn, user_id, fresh[0], policy.window, keep_context=keep_context
-                            )
-                            and self._level is not PrivacyLevel.SEGMENT
+                        if not store.add_to_window(
+                            conn, user_id, fresh[0], policy.window, keep_context=keep_context
                         ):
                             stored -= 1  # older than all of a full window: not kept
                     else:
+                        store.forget_window(user_id)
                         Store.insert_interactions(conn, user_id, fresh, keep_context=keep_context)
                         Store.enforce_window(conn, user_id, policy.window)
                 last = self._purged_at.get(user_id)
                 if last is None or not 0 <= now - last < _USER_PURGE_INTERVAL:
-                    Store.purge_expired(conn, policy, now, user_id)
+                    if Store.purge_expired(conn, policy, now, user_id):
+                        store.forget_window(user_id)
                     self._purged_at[user_id] = now
         return stored
 

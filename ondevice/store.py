@@ -11,7 +11,8 @@ forward steps):
 - ``meta(key, value)``: the privacy level, the stored policy, the profile id.
 - ``users(user_id, created_at)``.
 - ``signals(user_id, name, value, updated_at)``: declared signals, JSON values.
-- ``interactions(id, user_id, item_id, event, ts, value)``: the rolling window.
+- ``interactions(id, user_id, item_id, event, ts, value)``: the rolling window, indexed
+  by user only (v5): the per-call write path keeps each user's window order in memory.
 - ``context(interaction_id, name, value)``: declared context of an interaction.
 - ``activity(user_id, day, event, count)``: per-day event counts (no item ids).
 - ``derived(user_id, name, value, updated_at)``: derived state (blobs).
@@ -24,6 +25,7 @@ forward steps):
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import logging
@@ -51,7 +53,7 @@ MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
         """CREATE TABLE interactions(
             id INTEGER PRIMARY KEY, user_id TEXT NOT NULL, item_id TEXT NOT NULL,
             event TEXT NOT NULL, ts REAL NOT NULL, value REAL)""",
-        "CREATE INDEX interactions_user_ts ON interactions(user_id, ts)",
+        "CREATE INDEX interactions_user_ts ON interactions(user_id, ts)",  # dropped in v5
         """CREATE TABLE context(
             interaction_id INTEGER NOT NULL REFERENCES interactions(id) ON DELETE CASCADE,
             name TEXT NOT NULL, value TEXT NOT NULL,
@@ -87,6 +89,15 @@ MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
             tag BLOB NOT NULL, epoch TEXT NOT NULL, epsilon REAL NOT NULL,
             created_at REAL NOT NULL, PRIMARY KEY(tag, epoch)) WITHOUT ROWID""",
     ),
+    5: (
+        # Index the window by user only. An index on (user_id, ts) made every recycled
+        # row (a new timestamp written over the oldest) rewrite index pages as well as
+        # the table page, and SQLCipher encrypts and authenticates every page a commit
+        # writes. The window order now comes from the store's cache or a sort of the
+        # user's few rows.
+        "DROP INDEX interactions_user_ts",
+        "CREATE INDEX interactions_user ON interactions(user_id)",
+    ),
 }
 SCHEMA_VERSION: Final = max(MIGRATIONS)
 
@@ -117,12 +128,107 @@ def _day(ts: float) -> int:
     return int(ts // DAY)
 
 
+class _Window:
+    """One user's window as this connection last committed it: ``(ts, id)`` pairs in
+    window order (oldest first, ties by id), and the ids that have context rows."""
+
+    __slots__ = ("order", "with_context")
+
+    def __init__(self, order: list[tuple[float, int]], with_context: set[int]) -> None:
+        self.order = order
+        self.with_context = with_context
+
+
+class _WriteCache:
+    """What the per-call write path would otherwise read back on every call: which
+    users have a row, each recently written user's window order, and the stored lower
+    bound of all timestamps.
+
+    It is only trusted inside a ``write(cached=True)`` transaction, and only while
+    ``PRAGMA data_version`` (read under the write lock) shows that no other connection
+    committed since this one last did. Every other write transaction, and every
+    rollback, empties it.
+    """
+
+    __slots__ = ("bound", "bound_known", "data_version", "users", "windows")
+
+    def __init__(self) -> None:
+        self.data_version: int | None = None
+        self.users: set[str] = set()
+        self.windows: dict[str, _Window] = {}
+        self.bound: float | None = None  # Store.oldest_bound, once read
+        self.bound_known = False
+
+    def clear(self) -> None:
+        self.users.clear()
+        self.windows.clear()
+        self.bound_known = False
+
+
+class _Transaction:
+    """The context manager behind :meth:`Store.write` (a class rather than a generator:
+    this runs on every recorded interaction)."""
+
+    __slots__ = ("_cached", "_conn", "_store")
+
+    def __init__(self, store: Store, cached: bool) -> None:
+        self._store = store
+        self._cached = cached
+        self._conn: _db.Connection | None = None
+
+    def __enter__(self) -> _db.Connection:
+        store = self._store
+        store._lock.acquire()
+        try:
+            conn = store.conn
+            cache = store._cache
+            conn.execute("BEGIN IMMEDIATE")
+            if self._cached:
+                # Under the write lock: no other connection can commit until we do.
+                (version,) = conn.execute("PRAGMA data_version").fetchone()
+                if version != cache.data_version:
+                    cache.clear()
+                    cache.data_version = version
+            else:
+                cache.clear()
+        except BaseException as exc:
+            store._lock.release()
+            if isinstance(exc, _db.DriverError):
+                raise _db.translate(exc) from exc
+            raise
+        self._conn = conn
+        return conn
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        store = self._store
+        conn = self._conn
+        assert conn is not None
+        try:
+            if exc is None:
+                try:
+                    conn.execute("COMMIT")
+                    return
+                except _db.DriverError as failed:
+                    exc = failed
+            store._cache.clear()
+            with contextlib.suppress(_db.DriverError):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            if isinstance(exc, _db.DriverError):
+                raise _db.translate(exc) from exc
+        finally:
+            store._lock.release()
+
+
 class Store:
     """Row access to one open profile database. Not part of the public API."""
 
     def __init__(self, conn: _db.Connection) -> None:
         self._conn: _db.Connection | None = conn
         self._lock = threading.RLock()
+        self._cache = _WriteCache()
 
     # -- connection and transactions ------------------------------------------------
 
@@ -146,23 +252,15 @@ class Store:
         """Whether :meth:`close` was called."""
         return self._conn is None
 
-    @contextlib.contextmanager
-    def write(self) -> Iterator[_db.Connection]:
-        """One ``BEGIN IMMEDIATE`` transaction: committed on success, rolled back on any
-        exception (including a refused validation inside the block)."""
-        with self._lock:
-            conn = self.conn
-            with _db.translating():
-                conn.execute("BEGIN IMMEDIATE")
-            try:
-                with _db.translating():
-                    yield conn
-                    conn.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(_db.DriverError):
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                raise
+    def write(self, *, cached: bool = False) -> _Transaction:
+        """One ``BEGIN IMMEDIATE`` transaction, as a context manager yielding the
+        connection: committed on success, rolled back on any exception (including a
+        refused validation inside the block).
+
+        ``cached=True`` is for the interaction write path only: inside it,
+        :meth:`ensure_user_cached` and :meth:`add_to_window` may rely on what this
+        connection knows from its own earlier commits. Any other write forgets it."""
+        return _Transaction(self, cached)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[_db.Connection]:
@@ -292,16 +390,31 @@ class Store:
             )
             return
         for it in interactions:
-            cur = conn.execute(
+            Store._insert_row(conn, user_id, it, keep_context=True)
+
+    @staticmethod
+    def _insert_row(
+        conn: _db.Connection, user_id: str, it: Interaction, *, keep_context: bool
+    ) -> int:
+        """Insert one interaction row (and its context when ``keep_context``); its id.
+        The caller keeps the timestamp bound (:meth:`lower_oldest_bound`)."""
+        iid = int(
+            conn.execute(
                 "INSERT INTO interactions(user_id, item_id, event, ts, value) "
                 "VALUES (?, ?, ?, ?, ?)",
                 (user_id, it.item_id, it.event, it.timestamp, it.value),
-            )
-            if it.context:
-                conn.executemany(
-                    "INSERT INTO context(interaction_id, name, value) VALUES (?, ?, ?)",
-                    [(cur.lastrowid, k, json.dumps(v)) for k, v in it.context.items()],
-                )
+            ).lastrowid
+        )
+        if keep_context and it.context:
+            Store._insert_context(conn, iid, it)
+        return iid
+
+    @staticmethod
+    def _insert_context(conn: _db.Connection, iid: int, it: Interaction) -> None:
+        conn.executemany(
+            "INSERT INTO context(interaction_id, name, value) VALUES (?, ?, ?)",
+            [(iid, k, json.dumps(v)) for k, v in it.context.items()],
+        )
 
     @staticmethod
     def restore_blocks(
@@ -313,8 +426,33 @@ class Store:
             [(user_id, item, ts) for item, ts in rows],
         )
 
+    def ensure_user_cached(self, conn: _db.Connection, user_id: str, now: float) -> None:
+        """:meth:`ensure_user`, skipped when this connection knows the row exists (only
+        inside ``write(cached=True)``)."""
+        if user_id not in self._cache.users:
+            Store.ensure_user(conn, user_id, now)
+            self._cache.users.add(user_id)
+
+    def forget_window(self, user_id: str) -> None:
+        """Drop what the cache holds about ``user_id``'s window, and the timestamp
+        bound, before or after a write that bypassed :meth:`add_to_window`."""
+        self._cache.windows.pop(user_id, None)
+        self._cache.bound_known = False
+
     @staticmethod
+    def _load_window(conn: _db.Connection, user_id: str) -> _Window:
+        rows = conn.execute(
+            "SELECT ts, id, EXISTS(SELECT 1 FROM context WHERE interaction_id = "
+            "interactions.id) FROM interactions WHERE user_id = ? ORDER BY ts, id",
+            (user_id,),
+        ).fetchall()
+        return _Window(
+            [(float(ts), int(iid)) for ts, iid, _ in rows],
+            {int(iid) for _, iid, has in rows if has},
+        )
+
     def add_to_window(
+        self,
         conn: _db.Connection,
         user_id: str,
         it: Interaction,
@@ -323,40 +461,56 @@ class Store:
         keep_context: bool,
     ) -> bool:
         """Add one interaction to a user's rolling window; False if it was not kept.
+        Only inside ``write(cached=True)``.
 
         When the window is full and the interaction is strictly the newest, the oldest
-        row is overwritten in place (fewer pages touched than an insert plus a delete;
-        ``secure_delete`` overwrites the old values). An interaction older than
-        everything in a full window is not stored: it would be evicted at once."""
-        count, oldest, newest = conn.execute(
-            "SELECT count(*), min(ts), max(ts) FROM interactions WHERE user_id = ?", (user_id,)
-        ).fetchone()
+        row is overwritten in place: its table page is the only page the commit
+        rewrites (no index holds the timestamp), where an insert plus a delete would
+        touch several; ``secure_delete`` overwrites the old values. An interaction older
+        than everything in a full window is not stored: it would be evicted at once."""
         assert it.timestamp is not None
-        if count >= window and it.timestamp < oldest:
+        ts = float(it.timestamp)
+        w = self._cache.windows.get(user_id)
+        if w is None:
+            w = self._cache.windows[user_id] = Store._load_window(conn, user_id)
+        order = w.order
+        count = len(order)
+        if count >= window and ts < order[0][0]:
             return False
-        if count < window or it.timestamp <= newest:
+        if count < window or ts <= order[-1][0]:
             # Not strictly the newest: a fresh row (a larger id) keeps arrival order
             # among equal timestamps, which an overwritten old row would not.
-            Store.insert_interactions(conn, user_id, [it], keep_context=keep_context)
-            if count >= window:
-                Store.enforce_window(conn, user_id, window)
-            return True
-        Store.lower_oldest_bound(conn, it.timestamp)
-        (victim,) = conn.execute(
-            "SELECT id FROM interactions WHERE user_id = ? ORDER BY ts, id LIMIT 1", (user_id,)
-        ).fetchone()
-        conn.execute(
-            "UPDATE interactions SET item_id = ?, event = ?, ts = ?, value = ? WHERE id = ?",
-            (it.item_id, it.event, it.timestamp, it.value, victim),
-        )
-        conn.execute("DELETE FROM context WHERE interaction_id = ?", (victim,))
-        if keep_context and it.context:
-            conn.executemany(
-                "INSERT INTO context(interaction_id, name, value) VALUES (?, ?, ?)",
-                [(victim, k, json.dumps(v)) for k, v in it.context.items()],
+            cache = self._cache
+            if not cache.bound_known:
+                cache.bound, cache.bound_known = Store.oldest_bound(conn), True
+            if cache.bound is not None and ts < cache.bound:
+                Store.set_meta(conn, "oldest_ts", repr(ts))
+                cache.bound = ts
+            iid = Store._insert_row(conn, user_id, it, keep_context=keep_context)
+            bisect.insort(order, (ts, iid))
+            if keep_context and it.context:
+                w.with_context.add(iid)
+        else:
+            # Strictly newer than the user's newest row, so not older than the stored
+            # lower bound of all timestamps: the bound needs no update.
+            _, iid = order.pop(0)
+            conn.execute(
+                "UPDATE interactions SET item_id = ?, event = ?, ts = ?, value = ? WHERE id = ?",
+                (it.item_id, it.event, ts, it.value, iid),
             )
-        if count > window:  # the window shrank, or another process raced us
-            Store.enforce_window(conn, user_id, window)
+            if iid in w.with_context:
+                conn.execute("DELETE FROM context WHERE interaction_id = ?", (iid,))
+                w.with_context.discard(iid)
+            if keep_context and it.context:
+                Store._insert_context(conn, iid, it)
+                w.with_context.add(iid)
+            order.append((ts, iid))
+        excess = len(order) - window  # a full window, a shrunk one, or a raced writer
+        if excess > 0:
+            evicted = [iid for _, iid in order[:excess]]
+            del order[:excess]
+            conn.executemany("DELETE FROM interactions WHERE id = ?", [(i,) for i in evicted])
+            w.with_context.difference_update(evicted)
         return True
 
     @staticmethod

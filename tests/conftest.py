@@ -94,6 +94,28 @@ def make_engine(
         engine.close()
 
 
+def write_old_profile(
+    path: Path, key: bytes, version: int, user: str, rows: list[tuple[str, float]]
+) -> None:
+    """A profile at schema ``version`` (as an older ondevice left it) holding ``user``
+    with ``(item_id, timestamp)`` interactions."""
+    from ondevice import _db
+    from ondevice.store import Store
+
+    path.mkdir()
+    RawKey(key).create(path)
+    store = Store(_db.connect(path / "profile.db", key, busy_timeout=5))
+    store.migrate(target=version)
+    with store.write() as conn:
+        Store.ensure_user(conn, user, T0)
+        conn.executemany(
+            "INSERT INTO interactions(user_id, item_id, event, ts, value) VALUES (?,?,?,?,?)",
+            [(user, item, "view", ts, None) for item, ts in rows],
+        )
+    assert store.schema_version() == version
+    store.close()
+
+
 def snapshot(directory: Path) -> dict[str, bytes]:
     """Every file of a directory and its bytes."""
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}

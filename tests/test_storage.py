@@ -7,26 +7,15 @@ import subprocess
 import sys
 import textwrap
 
-from ondevice import PersonalizationEngine, RawKey, _db
+from ondevice import PersonalizationEngine, RawKey
 from ondevice.store import SCHEMA_VERSION, Store
 
-from conftest import T0
+from conftest import T0, write_old_profile
 
 
 def test_a_version_1_profile_is_migrated_forward_with_its_data(tmp_path, raw_key):
     path = tmp_path / "p"
-    path.mkdir()
-    RawKey(raw_key).create(path)
-    store = Store(_db.connect(path / "profile.db", raw_key, busy_timeout=5))
-    store.migrate(target=1)
-    with store.write() as conn:
-        Store.ensure_user(conn, "old-user", T0)
-        conn.execute(
-            "INSERT INTO interactions(user_id, item_id, event, ts, value) VALUES (?,?,?,?,?)",
-            ("old-user", "item-1", "view", T0 - 5, None),
-        )
-    assert store.schema_version() == 1
-    store.close()
+    write_old_profile(path, raw_key, 1, "old-user", [("item-1", T0 - 5)])
     with PersonalizationEngine(path, key=RawKey(raw_key), clock=lambda: T0) as engine:
         assert engine._store.schema_version() == SCHEMA_VERSION
         user = engine.export_profile("old-user")["users"][0]
