@@ -459,7 +459,10 @@ class PersonalizationEngine:
         Returns True if anything was stored (False at level ``none`` or when the
         interaction is already older than the retention period).
         """
-        return self.update_profile_many([(user_id, interaction)]) > 0
+        now = self.now()
+        check_id(user_id, "user_id")
+        it = self._policy.validate_interaction(interaction, now)
+        return self._record({user_id: [it]}, now) > 0
 
     def update_profile_many(
         self, records: Iterable[tuple[str, Interaction | Mapping[str, Any]]]
@@ -486,8 +489,14 @@ class PersonalizationEngine:
                 check_id(user_id, "user_id")  # once per distinct user
                 bucket = grouped[user_id] = []
             bucket.append(policy.validate_interaction(interaction, now))
+        return self._record(grouped, now)
+
+    def _record(self, grouped: dict[str, list[Interaction]], now: float) -> int:
+        """Store validated interactions, grouped by user, in one transaction; how many
+        were recorded (see :meth:`update_profile_many`)."""
         if self._level is PrivacyLevel.NONE or not grouped:
             return 0
+        policy = self._policy
         cutoff = now - policy.retention_seconds
         keep_items = self._level.allows(PrivacyLevel.BEHAVIORAL)
         keep_context = self._level.allows(PrivacyLevel.CONTEXTUAL)
