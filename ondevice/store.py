@@ -29,6 +29,7 @@ import bisect
 import contextlib
 import json
 import logging
+import operator
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Final
@@ -122,6 +123,10 @@ SEGMENT_DERIVED: Final = "taste_aggregates"
 #: The egress log is kept a year: long enough to show the user every report and to
 #: account for the privacy budget's rolling period.
 EGRESS_RETENTION_DAYS: Final = 365.0
+
+
+#: Window order of ``(id, item_id, event, ts, value)`` rows: by timestamp, then id.
+_WINDOW_ORDER: Final = operator.itemgetter(3, 0)
 
 
 def _day(ts: float) -> int:
@@ -766,10 +771,10 @@ class Store:
     ) -> list[Interaction]:
         """The user's window, oldest first (with context unless told otherwise)."""
         rows = conn.execute(
-            "SELECT id, item_id, event, ts, value FROM interactions WHERE user_id = ? "
-            "ORDER BY ts, id",
+            "SELECT id, item_id, event, ts, value FROM interactions WHERE user_id = ?",
             (user_id,),
         ).fetchall()
+        rows.sort(key=_WINDOW_ORDER)  # (ts, id): cheaper here than SQLite's sorter
         ctx: dict[int, dict[str, SignalValue]] = {}
         if not with_context:
             return [Interaction(item, event, ts, value, {}) for _, item, event, ts, value in rows]
