@@ -7,11 +7,12 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from ondevice import PersonalizationEngine, Policy, RawKey
+from ondevice import PersonalizationEngine, Policy, RawKey, _db
 from ondevice.store import Store
 
 from conftest import disk_bytes
@@ -19,10 +20,13 @@ from conftest import disk_bytes
 WRITER = Path(__file__).with_name("profile_writer.py")
 
 
-def _spawn(path: Path, key: bytes, name: str, count: int) -> subprocess.Popen[str]:
+def _spawn(
+    path: Path, key: bytes, name: str, count: int, *shared: object
+) -> subprocess.Popen[str]:
     env = {**os.environ, "ONDEVICE_TEST_KEY": key.hex()}
     return subprocess.Popen(
-        [sys.executable, str(WRITER), str(path), name, str(count)],
+        [sys.executable, str(WRITER), str(path), name, str(count), *map(str, shared)],
+        stdin=subprocess.PIPE if shared else None,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -50,6 +54,50 @@ def test_two_processes_writing_at_once_lose_nothing(tmp_path, raw_key):
     with PersonalizationEngine(path, key=RawKey(raw_key)) as engine:
         with engine._store.read() as conn:
             assert Store.count_rows(conn)["interactions"] == 1000
+        assert _integrity(engine) == ([], ["ok"])
+
+
+@pytest.mark.slow
+def test_two_processes_recycling_one_window_keep_the_newest(tmp_path, raw_key):
+    # Each engine remembers the window between its own writes; the other process's
+    # commits must make it read the window again, or it would count or overwrite rows
+    # as if it were alone (and the file would hold the wrong rows). The two writers
+    # take turns, one interaction each.
+    path = tmp_path / "p"
+    PersonalizationEngine(path, key=RawKey(raw_key), policy=Policy(window=50)).close()
+    base, count = time.time() - 86400.0, 150
+    procs = [
+        _spawn(path, raw_key, name, count, 50, base, parity)
+        for parity, name in enumerate(("a", "b"))
+    ]
+    for proc in procs:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    for i in range(count):
+        for proc in procs:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline().strip() == f"committed {i + 1}"
+    for proc in procs:
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+    every = sorted(
+        (base + 2 * i + parity, f"{name}-{i}")
+        for parity, name in enumerate(("a", "b"))
+        for i in range(count)
+    )
+    # Read the file as the writers left it (an engine's open would trim the window).
+    conn = _db.connect(path / "profile.db", raw_key, busy_timeout=5)
+    try:
+        rows = conn.execute(
+            "SELECT item_id FROM interactions WHERE user_id = 'shared' ORDER BY ts"
+        ).fetchall()
+    finally:
+        conn.close()
+    assert [item for (item,) in rows] == [item for _, item in every[-50:]]
+    with PersonalizationEngine(path, key=RawKey(raw_key), policy=Policy(window=50)) as engine:
+        window = engine.export_profile("shared")["users"][0]["interactions"]
+        assert [w["item_id"] for w in window] == [item for _, item in every[-50:]]
         assert _integrity(engine) == ([], ["ok"])
 
 
