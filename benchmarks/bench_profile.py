@@ -20,7 +20,10 @@ Per call (one transaction each):
 The first table is the default workload: 2,000 calls over 4 users, so each window fills
 (100 inserts) and then recycles (400 calls each), as for an app's user after the first
 hundred interactions. The second spreads the same calls over enough users that no
-window fills: every call is an insert, the engine's slower case.
+window fills: every call is an insert, the engine's slower case. The third is the first
+workload with two engines (two connections for the bare variants) on one profile taking
+turns, as when two processes of an app record into one profile: each engine must read
+the window again after the other's commit.
 
 Batch (one transaction):
 
@@ -100,18 +103,22 @@ def bare_connect(module: Any, path: Path, key: bytes | None) -> Any:
     return conn
 
 
-def time_bare_calls(module: Any, path: Path, key: bytes | None, rows: list[Row]) -> float:
-    """Seconds for one ``BEGIN; INSERT; COMMIT`` per row."""
-    conn = bare_connect(module, path, key)
+def time_bare_calls(
+    module: Any, path: Path, key: bytes | None, rows: list[Row], *, connections: int = 1
+) -> float:
+    """Seconds for one ``BEGIN; INSERT; COMMIT`` per row (the connections take turns)."""
+    conns = [bare_connect(module, path, key) for _ in range(connections)]
     try:
         t0 = time.perf_counter()
-        for row in rows:
+        for n, row in enumerate(rows):
+            conn = conns[n % connections]
             conn.execute("BEGIN IMMEDIATE")
             conn.execute(INSERT, row)
             conn.execute("COMMIT")
         return time.perf_counter() - t0
     finally:
-        conn.close()
+        for conn in conns:
+            conn.close()
 
 
 def time_bare_batch(module: Any, path: Path, key: bytes | None, rows: list[Row]) -> float:
@@ -139,13 +146,20 @@ def open_engine(path: Path, key: bytes) -> PersonalizationEngine:
     return PersonalizationEngine(path, privacy_level="behavioral", key=RawKey(key))
 
 
-def time_engine_calls(path: Path, key: bytes, records: list[tuple[str, dict[str, Any]]]) -> float:
-    with open_engine(path, key) as engine:
-        update = engine.update_profile
+def time_engine_calls(
+    path: Path, key: bytes, records: list[tuple[str, dict[str, Any]]], *, engines: int = 1
+) -> float:
+    """Seconds for one ``update_profile`` per record (the engines take turns)."""
+    opened = [open_engine(path, key) for _ in range(engines)]
+    try:
+        updates = [engine.update_profile for engine in opened]
         t0 = time.perf_counter()
-        for user, interaction in records:
-            update(user, interaction)
+        for n, (user, interaction) in enumerate(records):
+            updates[n % engines](user, interaction)
         return time.perf_counter() - t0
+    finally:
+        for engine in opened:
+            engine.close()
 
 
 def time_engine_batch(path: Path, key: bytes, records: list[tuple[str, dict[str, Any]]]) -> float:
@@ -281,15 +295,24 @@ def compare(
     return report(title, measure(variants, root, repeats), n, unit, ratios)
 
 
-def per_call_table(title: str, rows: list[Row], key: bytes, root: Path, repeats: int) -> float:
-    """Time the three per-call variants on ``rows``, print them; engine / sqlite3."""
+def per_call_table(
+    title: str, rows: list[Row], key: bytes, root: Path, repeats: int, *, writers: int = 1
+) -> float:
+    """Time the three per-call variants on ``rows`` with ``writers`` connections (or
+    engines) taking turns, print them; return engine / sqlite3."""
     records = as_records(rows)
     rates = compare(
         title,
         {
-            "sqlite3 insert+commit": lambda p: time_bare_calls(sqlite3, p, None, rows),
-            "sqlcipher insert+commit": lambda p: time_bare_calls(sqlcipher3, p, key, rows),
-            "engine.update_profile": lambda p: time_engine_calls(p, key, records),
+            "sqlite3 insert+commit": lambda p: time_bare_calls(
+                sqlite3, p, None, rows, connections=writers
+            ),
+            "sqlcipher insert+commit": lambda p: time_bare_calls(
+                sqlcipher3, p, key, rows, connections=writers
+            ),
+            "engine.update_profile": lambda p: time_engine_calls(
+                p, key, records, engines=writers
+            ),
         },
         len(rows),
         "calls/s",
@@ -346,6 +369,16 @@ def main() -> None:
             key,
             root,
             args.repeats,
+        )
+
+        per_call_table(
+            f"\nPer-call, two engines on one profile taking turns: {args.calls} calls over "
+            f"{args.users} users (each engine rereads the window the other changed)",
+            rows,
+            key,
+            root,
+            args.repeats,
+            writers=2,
         )
 
         brows = rows_for(args.batch, args.batch_users, start)

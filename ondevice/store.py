@@ -446,15 +446,16 @@ class Store:
 
     @staticmethod
     def _load_window(conn: _db.Connection, user_id: str) -> _Window:
-        rows = conn.execute(
-            "SELECT ts, id, EXISTS(SELECT 1 FROM context WHERE interaction_id = "
-            "interactions.id) FROM interactions WHERE user_id = ? ORDER BY ts, id",
+        order = conn.execute(
+            "SELECT ts, id FROM interactions WHERE user_id = ?", (user_id,)
+        ).fetchall()
+        order.sort()  # window order: (ts, id)
+        with_context = conn.execute(
+            "SELECT c.interaction_id FROM context c JOIN interactions i "
+            "ON i.id = c.interaction_id WHERE i.user_id = ?",
             (user_id,),
         ).fetchall()
-        return _Window(
-            [(float(ts), int(iid)) for ts, iid, _ in rows],
-            {int(iid) for _, iid, has in rows if has},
-        )
+        return _Window(order, {int(iid) for (iid,) in with_context})
 
     def add_to_window(
         self,
