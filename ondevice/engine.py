@@ -498,22 +498,26 @@ class PersonalizationEngine:
             return 0
         policy = self._policy
         cutoff = now - policy.retention_seconds
-        keep_items = self._level.allows(PrivacyLevel.BEHAVIORAL)
-        keep_context = self._level.allows(PrivacyLevel.CONTEXTUAL)
         stored = 0
         store = self._store
         with store.write(cached=True) as conn:
+            # Read under the store lock: set_privacy_level changes it under the same lock.
+            level: PrivacyLevel = self._level
+            if level is PrivacyLevel.NONE:
+                return 0
+            keep_items = level.allows(PrivacyLevel.BEHAVIORAL)
+            keep_context = level.allows(PrivacyLevel.CONTEXTUAL)
             for user_id, items in grouped.items():
                 fresh = [it for it in items if it.timestamp is not None and it.timestamp >= cutoff]
                 if not fresh:
                     continue
                 stored += len(fresh)
                 store.ensure_user_cached(conn, user_id, now)
-                if self._level is PrivacyLevel.SEGMENT:
+                if level is PrivacyLevel.SEGMENT:
                     # Counters and taste sums stand in for the window the segment level
                     # does not keep; from behavioral up the window itself tells.
                     Store.count_activity(conn, user_id, fresh)
-                if self._level is PrivacyLevel.SEGMENT and self._runtime is not None:
+                if level is PrivacyLevel.SEGMENT and self._runtime is not None:
                     from . import _personalize
 
                     _personalize.add_to_aggregates(
@@ -556,10 +560,10 @@ class PersonalizationEngine:
         """
         check_id(user_id, "user_id")
         clean = self._policy.validate_signals(signals)
-        if self._level is PrivacyLevel.NONE:
-            return False
         now = self.now()
         with self._store.write() as conn:
+            if self._level is PrivacyLevel.NONE:  # under the lock, as set_privacy_level
+                return False
             Store.ensure_user(conn, user_id, now)
             Store.set_signals(conn, user_id, clean, now)
         return True
@@ -570,15 +574,18 @@ class PersonalizationEngine:
         lower level does not collect; raising past ``segment`` drops its per-day
         counters and taste sums, which the window replaces."""
         new = PrivacyLevel.parse(level)
-        with self._store.write() as conn:
-            purged = 0
-            if new is not self._level:
-                self._keep_taste_before_purge(
-                    conn, self._level, new, self.now(), self._policy.retention_days
-                )
-                purged = Store.purge_for_level(conn, new)
-            Store.set_meta(conn, "privacy_level", new.value)
-        self._level = new
+        # The store lock spans the purge's commit and the switch: a write in another
+        # thread sees the old level with the old data or the new level after the purge.
+        with self._store.lock:
+            with self._store.write() as conn:
+                purged = 0
+                if new is not self._level:
+                    self._keep_taste_before_purge(
+                        conn, self._level, new, self.now(), self._policy.retention_days
+                    )
+                    purged = Store.purge_for_level(conn, new)
+                Store.set_meta(conn, "privacy_level", new.value)
+            self._level = new
         if purged:
             self._store.checkpoint()
 

@@ -133,6 +133,12 @@ def _day(ts: float) -> int:
     return int(ts // DAY)
 
 
+#: At most this many users' windows stay in a connection's write cache (about 12 kB
+#: each at the default window of 100), and at most this many user ids.
+CACHED_WINDOWS: Final = 128
+CACHED_USERS: Final = 100_000
+
+
 class _Window:
     """One user's window as this connection last committed it: ``(ts, id)`` pairs in
     window order (oldest first, ties by id), and the ids that have context rows."""
@@ -184,6 +190,7 @@ class _Transaction:
     def __enter__(self) -> _db.Connection:
         store = self._store
         store._lock.acquire()
+        entered = False
         try:
             conn = store.conn
             cache = store._cache
@@ -196,35 +203,40 @@ class _Transaction:
                     cache.data_version = version
             else:
                 cache.clear()
-        except BaseException as exc:
-            store._lock.release()
-            if isinstance(exc, _db.DriverError):
-                raise _db.translate(exc) from exc
-            raise
-        self._conn = conn
-        return conn
+            self._conn = conn
+            entered = True
+            return conn
+        except _db.DriverError as exc:
+            raise _db.translate(exc) from exc
+        finally:
+            if not entered:
+                # Whatever stopped us (a KeyboardInterrupt included): no transaction
+                # may stay open, holding the database's write lock, nor the store lock.
+                try:
+                    store._abandon()
+                finally:
+                    store._lock.release()
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
         store = self._store
-        conn = self._conn
-        assert conn is not None
+        committed = False
         try:
             if exc is None:
-                try:
-                    conn.execute("COMMIT")
-                    return
-                except _db.DriverError as failed:
-                    exc = failed
-            store._cache.clear()
-            with contextlib.suppress(_db.DriverError):
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-            if isinstance(exc, _db.DriverError):
+                assert self._conn is not None
+                self._conn.execute("COMMIT")
+                committed = True
+            elif isinstance(exc, _db.DriverError):
                 raise _db.translate(exc) from exc
+        except _db.DriverError as failed:  # the COMMIT
+            raise _db.translate(failed) from failed
         finally:
-            store._lock.release()
+            try:
+                if not committed:
+                    store._abandon()  # also after an interrupt: no transaction left open
+            finally:
+                store._lock.release()
 
 
 class Store:
@@ -236,6 +248,22 @@ class Store:
         self._cache = _WriteCache()
 
     # -- connection and transactions ------------------------------------------------
+
+    @property
+    def lock(self) -> threading.RLock:
+        """The store's (re-entrant) lock, held by every transaction: hold it to make
+        a transaction and a change of engine state one step for other threads."""
+        return self._lock
+
+    def _abandon(self) -> None:
+        """After a failed or interrupted write: forget the cache, roll back if the
+        connection is still in the transaction."""
+        self._cache.clear()
+        conn = self._conn
+        if conn is not None:
+            with contextlib.suppress(_db.DriverError):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
 
     @property
     def conn(self) -> _db.Connection:
@@ -434,9 +462,12 @@ class Store:
     def ensure_user_cached(self, conn: _db.Connection, user_id: str, now: float) -> None:
         """:meth:`ensure_user`, skipped when this connection knows the row exists (only
         inside ``write(cached=True)``)."""
-        if user_id not in self._cache.users:
+        users = self._cache.users
+        if user_id not in users:
             Store.ensure_user(conn, user_id, now)
-            self._cache.users.add(user_id)
+            if len(users) >= CACHED_USERS:
+                users.clear()
+            users.add(user_id)
 
     def forget_window(self, user_id: str) -> None:
         """Drop what the cache holds about ``user_id``'s window, and the timestamp
@@ -476,9 +507,12 @@ class Store:
         than everything in a full window is not stored: it would be evicted at once."""
         assert it.timestamp is not None
         ts = float(it.timestamp)
-        w = self._cache.windows.get(user_id)
+        windows = self._cache.windows
+        w = windows.get(user_id)
         if w is None:
-            w = self._cache.windows[user_id] = Store._load_window(conn, user_id)
+            if len(windows) >= CACHED_WINDOWS:
+                del windows[next(iter(windows))]  # the one loaded longest ago
+            w = windows[user_id] = Store._load_window(conn, user_id)
         order = w.order
         count = len(order)
         if count >= window and ts < order[0][0]:

@@ -15,7 +15,7 @@ import pytest
 from ondevice import PersonalizationEngine, Policy, RawKey, _db
 from ondevice.store import Store
 
-from conftest import disk_bytes
+from conftest import T0, disk_bytes
 
 WRITER = Path(__file__).with_name("profile_writer.py")
 
@@ -149,3 +149,22 @@ def test_sigkill_mid_write_loses_no_committed_interaction(tmp_path, raw_key):
         assert stored >= acknowledged
         assert stored <= acknowledged + 1  # at most the one in flight when killed
         assert _integrity(engine) == ([], ["ok"])
+
+
+def test_a_write_racing_a_lowered_level_stores_only_what_the_new_level_allows(make_engine):
+    engine = make_engine(privacy_level="contextual")
+    store_lock = engine._store.lock
+    store_lock.acquire()  # the writer below validates, then waits for the store
+    writer = threading.Thread(
+        target=engine.update_profile,
+        args=("u", {"item_id": "x", "timestamp": T0 - 5, "context": {"device": "phone"}}),
+    )
+    writer.start()
+    time.sleep(0.2)  # let it get as far as the store lock
+    engine.set_privacy_level("behavioral")  # this thread holds the (re-entrant) lock
+    store_lock.release()
+    writer.join()
+    user = engine.export_profile("u")["users"][0]
+    assert [(i["item_id"], i["context"]) for i in user["interactions"]] == [("x", {})]
+    with engine._store.read() as conn:
+        assert Store.count_rows(conn)["context"] == 0

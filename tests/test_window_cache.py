@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from ondevice import PersonalizationEngine, RawKey
 from ondevice.policy import Interaction
-from ondevice.store import SCHEMA_VERSION, Store
+from ondevice.store import CACHED_WINDOWS, SCHEMA_VERSION, Store
 
 from conftest import T0, Clock, demo_policy, write_old_profile
 
@@ -249,3 +249,49 @@ def test_a_batch_between_single_calls_keeps_the_timestamp_bound_a_lower_bound(ma
     engine.update_profile("u", {"item_id": "d", "timestamp": T0 - 70})
     assert_bound_holds(engine)
     assert [i for i, _ in window_of(engine, "u")] == ["b", "c", "d", "a"]
+
+
+class InterruptingConnection:
+    """The engine's real connection, except that one statement raises
+    KeyboardInterrupt (as Ctrl-C can, between two statements) instead of running."""
+
+    def __init__(self, conn: object, statement: str) -> None:
+        self._conn = conn
+        self._statement = statement
+
+    def execute(self, sql: str, *args: object) -> object:
+        if sql == self._statement:
+            self._statement = ""  # once
+            raise KeyboardInterrupt
+        return self._conn.execute(sql, *args)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._conn, name)
+
+
+@pytest.mark.parametrize("statement", ["PRAGMA data_version", "COMMIT"])
+def test_an_interrupted_write_leaves_no_transaction_open(make_engine, statement):
+    a = make_engine(policy=demo_policy(window=3))
+    b = make_engine(policy=demo_policy(window=3), busy_timeout=0.5)
+    a.update_profile("u", {"item_id": "first", "timestamp": T0 - 10})
+    real = a._store._conn
+    a._store._conn = InterruptingConnection(real, statement)
+    with pytest.raises(KeyboardInterrupt):
+        a.update_profile("u", {"item_id": "interrupted", "timestamp": T0 - 5})
+    a._store._conn = real
+    assert not real.in_transaction  # rolled back: the database's write lock is free
+    b.update_profile("u", {"item_id": "other", "timestamp": T0 - 4})
+    a.update_profile("u", {"item_id": "later", "timestamp": T0 - 3})
+    assert [i for i, _ in window_of(a, "u")] == ["first", "other", "later"]
+
+
+def test_the_remembered_windows_stay_bounded_and_right(make_engine):
+    engine = make_engine(policy=demo_policy(window=2))
+    users = [f"u{n}" for n in range(CACHED_WINDOWS + 40)]
+    for step in range(3):
+        for user in users:
+            engine.update_profile(user, {"item_id": f"{user}-{step}", "timestamp": T0 - 9 + step})
+    assert len(engine._store._cache.windows) <= CACHED_WINDOWS
+    # The first users' windows were dropped and read again: still the newest two.
+    for user in (users[0], users[-1]):
+        assert [i for i, _ in window_of(engine, user)] == [f"{user}-1", f"{user}-2"]
