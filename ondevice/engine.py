@@ -501,6 +501,8 @@ class PersonalizationEngine:
         stored = 0
         store = self._store
         with store.write(cached=True) as conn:
+            if store.changed_elsewhere:
+                self._follow_lowered_level(conn)
             # Read under the store lock: set_privacy_level changes it under the same lock.
             level: PrivacyLevel = self._level
             if level is PrivacyLevel.NONE:
@@ -562,17 +564,34 @@ class PersonalizationEngine:
         clean = self._policy.validate_signals(signals)
         now = self.now()
         with self._store.write() as conn:
+            self._follow_lowered_level(conn)
             if self._level is PrivacyLevel.NONE:  # under the lock, as set_privacy_level
                 return False
             Store.ensure_user(conn, user_id, now)
             Store.set_signals(conn, user_id, clean, now)
         return True
 
+    def _follow_lowered_level(self, conn: _db.Connection) -> None:
+        """Inside a write: if another engine on this profile lowered the stored level
+        below this engine's, collect no more than that from now on (that engine has
+        purged what the lower level does not keep). A raised stored level is not
+        followed: this engine's host asked for less."""
+        stored = Store.get_meta(conn, "privacy_level")
+        if stored is None:
+            return
+        lowered = PrivacyLevel(stored)
+        if not lowered.allows(self._level):
+            log.info(
+                "privacy level lowered to %s by another engine on this profile", lowered.value
+            )
+            self._level = lowered
+
     def set_privacy_level(self, level: PrivacyLevel | str) -> None:
         """Change the privacy level. Everything the new level does not keep is purged at
         once (and the purged rows are overwritten in the file): lowering drops what the
         lower level does not collect; raising past ``segment`` drops its per-day
-        counters and taste sums, which the window replaces."""
+        counters and taste sums, which the window replaces. Other engines open on the
+        same profile follow a lowered level at their next write."""
         new = PrivacyLevel.parse(level)
         # The store lock spans the purge's commit and the switch: a write in another
         # thread sees the old level with the old data or the new level after the purge.

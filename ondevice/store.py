@@ -198,7 +198,8 @@ class _Transaction:
             if self._cached:
                 # Under the write lock: no other connection can commit until we do.
                 (version,) = conn.execute("PRAGMA data_version").fetchone()
-                if version != cache.data_version:
+                store.changed_elsewhere = version != cache.data_version
+                if store.changed_elsewhere:
                     cache.clear()
                     cache.data_version = version
             else:
@@ -246,6 +247,9 @@ class Store:
         self._conn: _db.Connection | None = conn
         self._lock = threading.RLock()
         self._cache = _WriteCache()
+        #: Set by each ``write(cached=True)``: whether another connection committed (or
+        #: this connection wrote outside the cache) since the last cached write.
+        self.changed_elsewhere = True
 
     # -- connection and transactions ------------------------------------------------
 

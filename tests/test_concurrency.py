@@ -168,3 +168,19 @@ def test_a_write_racing_a_lowered_level_stores_only_what_the_new_level_allows(ma
     assert [(i["item_id"], i["context"]) for i in user["interactions"]] == [("x", {})]
     with engine._store.read() as conn:
         assert Store.count_rows(conn)["context"] == 0
+
+
+def test_an_engine_collects_no_more_than_a_level_another_engine_lowered(make_engine):
+    app = make_engine(privacy_level="contextual")
+    app.update_profile("u", {"item_id": "a", "timestamp": T0 - 9, "context": {"device": "pc"}})
+    settings = make_engine(privacy_level="contextual")
+    settings.set_privacy_level("behavioral")  # the user lowers it in another window
+    app.update_profile("u", {"item_id": "b", "timestamp": T0 - 5, "context": {"device": "pc"}})
+    assert app.privacy_level.value == "behavioral"
+    window = app.export_profile("u")["users"][0]["interactions"]
+    assert [(i["item_id"], i["context"]) for i in window] == [("a", {}), ("b", {})]
+    settings.set_privacy_level("none")
+    assert app.set_signals("u", {"plan": "pro"}) is False
+    assert app.update_profile("u", {"item_id": "c", "timestamp": T0 - 1}) is False
+    with app._store.read() as conn:
+        assert all(n == 0 for n in Store.count_rows(conn).values())
