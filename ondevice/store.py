@@ -247,8 +247,8 @@ class Store:
         self._conn: _db.Connection | None = conn
         self._lock = threading.RLock()
         self._cache = _WriteCache()
-        #: Set by each ``write(cached=True)``: whether another connection committed (or
-        #: this connection wrote outside the cache) since the last cached write.
+        #: Set by each ``write(cached=True)``: whether another connection committed
+        #: since this connection's previous cached write (True before the first one).
         self.changed_elsewhere = True
 
     # -- connection and transactions ------------------------------------------------
