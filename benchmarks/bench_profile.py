@@ -347,7 +347,7 @@ def main() -> None:
     parser.add_argument(
         "--breakdown",
         action="store_true",
-        help="also time each statement and replay the SQL without each piece",
+        help="also time each SQL statement of the engine's per-call path",
     )
     args = parser.parse_args()
 
