@@ -182,9 +182,10 @@ def format_report(report: Mapping[str, Any], user_id: str = USER) -> str:
         ]
         if budget:
             lines.append(
-                f"  privacy budget: epsilon {budget['epsilon_spent']:.2f} spent of "
-                f"{budget['epsilon_cap']:.2f} per {budget['period_days']:g} days "
-                f"({budget['epsilon_remaining']:.2f} left)"
+                f"  lifetime privacy budget (epsilon): {budget['lifetime_spent']:.2f} spent "
+                f"of {budget['lifetime_cap']:.2f} per {budget['period_days']:g} days "
+                f"({budget['lifetime_remaining']:.2f} left); each segment's memo "
+                f"{budget['epsilon_inf']:.2f}, each report {budget['epsilon_1']:.2f}"
             )
         lines.append("")
     lines.append("What may be stored, why, and for how long:")

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -24,7 +25,6 @@ from typing import TYPE_CHECKING, Any, Final
 
 from . import _db
 from .errors import (
-    BudgetExhaustedError,
     BundleError,
     ExportError,
     InvalidInputError,
@@ -67,6 +67,7 @@ from .policy import (
     check_id,
 )
 from .results import Recommendations
+from .reporting import Reporter, budget_summary, segment_count
 from .store import SCHEMA_VERSION, Store
 from .sync_settings import SyncOutcome, SyncSettings
 
@@ -110,7 +111,7 @@ class UserReport:
     derived: tuple[str, ...]
     blocked_items: int
     reports_sent: int = 0
-    privacy_budget: Mapping[str, float] = field(default_factory=dict)
+    privacy_budget: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -753,140 +754,44 @@ class PersonalizationEngine:
     # -- sync: the only thing that leaves the device -------------------------------------
 
     def sync(self, user_id: str) -> SyncOutcome:
-        """Report ``user_id``'s segment for the current epoch (ISO week), at most once.
+        """Report ``user_id``'s segment for the current epoch (ISO week) when it is due,
+        at most once per epoch.
 
-        The segment is assigned locally, randomized on the device (k-ary randomized
-        response at ``SyncSettings.epsilon``, fresh randomness each report), checked
-        against the privacy budget, built into the one allowed message, appended to the
-        encrypted egress log, and only then sent. A failed send is retried by a later
-        call with exponential backoff, resending the same logged bytes (never a new
-        draw). Recommendations never depend on this: they use the true segment, locally.
+        The first call of a week draws the report's random moment in the week and
+        returns ``scheduled``; a call at or after that moment sends it (see
+        :meth:`sync_due` to serve every local user from one timer). The segment is
+        assigned locally; its memo (drawn once per true segment at
+        ``SyncSettings.epsilon_inf``, spending the lifetime budget) is randomized afresh
+        at ``epsilon_1``, built into the one allowed message, written to the encrypted
+        egress log, and only then sent on its own connection. A failed send is retried
+        by a later call with backoff, resending the same logged bytes. Recommendations
+        never depend on this: they use the true segment, locally. The full procedure
+        is in :mod:`ondevice.reporting`.
 
-        Raises BudgetExhaustedError (nothing logged, nothing sent) when the budget for
-        the rolling period is spent, and SyncError when sync is not configured or no
-        catalog is loaded. Network failures are not raised: the outcome says ``failed``.
+        Raises SyncError when sync is not configured or no catalog is loaded. Network
+        failures are not raised: the outcome says ``failed``.
         """
-        from sync import client as sync_client
-        from sync import errors as sync_errors
-        from sync import privacy, protocol
+        return self._reporter().sync(
+            user_id,
+            level=self._level,
+            runtime=self._runtime,
+            retention_days=self._policy.retention_days,
+        )
 
-        from . import _personalize
-        from .levels.segment import choose_segment
+    def sync_due(self) -> list[SyncOutcome]:
+        """Run :meth:`sync` for every local user: schedules this week's reports and
+        sends those that are due, never two of them back to back (a report due less
+        than ``SyncSettings.min_gap`` after another is pushed back). Call it from a
+        timer (every few minutes) while the app runs. Returns one outcome per user."""
+        with self._store.read() as conn:
+            users = Store.user_ids(conn)
+        return [self.sync(user_id) for user_id in users]
 
-        check_id(user_id, "user_id")
+    def _reporter(self) -> Reporter:
         settings = self._sync_settings
         if settings is None:
             raise SyncError("sync is not configured: pass sync=SyncSettings(server_url=...)")
-        if self._level is PrivacyLevel.NONE:
-            return SyncOutcome(user_id, "skipped", reason="privacy level none: nothing to report")
-        rt = self._runtime
-        if rt is None:
-            raise SyncError("load a catalog bundle first: the segments come from it")
-        k = _segment_count(rt)
-        if k == 0:
-            return SyncOutcome(user_id, "skipped", reason="the catalog defines no segments")
-        now = self.now()
-        epoch = protocol.epoch_of(now)
-        try:
-            client = sync_client.SyncClient(
-                base_url=settings.server_url,
-                transport=settings.transport,
-                timeout=settings.timeout,
-                k=k,
-            )
-            lease = now + settings.timeout + 30.0
-            with self._store.write() as conn:
-                prior = {e["epoch"]: e for e in Store.egress(conn, user_id)}
-                entry = prior.get(epoch)
-                tag = Store.ledger_tag(conn, user_id)
-                spent = Store.ledger(conn, tag)
-                if entry is None and any(e == epoch for e, _, _ in spent):
-                    # Reported this epoch under this user id before a wipe_profile.
-                    return SyncOutcome(
-                        user_id, "already_sent", epoch, reason="one report per epoch"
-                    )
-                if entry is not None:
-                    if entry["status"] in ("sent", "refused"):
-                        return SyncOutcome(
-                            user_id,
-                            "already_sent",
-                            epoch,
-                            entry["body"],
-                            entry["epsilon"],
-                            entry["answer"],
-                            reason="one report per epoch",
-                        )
-                    if entry["next_attempt"] is not None and entry["next_attempt"] > now:
-                        return SyncOutcome(
-                            user_id,
-                            "waiting",
-                            epoch,
-                            entry["body"],
-                            entry["epsilon"],
-                            entry["answer"],
-                            retry_at=entry["next_attempt"],
-                        )
-                    body = entry["body"].encode("ascii")
-                    attempts = int(entry["attempts"])
-                    Store.lease_egress(conn, user_id, epoch, lease)
-                else:
-                    accountant = privacy.BudgetAccountant(
-                        spends=tuple((t, eps) for _, eps, t in spent),
-                        cap=settings.budget_cap,
-                        period=settings.budget_period_days * 86400.0,
-                    )
-                    accountant.check(now, settings.epsilon)
-                    state, _ = _personalize.load_state(
-                        conn,
-                        user_id,
-                        self._level,
-                        rt,
-                        exclude_seen=False,
-                        now=now,
-                        retention_days=self._policy.retention_days,
-                    )
-                    chosen = choose_segment(rt, state)
-                    if chosen is None:
-                        return SyncOutcome(
-                            user_id,
-                            "skipped",
-                            epoch,
-                            reason="no segment yet (no declared signals or taste)",
-                        )
-                    reported = privacy.randomize(chosen[0].id, k=k, epsilon=settings.epsilon)
-                    body = client.build_report(reported, epoch)
-                    Store.log_egress(
-                        conn, user_id, epoch, body, settings.epsilon, now, lease_until=lease
-                    )
-                    Store.spend(conn, tag, epoch, settings.epsilon, now)
-                    attempts = 0
-            status, answer, retry = "sent", "", None
-            try:
-                answer = client.send_report_bytes(body).summary
-            except sync_errors.ServerRejectedError as exc:
-                status, answer = "refused", str(exc)
-            except (sync_errors.TransportError, sync_errors.ServerError) as exc:
-                status, answer = "failed", str(exc)
-                retry = sync_client.Backoff().next_attempt_at(now, attempts)
-            with self._store.write() as conn:
-                Store.settle_egress(
-                    conn,
-                    user_id,
-                    epoch,
-                    status=status,
-                    now=self.now(),
-                    answer=answer,
-                    next_attempt=retry,
-                )
-        except sync_errors.BudgetExhausted as exc:
-            raise BudgetExhaustedError(str(exc)) from exc
-        except sync_errors.SyncError as exc:
-            raise SyncError(f"cannot report the segment: {exc}") from exc
-        if status == "failed":
-            log.info("segment report for epoch %s not delivered; retry after %s", epoch, retry)
-        return SyncOutcome(
-            user_id, status, epoch, body.decode("ascii"), settings.epsilon, answer, retry
-        )
+        return Reporter(self._store, settings, self._clock)
 
     def fetch_featured(self) -> int:
         """Fetch the server's featured items for *all* segments (the same bytes for every
@@ -912,7 +817,7 @@ class PersonalizationEngine:
             table = client.fetch_content()
         except sync_errors.SyncError as exc:
             raise SyncError(f"cannot fetch the featured items: {exc}") from exc
-        k = _segment_count(rt)
+        k = segment_count(rt)
         if table.k != k:
             raise SyncError(
                 f"the server's content table has {table.k} segments, the catalog {k}: "
@@ -1000,20 +905,10 @@ class PersonalizationEngine:
             users=tuple(users),
         )
 
-    def _budget(self, conn: _db.Connection, user_id: str) -> dict[str, float]:
-        """The local differential-privacy budget: spent in the rolling period, cap, left."""
+    def _budget(self, conn: _db.Connection, user_id: str) -> dict[str, Any]:
+        """The lifetime privacy budget: both epsilons, the cap, what is spent and left."""
         settings = self._sync_settings or SyncSettings(server_url="http://unset.invalid")
-        period = settings.budget_period_days * 86400.0
-        now = self.now()
-        ledger = Store.ledger(conn, Store.ledger_tag_if_any(conn, user_id))
-        spent = sum(eps for _, eps, t in ledger if t > now - period)
-        return {
-            "epsilon_spent": spent,
-            "epsilon_cap": settings.budget_cap,
-            "epsilon_remaining": max(settings.budget_cap - spent, 0.0),
-            "period_days": settings.budget_period_days,
-            "epsilon_per_report": settings.epsilon,
-        }
+        return budget_summary(conn, user_id, self.now(), settings)
 
     def export_profile(self, user_id: str | None = None) -> dict[str, Any]:
         """Everything stored about ``user_id`` (or about every user), with each field's
@@ -1293,12 +1188,6 @@ def _file_bytes(path: Path) -> bytes | None:
         return None
 
 
-def _segment_count(rt: CatalogRuntime) -> int:
-    """K for randomized response: segment ids run from 0 to K - 1."""
-    ids = [seg.id for seg in rt.catalog.segments]
-    return max(ids) + 1 if ids else 0
-
-
 def _provider_for(descriptor: Mapping[str, Any], current: KeyProvider) -> KeyProvider:
     """A provider able to release the key material ``descriptor`` names: the current
     provider when it is of that kind, else a default one of the descriptor's kind (only
@@ -1351,6 +1240,7 @@ def _export_user(conn: _db.Connection, user_id: str) -> dict[str, Any]:
         ],
         "blocked_items": [{"item_id": i, "created_at": t} for i, t in Store.blocks(conn, user_id)],
         "egress": Store.egress(conn, user_id),
+        "report_memos": Store.memos(conn, user_id),
     }
 
 
@@ -1407,6 +1297,9 @@ def _plan_user(data: Any, policy: Policy, now: float) -> _UserPlan:
             for b in data.get("blocked_items", [])
         ]
         egress = [_egress_entry(e) for e in data.get("egress", [])]
+        if any(e["created_at"] > now + policy.max_future_seconds for e in egress):
+            # A report "made" in the future would hold this week's slot, or a later one.
+            raise ExportError("malformed export: an egress entry is dated in the future")
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         if isinstance(exc, OndeviceError):
             raise
@@ -1417,37 +1310,50 @@ def _plan_user(data: Any, policy: Policy, now: float) -> _UserPlan:
     return _UserPlan(user_id, created, signals, interactions, activity, derived, blocks, egress)
 
 
+_LOGGED_REPORT: Final = re.compile(
+    r'\A\{"version":[12],"epoch":"([0-9]{4}-W[0-9]{2})","segment":"[0-9]{2}"\}\Z'
+)
+"""A logged report: the canonical message of protocol version 1 (single-layer, 0.1) or
+2 (two-layer). Logs keep what left, whichever version it was."""
+
+
 def _egress_entry(e: Mapping[str, Any]) -> dict[str, Any]:
     """Validate one exported egress-log entry (raises KeyError/TypeError/ValueError)."""
-    from sync.protocol import decode_report
+    from sync.protocol import parse_epoch
 
     body = e["body"]
     if not isinstance(body, str):
         raise TypeError("egress body must be text")
-    report = decode_report(body.encode("ascii"))  # only ever a well-formed report
+    logged = _LOGGED_REPORT.match(body)
+    if logged is None:
+        raise ValueError("egress body is not a report")
+    epoch = logged.group(1)
+    parse_epoch(epoch)  # a real ISO week
     status = e["status"]
     if status not in ("pending", "sent", "failed", "refused"):
         raise ValueError(f"unknown egress status {status!r}")
     attempts = e.get("attempts", 0)
     if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 0:
         raise ValueError("egress attempts must be a non-negative int")
-    optional = {}
-    for name in ("sent_at", "next_attempt"):
+    optional: dict[str, float | None] = {}
+    for name in ("sent_at", "next_attempt", "epsilon_1"):
         value = e.get(name)
         optional[name] = None if value is None else _num(value, name)
+    if optional["epsilon_1"] is not None and not 0.0 < optional["epsilon_1"] <= 20.0:
+        raise ValueError("egress epsilon_1 out of range")
     answer = e.get("answer")
     if answer is not None and not isinstance(answer, str):
         raise TypeError("egress answer must be text")
     epsilon = _num(e["epsilon"], "epsilon")
     if not 0.0 <= epsilon <= 20.0:  # finite, and within what sync.privacy accepts
         raise ValueError("egress epsilon out of range")
-    if e["epoch"] != report.epoch:
+    if e["epoch"] != epoch:
         raise ValueError("egress epoch does not match its report")
     created = _num(e["created_at"], "created_at")
     if not math.isfinite(created):
         raise ValueError("egress time must be finite")
     return {
-        "epoch": report.epoch,
+        "epoch": epoch,
         "body": body,
         "epsilon": epsilon,
         "created_at": created,

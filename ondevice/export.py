@@ -15,12 +15,23 @@ An export is a JSON document (``format: "ondevice.export"``, ``version: 1``)::
           "activity": [{"day": "2026-11-27", "event": "view", "count": 3}],
           "derived": [{"name", "value_b64", "updated_at"}],
           "blocked_items": [{"item_id", "created_at"}],
-          "egress": [{"epoch", "body", "epsilon", "created_at", "status", "sent_at",
-                      "answer", "attempts", "next_attempt"}],   # every report that left
-          "privacy_budget": {"epsilon_spent", "epsilon_cap", "epsilon_remaining",
-                             "period_days", "epsilon_per_report"}
+          "egress": [{"epoch", "body", "epsilon", "epsilon_1", "created_at", "status",
+                      "sent_at", "answer", "attempts", "next_attempt"}],
+                                  # every report that left; "epsilon" is the lifetime
+                                  # epsilon it spent (a new memo), "epsilon_1" the
+                                  # per-report layer's (null for 0.1 reports)
+          "report_memos": [{"k", "epsilon_inf", "segment", "memo", "created_at",
+                            "used_at"}],   # the noisy draw kept per true segment
+          "privacy_budget": {"epsilon_inf", "epsilon_1", "lifetime_cap",
+                             "lifetime_spent", "lifetime_remaining", "period_days",
+                             "memos", "when_spent", "reports_in_period"}
       }]
     }
+
+``report_memos`` are shown, never imported: a memo protects its user only if it is a
+genuine random draw made on the device, which a file cannot prove. A profile that
+imports an export draws its own memos, and the imported egress log restores the ledger,
+so what the exporting device spent still counts against the lifetime budget.
 
 An *encrypted* export wraps those bytes (``format: "ondevice.export.encrypted"``):
 AES-256-GCM under a key derived from the export passphrase with Argon2id; the header

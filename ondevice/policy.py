@@ -360,15 +360,31 @@ BUILTIN_FIELDS: Final = (
     FieldPurpose(
         "egress.report",
         "show you exactly what left this device (a randomized segment ID), when, and at "
-        "which privacy cost, and enforce the privacy budget",
+        "which privacy cost (both epsilons, and what the report spent)",
         365.0,
         PrivacyLevel.SEGMENT,
     ),
     FieldPurpose(
+        "report_memos.memo",
+        "keep a year of reports from adding up: one noisy draw per segment you have held "
+        "(never your true segment), reused for every later report of that segment; kept "
+        "until you are forgotten or the level is set to none",
+        None,
+        PrivacyLevel.SEGMENT,
+    ),
+    FieldPurpose(
+        "report_schedule.due_at",
+        "send this week's report at a random moment of the week, so that reports of "
+        "this device cannot be linked by their timing",
+        7.0,
+        PrivacyLevel.SEGMENT,
+    ),
+    FieldPurpose(
         "budget_ledger.spend",
-        "keep the privacy budget and the one-report-a-week rule even after a user is "
-        "forgotten or the level lowered: a keyed tag (no user id), the week and the "
-        "epsilon of each report; kept at every level until it expires",
+        "keep the lifetime privacy budget and the one-report-a-week rule even after a "
+        "user is forgotten or the level lowered: a keyed tag (no user id), the week of "
+        "each report and the lifetime epsilon it spent; kept at every level for a year "
+        "of the reporting clock (which never goes back)",
         365.0,
         PrivacyLevel.NONE,
     ),

@@ -19,8 +19,18 @@ forward steps):
 - ``blocks(user_id, item_id, created_at)``: items the user asked never to see (v2).
 - ``egress(user_id, epoch, body, epsilon, status, ...)``: every segment report, logged
   before it is sent (v3).
-- ``budget_ledger(tag, epoch, epsilon, created_at)``: the privacy budget spent, per
-  keyed tag of a user (v4); survives ``wipe_profile``.
+- ``budget_ledger(tag, epoch, epsilon, created_at)``: one row per reported epoch and
+  keyed tag of a user, with the lifetime epsilon that report spent (v4); survives
+  ``wipe_profile`` and level changes.
+- ``report_memos(user_id, k, epsilon_inf, segment, memo, ...)``: the memoized noisy
+  value of each true segment a user held (v6).
+- ``report_schedule(user_id, epoch, due_at)``: when the week's report may leave (v6).
+
+``meta`` also holds ``report_clock``, the reporting path's high-water mark of time:
+the largest clock reading any ``sync`` has seen. Reporting uses
+``max(clock, report_clock)``, so setting the clock back never reopens a reported week,
+and the ledger and the egress log expire on this clock, never on a wall clock read at
+open (a clock far in the future at open purges neither).
 """
 
 from __future__ import annotations
@@ -99,6 +109,19 @@ MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
         "DROP INDEX interactions_user_ts",
         "CREATE INDEX interactions_user ON interactions(user_id)",
     ),
+    6: (
+        # Two-layer randomized response: one memo per (user, segmentation, true value).
+        """CREATE TABLE report_memos(
+            user_id TEXT NOT NULL, k INTEGER NOT NULL, epsilon_inf REAL NOT NULL,
+            segment INTEGER NOT NULL, memo INTEGER NOT NULL, created_at REAL NOT NULL,
+            used_at REAL NOT NULL,
+            PRIMARY KEY(user_id, k, epsilon_inf, segment)) WITHOUT ROWID""",
+        """CREATE TABLE report_schedule(
+            user_id TEXT PRIMARY KEY, epoch TEXT NOT NULL, due_at REAL NOT NULL)
+            WITHOUT ROWID""",
+        # The per-report layer's epsilon (NULL for single-layer reports of v0.1).
+        "ALTER TABLE egress ADD COLUMN epsilon_1 REAL",
+    ),
 }
 SCHEMA_VERSION: Final = max(MIGRATIONS)
 
@@ -109,6 +132,8 @@ USER_TABLES: Final = (
     "derived",
     "blocks",
     "egress",
+    "report_memos",
+    "report_schedule",
     "interactions",
     "users",
 )
@@ -356,6 +381,13 @@ class Store:
                         tag = Store.ledger_tag(conn, user_id)
                         for e in Store.egress(conn, user_id):
                             Store.spend(conn, tag, e["epoch"], e["epsilon"], e["created_at"])
+                if version == 6:
+                    # The reporting clock starts at the newest report already made.
+                    (newest,) = conn.execute(
+                        "SELECT max(created_at) FROM budget_ledger"
+                    ).fetchone()
+                    if newest is not None:
+                        Store.advance_report_clock(conn, float(newest))
                 conn.execute(f"PRAGMA user_version = {version}")
                 log.info("profile schema migrated to version %d", version)
 
@@ -654,12 +686,18 @@ class Store:
         run(f"DELETE FROM activity WHERE day < ? {who}", _day(cutoff))
         run(f"DELETE FROM derived WHERE updated_at < ? {who}", cutoff)
         total += Store._trim_taste_sums(conn, _day(cutoff), user_id)
-        run(f"DELETE FROM egress WHERE created_at < ? {who}", now - EGRESS_RETENTION_DAYS * DAY)
-        if user_id is None:
-            total += conn.execute(
-                "DELETE FROM budget_ledger WHERE created_at < ?",
-                (now - EGRESS_RETENTION_DAYS * DAY,),
-            ).rowcount
+        # The egress log and the ledger expire on the reporting clock, which only a sync
+        # moves and which never goes back: an open under a clock far in the future must
+        # not forget which weeks were reported or what the budget spent.
+        clock = Store.report_clock(conn)
+        if clock is not None:
+            expired = min(now, clock) - EGRESS_RETENTION_DAYS * DAY
+            run(f"DELETE FROM egress WHERE created_at < ? {who}", expired)
+            if user_id is None:
+                total += conn.execute(
+                    "DELETE FROM budget_ledger WHERE created_at < ?", (expired,)
+                ).rowcount
+        run(f"DELETE FROM report_schedule WHERE due_at < ? {who}", now - 8 * DAY)
         for field in policy.context if scan else ():
             if field.retention_days < policy.retention_days:
                 run(
@@ -859,14 +897,15 @@ class Store:
     def egress(conn: _db.Connection, user_id: str) -> list[dict[str, Any]]:
         """The user's egress log, oldest first."""
         rows = conn.execute(
-            "SELECT epoch, body, epsilon, created_at, status, sent_at, answer, attempts, "
-            "next_attempt FROM egress WHERE user_id = ? ORDER BY created_at, id",
+            "SELECT epoch, body, epsilon, epsilon_1, created_at, status, sent_at, answer, "
+            "attempts, next_attempt FROM egress WHERE user_id = ? ORDER BY created_at, id",
             (user_id,),
         ).fetchall()
         names = (
             "epoch",
             "body",
             "epsilon",
+            "epsilon_1",
             "created_at",
             "status",
             "sent_at",
@@ -890,14 +929,17 @@ class Store:
         epsilon: float,
         now: float,
         *,
+        epsilon_1: float | None,
         lease_until: float,
     ) -> None:
         """Append a report to the egress log, before it is sent, leased to the caller
-        until ``lease_until`` (a concurrent sync waits instead of sending it too)."""
+        until ``lease_until`` (a concurrent sync waits instead of sending it too).
+        ``epsilon`` is the lifetime epsilon the report spent, ``epsilon_1`` the per-report
+        layer's."""
         conn.execute(
-            "INSERT INTO egress(user_id, epoch, body, epsilon, created_at, status, "
-            "next_attempt) VALUES (?, ?, ?, ?, ?, 'pending', ?)",
-            (user_id, epoch, body, epsilon, now, lease_until),
+            "INSERT INTO egress(user_id, epoch, body, epsilon, epsilon_1, created_at, status, "
+            "next_attempt) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)",
+            (user_id, epoch, body, epsilon, epsilon_1, now, lease_until),
         )
 
     @staticmethod
@@ -980,14 +1022,15 @@ class Store:
     def restore_egress(conn: _db.Connection, user_id: str, rows: Sequence[dict[str, Any]]) -> None:
         """Insert exported egress rows back."""
         conn.executemany(
-            "INSERT OR REPLACE INTO egress(user_id, epoch, body, epsilon, created_at, status, "
-            "sent_at, answer, attempts, next_attempt) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO egress(user_id, epoch, body, epsilon, epsilon_1, created_at, "
+            "status, sent_at, answer, attempts, next_attempt) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             [
                 (
                     user_id,
                     r["epoch"],
                     r["body"].encode("ascii"),
                     r["epsilon"],
+                    r.get("epsilon_1"),
                     r["created_at"],
                     r["status"],
                     r["sent_at"],
@@ -998,6 +1041,110 @@ class Store:
                 for r in rows
             ],
         )
+
+    # -- reporting ------------------------------------------------------------------
+
+    @staticmethod
+    def report_clock(conn: _db.Connection) -> float | None:
+        """The reporting path's high-water mark of time, or None before any sync."""
+        value = Store.get_meta(conn, "report_clock")
+        return float(value) if value is not None else None
+
+    @staticmethod
+    def advance_report_clock(conn: _db.Connection, now: float) -> float:
+        """Raise the reporting clock to ``now`` if it is behind; return the clock (never
+        less than before: a clock set back does not move it)."""
+        current = Store.report_clock(conn)
+        if current is None or now > current:
+            Store.set_meta(conn, "report_clock", repr(float(now)))
+            return float(now)
+        return current
+
+    @staticmethod
+    def memos(conn: _db.Connection, user_id: str) -> list[dict[str, Any]]:
+        """Every memo of ``user_id`` (one per segmentation and true segment held)."""
+        rows = conn.execute(
+            "SELECT k, epsilon_inf, segment, memo, created_at, used_at FROM report_memos "
+            "WHERE user_id = ? ORDER BY created_at, k, segment",
+            (user_id,),
+        ).fetchall()
+        names = ("k", "epsilon_inf", "segment", "memo", "created_at", "used_at")
+        return [dict(zip(names, row, strict=True)) for row in rows]
+
+    @staticmethod
+    def memo(
+        conn: _db.Connection, user_id: str, k: int, epsilon_inf: float, segment: int
+    ) -> int | None:
+        """The memo of true ``segment`` under (``k``, ``epsilon_inf``), or None."""
+        row = conn.execute(
+            "SELECT memo FROM report_memos WHERE user_id = ? AND k = ? AND epsilon_inf = ? "
+            "AND segment = ?",
+            (user_id, k, epsilon_inf, segment),
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    @staticmethod
+    def last_used_memo(conn: _db.Connection, user_id: str, k: int, epsilon_inf: float) -> int | None:
+        """The memo (under ``k``, ``epsilon_inf``) a report used most recently, or None."""
+        row = conn.execute(
+            "SELECT memo FROM report_memos WHERE user_id = ? AND k = ? AND epsilon_inf = ? "
+            "ORDER BY used_at DESC, created_at DESC LIMIT 1",
+            (user_id, k, epsilon_inf),
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    @staticmethod
+    def save_memo(
+        conn: _db.Connection,
+        user_id: str,
+        *,
+        k: int,
+        epsilon_inf: float,
+        segment: int,
+        memo: int,
+        created_at: float,
+        used_at: float,
+    ) -> None:
+        """Store a memo (an existing one for the same key is kept: never redrawn)."""
+        conn.execute(
+            "INSERT OR IGNORE INTO report_memos(user_id, k, epsilon_inf, segment, memo, "
+            "created_at, used_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (user_id, k, epsilon_inf, segment, memo, created_at, used_at),
+        )
+
+    @staticmethod
+    def touch_memo(
+        conn: _db.Connection, user_id: str, k: int, epsilon_inf: float, segment: int, now: float
+    ) -> None:
+        """Mark the memo of true ``segment`` as the last used."""
+        conn.execute(
+            "UPDATE report_memos SET used_at = max(used_at, ?) WHERE user_id = ? AND k = ? "
+            "AND epsilon_inf = ? AND segment = ?",
+            (now, user_id, k, epsilon_inf, segment),
+        )
+
+    @staticmethod
+    def schedule(conn: _db.Connection, user_id: str) -> tuple[str, float] | None:
+        """``(epoch, due_at)`` of the user's scheduled report, or None."""
+        row = conn.execute(
+            "SELECT epoch, due_at FROM report_schedule WHERE user_id = ?", (user_id,)
+        ).fetchone()
+        return None if row is None else (str(row[0]), float(row[1]))
+
+    @staticmethod
+    def set_schedule(conn: _db.Connection, user_id: str, epoch: str, due_at: float) -> None:
+        """Schedule the user's report of ``epoch`` for ``due_at``."""
+        conn.execute(
+            "INSERT INTO report_schedule(user_id, epoch, due_at) VALUES (?, ?, ?) "
+            "ON CONFLICT(user_id) DO UPDATE SET epoch = excluded.epoch, "
+            "due_at = excluded.due_at",
+            (user_id, epoch, due_at),
+        )
+
+    @staticmethod
+    def clear_schedule(conn: _db.Connection, user_id: str) -> None:
+        """Forget the user's schedule (its report left)."""
+        conn.execute("DELETE FROM report_schedule WHERE user_id = ?", (user_id,))
 
     @staticmethod
     def count_rows(conn: _db.Connection) -> dict[str, int]:
@@ -1012,5 +1159,7 @@ class Store:
             "blocks",
             "egress",
             "budget_ledger",
+            "report_memos",
+            "report_schedule",
         )
         return {t: int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in tables}
