@@ -25,32 +25,48 @@
     ├── BudgetExhausted                  the privacy budget for the rolling period is spent
     ├── TransportError                   the server could not be reached or did not answer
     │   └── TransportTimeout             ...within the request's timeout
-    └── ServerError                      the server answered with an error status
-        ├── ServerRejectedError          4xx: the request was refused; do not retry it
-        └── ServerUnavailableError       5xx or 429: try again later, with backoff
+    ├── ServerError                      the server answered with an error status
+    │   ├── ServerRejectedError          4xx: the request was refused; do not retry it
+    │   └── ServerUnavailableError       5xx or 429: try again later, with backoff
+    └── OhttpError                       Oblivious HTTP (sync.ohttp, sync.gateway, sync.relay)
+        ├── KeyConfigError (ValueError)  a gateway key configuration is malformed or unusable
+        │   └── KeyConfigPinError        ...or is not the one the device pinned (refused locally)
+        ├── BinaryHttpError (ValueError) a binary HTTP message (RFC 9292) is malformed or too big
+        ├── DecapsulationError (ValueError)  an encapsulated request cannot be opened
+        │   └── UnknownKeyIdError        ...its key id or suite is not the gateway's: stale config
+        ├── ResponseDecryptionError (TransportError)  the encapsulated answer does not open
+        └── OhttpRejectedError           the relay or gateway refused the request (plain 4xx)
 
 Every class carries a class-level ``retryable`` flag: ``True`` only for
-:class:`TransportError` and :class:`ServerUnavailableError`, the failures a later retry
-(of the *same* randomized report, see ``sync.client``) can fix. Every
-:class:`ProtocolError` carries a short machine-readable ``code`` that the server puts in
-its JSON error bodies.
+:class:`TransportError` (and so :class:`ResponseDecryptionError`) and
+:class:`ServerUnavailableError`, the failures a later retry (of the *same* randomized
+report, see ``sync.client``) can fix. Every :class:`ProtocolError` and every
+:class:`OhttpError` carries a short machine-readable ``code`` that the server, gateway
+and relay put in their JSON error bodies.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "BadEpochError",
+    "BinaryHttpError",
     "BudgetExhausted",
     "ConfigurationError",
     "ContentTableError",
+    "DecapsulationError",
     "EpochOutOfWindowError",
     "FieldTypeError",
     "ForbiddenHeaderError",
+    "KeyConfigError",
+    "KeyConfigPinError",
     "MalformedMessageError",
     "MessageSizeError",
     "MissingFieldError",
     "NonCanonicalError",
+    "OhttpError",
+    "OhttpRejectedError",
     "ProtocolError",
+    "ResponseDecryptionError",
     "SegmentOutOfRangeError",
     "ServerError",
     "ServerRejectedError",
@@ -60,6 +76,7 @@ __all__ = [
     "TransportError",
     "TransportTimeout",
     "UnknownFieldError",
+    "UnknownKeyIdError",
     "UnsupportedVersionError",
 ]
 
@@ -203,3 +220,81 @@ class ServerUnavailableError(ServerError):
     """A 5xx or 429 answer: the server could not take the report now; retry later."""
 
     retryable = True
+
+
+class OhttpError(SyncError):
+    """Root of the Oblivious HTTP errors (RFC 9458): key configs, encapsulation, relay."""
+
+    code: str = "ohttp_error"
+
+
+class KeyConfigError(OhttpError, ValueError):
+    """A gateway key configuration (or ``application/ohttp-keys`` list) is malformed,
+    uses an algorithm this code does not speak, or a key file is unusable."""
+
+    code = "bad_key_config"
+
+
+class KeyConfigPinError(KeyConfigError):
+    """A key configuration is well formed but is not the one the device is pinned to.
+
+    Refused locally, before anything is encapsulated with it: a relay (or anyone on the
+    path to the gateway's key endpoint) could otherwise hand out its own key and read
+    every report.
+    """
+
+    code = "key_config_pin_mismatch"
+
+
+class BinaryHttpError(OhttpError, ValueError):
+    """A binary HTTP message (RFC 9292) is malformed, truncated mid-field, carries
+    non-zero padding or a forbidden field, or exceeds a size limit."""
+
+    code = "bad_bhttp"
+
+
+class DecapsulationError(OhttpError, ValueError):
+    """An encapsulated request cannot be opened: malformed, truncated or tampered with.
+
+    Raised by the gateway; the device raises it too when the gateway answers that it
+    could not decrypt the request.
+    """
+
+    code = "decapsulation_failed"
+
+
+class UnknownKeyIdError(DecapsulationError):
+    """The request names a key id (or KEM/KDF/AEAD suite) the gateway does not hold.
+
+    On the device this means its key configuration is stale (the gateway rotated its
+    keys): fetch the configuration again and check it against the pin.
+    """
+
+    code = "unknown_key_id"
+
+
+class ResponseDecryptionError(OhttpError, TransportError):
+    """The relay's answer is not an encapsulated response that opens with this request's
+    context: tampered with, truncated, or not encapsulated at all.
+
+    A :class:`TransportError` with ``maybe_delivered=True``: the gateway may have
+    counted the report, so a retry must resend the same report bytes.
+    """
+
+    code = "bad_encapsulated_response"
+
+    def __init__(self, message: str, *, maybe_delivered: bool = True) -> None:
+        super().__init__(message, maybe_delivered=maybe_delivered)
+
+
+class OhttpRejectedError(OhttpError):
+    """The relay or the gateway refused the encapsulated request with a plain
+    (unencapsulated) 4xx answer other than the key errors above, for example a wrong
+    content type or an oversize body; ``status`` and ``code`` say which."""
+
+    code = "ohttp_rejected"
+
+    def __init__(self, message: str, *, status: int, code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
