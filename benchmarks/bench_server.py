@@ -190,6 +190,9 @@ def start(kind: str, directory: Path) -> tuple[subprocess.Popen[bytes], int, Pat
             "0",
             "--ready-file",
             str(ready),
+            # The load comes from one address (127.0.0.1): the per-address limit is off.
+            "--rate-limit",
+            "0",
         ]
     else:
         command = [sys.executable, __file__, "--floor-server", str(db), str(ready), kind]

@@ -3,16 +3,20 @@
 It creates encrypted profiles in a temporary directory with a key generated for the
 run, loads the signed sample catalog shipped in the package, records a scripted session
 for a few people, prints recommendations at every privacy level with their
-explanations, starts the sync server stub on loopback, syncs, prints exactly what left
-the device, exports, crypto-shreds, and shows that the wipe holds. It needs no network
-and no setup. Output goes to the text stream it is given.
+explanations, starts the sync server stub on loopback, lets one simulated week pass
+while the device reports (each report at its own random moment), prints exactly what
+left the device and what the server publishes once the week has closed, exports,
+crypto-shreds, and shows that the wipe holds. It needs no network and no setup. Output
+goes to the text stream it is given.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import secrets
 import tempfile
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import TextIO
@@ -49,8 +53,26 @@ SESSION: tuple[tuple[str, str, list[tuple[str, str, str]]], ...] = (
 )
 
 
+class _SimulatedClock:
+    """The demo's clock: starts at the beginning of this ISO week (UTC), moved by hand."""
+
+    def __init__(self) -> None:
+        today = _dt.datetime.now(_dt.UTC).date()
+        monday = today - _dt.timedelta(days=today.weekday())
+        start = _dt.datetime(monday.year, monday.month, monday.day, 8, tzinfo=_dt.UTC)
+        self.now = start.timestamp()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _when(ts: float) -> str:
+    return _dt.datetime.fromtimestamp(ts, _dt.UTC).strftime("%a %H:%M UTC")
+
+
 def run_demo(out: TextIO, *, directory: Path | None = None) -> int:
     """Run the demo, writing a human-readable account to ``out``; return an exit code."""
+    from sync.protocol import WEEK_SECONDS, epoch_of, epoch_start
     from sync.server import ServerConfig, SyncServer
 
     def say(text: str = "") -> None:
@@ -59,8 +81,10 @@ def run_demo(out: TextIO, *, directory: Path | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ondevice-demo-") as tmp:
         root = directory or Path(tmp)
         key = secrets.token_bytes(32)  # held in memory only, for this run
+        clock = _SimulatedClock()
         server = SyncServer(
-            config=ServerConfig(k=8, db_path=Path(tmp) / "server-counts.db", port=0)
+            config=ServerConfig(k=8, db_path=Path(tmp) / "server-counts.db", port=0),
+            clock=clock,
         ).start()
         try:
             settings = SyncSettings(server_url=server.url, timeout=5.0)
@@ -75,8 +99,9 @@ def run_demo(out: TextIO, *, directory: Path | None = None) -> int:
                     bundle=SAMPLE_BUNDLE,
                     bundle_public_key=SAMPLE_PUBLIC_KEY,
                     sync=settings,
+                    clock=clock,
                 )
-            say("2. Recording the same scripted session in each")
+            say("2. Recording the same scripted session in each (and each user's plan)")
             for engine in engines.values():
                 for user, plan, events in SESSION:
                     engine.set_signals(user, {"plan": plan})
@@ -84,8 +109,9 @@ def run_demo(out: TextIO, *, directory: Path | None = None) -> int:
                         engine.update_profile(
                             user, Interaction(item, event, context={"daypart": part})
                         )
-            for user, _, events in SESSION:
-                say(f"   {user}: " + (", ".join(f"{e} {i}" for i, e, _ in events) or "nothing"))
+            for user, plan, events in SESSION:
+                done = ", ".join(f"{e} {i}" for i, e, _ in events) or "no interactions yet"
+                say(f"   {user} (plan {plan}): {done}")
             strict = engines[PrivacyLevel.INDIVIDUAL]
             try:
                 strict.update_profile("alice", {"item_id": "x", "gps": "52.37,4.89"})
@@ -107,24 +133,50 @@ def run_demo(out: TextIO, *, directory: Path | None = None) -> int:
                 f"fell back because: {'; '.join(recs.fallbacks)}"
             )
 
-            say(f"4. Syncing to the server stub on {server.url} (loopback)")
-            for user, _, _ in SESSION:
-                outcome = strict.sync(user)
-                say(f"   {user}: {outcome.status}; the bytes that left: {outcome.body}")
+            say(f"4. One simulated week of reporting to the server stub on {server.url}")
+            say(
+                "   every user's report leaves at its own random moment of the week, at "
+                "least an hour after the device's previous one (the app calls sync_due() "
+                "from a timer; here every 30 simulated minutes)"
+            )
+            week = epoch_of(clock.now)
+            end = epoch_start(week) + WEEK_SECONDS
+            sent: dict[str, float] = {}
+            while clock.now < end and len(sent) < len(SESSION):
+                for outcome in strict.sync_due():
+                    if outcome.status == "sent":
+                        sent[outcome.user_id] = clock.now
+                        why = f" ({outcome.reason})" if outcome.reason else ""
+                        say(
+                            f"   {_when(clock.now)}  {outcome.user_id}: sent{why}; "
+                            f"the bytes that left: {outcome.body}"
+                        )
+                clock.now += 1800
             none_outcome = engines[PrivacyLevel.NONE].sync("alice")
             say(f"   at level none: {none_outcome.status} ({none_outcome.reason})")
-            report = strict.report("alice").users[0]
+            budget = strict.report("alice").users[0].privacy_budget
             say(
-                f"   alice's egress log: {report.reports_sent} report(s); privacy budget: "
-                f"{report.privacy_budget['epsilon_spent']:.2f} of "
-                f"{report.privacy_budget['epsilon_cap']:.2f} spent over "
-                f"{report.privacy_budget['period_days']:g} days"
+                f"   alice's lifetime privacy budget (epsilon): {budget['lifetime_spent']:.2f} "
+                f"of {budget['lifetime_cap']:.2f} per {budget['period_days']:g} days spent on "
+                f"the memo of her segment; later reports of the same segment spend nothing "
+                f"(each report randomizes the memo again at epsilon {budget['epsilon_1']:.2f})"
             )
-            epoch = outcome.epoch or ""
-            url = f"{server.url}/v1/stats?epoch={epoch}"
+            url = f"{server.url}/v1/stats?epoch={week}"
+            try:
+                with urllib.request.urlopen(url, timeout=5):  # loopback only
+                    pass
+            except urllib.error.HTTPError as exc:
+                say(f"   asked for {week}'s statistics during the week: HTTP {exc.code}")
+            clock.now = end + WEEK_SECONDS + 2 * 86400  # the week closed, the grace passed
             with urllib.request.urlopen(url, timeout=5) as answer:  # loopback only
                 stats = json.loads(answer.read())
-            say(f"   the server publishes for {epoch}: {json.dumps(stats, sort_keys=True)}")
+            say(f"   after it closed, the server publishes for {week}: "
+                f"{json.dumps(stats, sort_keys=True)}")
+            say(
+                f"   ({len(sent)} reports: every cell is under the threshold of "
+                f"{stats['k_threshold']}, so all are suppressed; the published numbers "
+                "carry noise, never an exact count)"
+            )
 
             say("5. What do you know about alice, and why?")
             for f in strict.report("alice").to_dict()["fields"]:

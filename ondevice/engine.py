@@ -66,8 +66,8 @@ from .policy import (
     SignalValue,
     check_id,
 )
-from .results import Recommendations
 from .reporting import Reporter, budget_summary, segment_count
+from .results import Recommendations
 from .store import SCHEMA_VERSION, Store
 from .sync_settings import SyncOutcome, SyncSettings
 
@@ -823,6 +823,15 @@ class PersonalizationEngine:
                 f"the server's content table has {table.k} segments, the catalog {k}: "
                 "they belong to different bundles"
             )
+        ours = (settings.epsilon_inf, settings.epsilon_1)
+        theirs = (table.epsilon_inf, table.epsilon_1)
+        if not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(ours, theirs, strict=True)):
+            # Reports under another channel would bias the operator's estimates.
+            raise SyncError(
+                "the server estimates with epsilon_inf={:.4f}, epsilon_1={:.4f}; this "
+                "device reports with {:.4f}, {:.4f}: align SyncSettings with the "
+                "operator's".format(*theirs, *ours)
+            )
         rt.featured = {
             seg: [rt.index[i] for i in row if i in rt.index] for seg, row in enumerate(table.rows)
         }
@@ -862,6 +871,29 @@ class PersonalizationEngine:
         """The user ids that have a profile, sorted."""
         with self._store.read() as conn:
             return Store.user_ids(conn)
+
+    def verify(self) -> int:
+        """Check the authentication code of every page of the database and its
+        structure; return the number of pages checked.
+
+        Ordinary reads check only the pages they touch, so a damaged page that no read
+        reaches (an empty table's root, say) goes unnoticed until something reads it.
+        ``verify()`` reads them all: any page that fails its HMAC, or a damaged B-tree,
+        raises ProfileUnreadableError (the same error as a wrong key or a tampered
+        file). Nothing is written. It takes about as long as reading the whole file.
+        """
+        from .keys import UNREADABLE
+
+        with self._store.read() as conn:
+            failures = conn.execute("PRAGMA cipher_integrity_check").fetchall()
+            structure = conn.execute("PRAGMA integrity_check(1)").fetchone()
+            pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
+        if failures or structure is None or structure[0] != "ok":
+            log.warning(
+                "profile verification failed: %d page(s) did not authenticate", len(failures)
+            )
+            raise ProfileUnreadableError(UNREADABLE)
+        return pages
 
     def report(self, user_id: str | None = None) -> ProfileReport:
         """What is stored (about ``user_id``, or everyone) and why: every field with its
@@ -1241,7 +1273,13 @@ def _export_user(conn: _db.Connection, user_id: str) -> dict[str, Any]:
         "blocked_items": [{"item_id": i, "created_at": t} for i, t in Store.blocks(conn, user_id)],
         "egress": Store.egress(conn, user_id),
         "report_memos": Store.memos(conn, user_id),
+        "report_schedule": _schedule_entry(Store.schedule(conn, user_id)),
     }
+
+
+def _schedule_entry(scheduled: tuple[str, float] | None) -> dict[str, Any] | None:
+    """The export's form of a user's report schedule (None when nothing is scheduled)."""
+    return None if scheduled is None else {"epoch": scheduled[0], "due_at": scheduled[1]}
 
 
 @dataclass(slots=True)

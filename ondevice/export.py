@@ -22,16 +22,19 @@ An export is a JSON document (``format: "ondevice.export"``, ``version: 1``)::
                                   # per-report layer's (null for 0.1 reports)
           "report_memos": [{"k", "epsilon_inf", "segment", "memo", "created_at",
                             "used_at"}],   # the noisy draw kept per true segment
+          "report_schedule": {"epoch", "due_at"} or null,  # when this week's report
+                                                            # may leave
           "privacy_budget": {"epsilon_inf", "epsilon_1", "lifetime_cap",
                              "lifetime_spent", "lifetime_remaining", "period_days",
                              "memos", "when_spent", "reports_in_period"}
       }]
     }
 
-``report_memos`` are shown, never imported: a memo protects its user only if it is a
-genuine random draw made on the device, which a file cannot prove. A profile that
-imports an export draws its own memos, and the imported egress log restores the ledger,
-so what the exporting device spent still counts against the lifetime budget.
+``report_memos`` and ``report_schedule`` are shown, never imported: a memo protects its
+user only if it is a genuine random draw made on the device, which a file cannot prove.
+A profile that imports an export draws its own memos, and the imported egress log
+restores the ledger, so what the exporting device spent still counts against the
+lifetime budget; the schedule is drawn afresh.
 
 An *encrypted* export wraps those bytes (``format: "ondevice.export.encrypted"``):
 AES-256-GCM under a key derived from the export passphrase with Argon2id; the header

@@ -366,8 +366,8 @@ BUILTIN_FIELDS: Final = (
     ),
     FieldPurpose(
         "report_memos.memo",
-        "keep a year of reports from adding up: one noisy draw per segment you have held "
-        "(never your true segment), reused for every later report of that segment; kept "
+        "keep a year of reports from adding up: one randomized draw per segment you have "
+        "held, reused (and randomized again) for every later report of that segment; kept "
         "until you are forgotten or the level is set to none",
         None,
         PrivacyLevel.SEGMENT,

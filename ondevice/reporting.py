@@ -165,7 +165,7 @@ class Reporter:
         except sync_errors.SyncError as exc:
             raise SyncError(f"cannot report the segment: {exc}") from exc
         if status == "failed":
-            log.info("segment report for epoch %s not delivered; retry after %s", taken.epoch, retry)
+            log.info("report for epoch %s not delivered; retry after %s", taken.epoch, retry)
         return SyncOutcome(
             user_id,
             status,

@@ -379,8 +379,11 @@ class Store:
                         "SELECT DISTINCT user_id FROM egress"
                     ).fetchall():
                         tag = Store.ledger_tag(conn, user_id)
-                        for e in Store.egress(conn, user_id):
-                            Store.spend(conn, tag, e["epoch"], e["epsilon"], e["created_at"])
+                        for epoch, epsilon, created in conn.execute(
+                            "SELECT epoch, epsilon, created_at FROM egress WHERE user_id = ?",
+                            (user_id,),
+                        ).fetchall():
+                            Store.spend(conn, tag, epoch, epsilon, created)
                 if version == 6:
                     # The reporting clock starts at the newest report already made.
                     (newest,) = conn.execute(
@@ -1084,7 +1087,9 @@ class Store:
         return None if row is None else int(row[0])
 
     @staticmethod
-    def last_used_memo(conn: _db.Connection, user_id: str, k: int, epsilon_inf: float) -> int | None:
+    def last_used_memo(
+        conn: _db.Connection, user_id: str, k: int, epsilon_inf: float
+    ) -> int | None:
         """The memo (under ``k``, ``epsilon_inf``) a report used most recently, or None."""
         row = conn.execute(
             "SELECT memo FROM report_memos WHERE user_id = ? AND k = ? AND epsilon_inf = ? "

@@ -7,7 +7,7 @@ A report holds exactly three fields and nothing else: the protocol version, the 
 randomized on the device (``sync.privacy``). Its one canonical encoding is compact JSON
 with the keys in this order and fixed-width values::
 
-    {"version":1,"epoch":"2026-W48","segment":"07"}
+    {"version":2,"epoch":"2026-W48","segment":"07"}
 
 - ``version``: the JSON integer :data:`PROTOCOL_VERSION` (one digit);
 - ``epoch``: a string ``YYYY-Www``: four-digit ISO year, ``-W``, two-digit ISO week;
@@ -19,6 +19,15 @@ a request reveals nothing. :func:`decode_report` is strict: it accepts the canon
 bytes and nothing else (no whitespace, other key order, escapes, duplicate or unknown
 keys, wrong types, unknown version, invalid week or segment), raising a
 :class:`sync.errors.ProtocolError` subclass that says what was wrong.
+
+Versions
+~~~~~~~~
+Version 2 reports carry a segment randomized by *two-layer* randomized response (a
+permanent memo, then a fresh randomization of it per report: ``sync.privacy``).
+Version 1 reports were randomized by one layer: the two channels have different keep
+probabilities, so a count that mixes them cannot be debiased. Version 1 is therefore
+refused with :class:`~sync.errors.UnsupportedVersionError` (whose message says why),
+never counted alongside version 2. The encoding is otherwise unchanged (47 bytes).
 
 Requests
 --------
@@ -32,12 +41,16 @@ The content table
 ``GET /v1/content`` returns featured items for *all* segments in one document, the same
 bytes for every device (version :data:`CONTENT_TABLE_VERSION`)::
 
-    {"epsilon":1.0986122886681098,"k":3,"segments":[["i1","i2"],[],["i9"]],"version":1}
+    {"epsilon_1":2.1972245773362196,"epsilon_inf":1.0986122886681098,"k":3,
+     "segments":[["i1","i2"],[],["i9"]],"version":2}
 
-compact JSON, keys sorted, ASCII only; ``segments[s]`` lists segment ``s``'s featured item
-IDs, best first; ``k`` is the number of segments and ``epsilon`` is the randomized-response
-epsilon the operator's estimator assumes (a device configured with another epsilon would
-bias the published statistics, so it should not report).
+(one line on the wire): compact JSON, keys sorted, ASCII only. ``segments[s]`` lists
+segment ``s``'s featured item IDs, best first; ``k`` is the number of segments;
+``epsilon_inf`` (the memo's epsilon) and ``epsilon_1`` (each report's epsilon about the
+memo) are the two layers of the channel the operator's estimator assumes. A device
+compares them with its own settings: one configured with another channel would bias the
+published statistics, so it must not report. Version 1 tables (a single ``epsilon``)
+are refused with :class:`~sync.errors.UnsupportedVersionError`.
 
 Clock
 -----
@@ -105,11 +118,12 @@ __all__ = [
     "shift_epoch",
 ]
 
-PROTOCOL_VERSION: Final = 1
-"""The version of the report message; the only one :func:`decode_report` accepts."""
+PROTOCOL_VERSION: Final = 2
+"""The version of the report message; the only one :func:`decode_report` accepts
+(version 1, single-layer randomized response, is refused: see the module docstring)."""
 
-CONTENT_TABLE_VERSION: Final = 1
-"""The version of the content table document."""
+CONTENT_TABLE_VERSION: Final = 2
+"""The version of the content table document (2: ``epsilon_inf`` and ``epsilon_1``)."""
 
 MAX_SEGMENTS: Final = 64
 """The largest number of segments ``K`` the protocol carries (IDs ``00`` to ``63``)."""
@@ -139,6 +153,7 @@ CONTENT_TABLE_CONTENT_TYPE: Final = "application/vnd.ondevice.content-table+json
 BUNDLE_CONTENT_TYPE: Final = "application/octet-stream"
 ERROR_CONTENT_TYPE: Final = "application/json"
 
+_SINGLE_LAYER_VERSION: Final = 1
 _SEGMENT_WIDTH: Final = 2
 _EPOCH_RE: Final = re.compile(r"\A([0-9]{4})-W([0-9]{2})\Z")
 _SEGMENT_RE: Final = re.compile(r"\A[0-9]{2}\Z")
@@ -167,15 +182,26 @@ class Report:
         if type(self.version) is not int:
             raise FieldTypeError("version must be an integer")
         if self.version != PROTOCOL_VERSION:
-            raise UnsupportedVersionError(
-                f"protocol version {self.version} is not supported (only {PROTOCOL_VERSION})"
-            )
+            raise _unsupported_version(self.version)
         if not isinstance(self.epoch, str):
             raise FieldTypeError("epoch must be a string like '2026-W48'")
         parse_epoch(self.epoch)
         if type(self.segment) is not int:
             raise FieldTypeError("segment must be an integer")
         _check_segment(self.segment, MAX_SEGMENTS)
+
+
+def _unsupported_version(version: object) -> UnsupportedVersionError:
+    if type(version) is int and version == _SINGLE_LAYER_VERSION:
+        return UnsupportedVersionError(
+            f"protocol version {_SINGLE_LAYER_VERSION} is no longer accepted: its segment "
+            "went through single-layer randomized response, and a count that mixes it with "
+            f"version {PROTOCOL_VERSION} (two-layer) reports cannot be debiased; "
+            f"send version {PROTOCOL_VERSION}"
+        )
+    return UnsupportedVersionError(
+        f"protocol version {_short(version)} is not supported (only {PROTOCOL_VERSION})"
+    )
 
 
 def _check_k(k: int) -> None:
@@ -288,9 +314,7 @@ def decode_report(body: bytes, *, k: int = MAX_SEGMENTS) -> Report:
     if type(version) is not int:
         raise FieldTypeError("version must be a JSON integer")
     if version != PROTOCOL_VERSION:
-        raise UnsupportedVersionError(
-            f"protocol version {_short(version)} is not supported (only {PROTOCOL_VERSION})"
-        )
+        raise _unsupported_version(version)
     if not isinstance(epoch, str):
         raise FieldTypeError("epoch must be a JSON string like \"2026-W48\"")
     parse_epoch(epoch)
@@ -408,31 +432,43 @@ def check_request_headers(headers: Mapping[str, str]) -> None:
 # --------------------------------------------------------------------------- content
 
 
+_TABLE_FIELDS: Final = ("epsilon_1", "epsilon_inf", "k", "segments", "version")
+
+
+def _check_table_epsilon(value: object, name: str) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ContentTableError(f"{name} must be a finite number > 0")
+
+
 @dataclass(frozen=True, slots=True)
 class ContentTable:
     """Featured items for every segment: ``rows[s]`` lists segment ``s``'s item IDs.
 
-    ``epsilon`` is the randomized-response epsilon the operator's statistics assume.
+    ``epsilon_inf`` and ``epsilon_1`` are the two layers of randomized response (the
+    memo's epsilon and each report's epsilon about the memo) that the operator's
+    statistics assume; a device whose own settings differ must not report.
     """
 
     rows: tuple[tuple[str, ...], ...]
-    epsilon: float
+    epsilon_inf: float
+    epsilon_1: float
     version: int = CONTENT_TABLE_VERSION
 
     def __post_init__(self) -> None:
         if type(self.version) is not int or self.version != CONTENT_TABLE_VERSION:
             raise UnsupportedVersionError(
-                f"content table version {_short(self.version)} is not supported"
+                f"content table version {_short(self.version)} is not supported "
+                f"(only {CONTENT_TABLE_VERSION})"
             )
         if not isinstance(self.rows, tuple) or not 1 <= len(self.rows) <= MAX_SEGMENTS:
             raise ContentTableError(f"a content table has 1..{MAX_SEGMENTS} rows")
-        if (
-            isinstance(self.epsilon, bool)
-            or not isinstance(self.epsilon, int | float)
-            or not math.isfinite(self.epsilon)
-            or self.epsilon <= 0
-        ):
-            raise ContentTableError("epsilon must be a finite number > 0")
+        _check_table_epsilon(self.epsilon_inf, "epsilon_inf")
+        _check_table_epsilon(self.epsilon_1, "epsilon_1")
         for segment, row in enumerate(self.rows):
             if not isinstance(row, tuple):
                 raise ContentTableError(f"row {segment} must be a tuple of item IDs")
@@ -462,7 +498,8 @@ class ContentTable:
 def encode_content_table(table: ContentTable) -> bytes:
     """The canonical bytes of ``table`` (compact JSON, sorted keys, ASCII)."""
     document = {
-        "epsilon": float(table.epsilon),
+        "epsilon_1": float(table.epsilon_1),
+        "epsilon_inf": float(table.epsilon_inf),
         "k": table.k,
         "segments": [list(row) for row in table.rows],
         "version": table.version,
@@ -477,30 +514,42 @@ def decode_content_table(body: bytes, *, require_canonical: bool = True) -> Cont
 
     With ``require_canonical`` (the default, for what a client receives) the bytes must
     be exactly :func:`encode_content_table` of the result; the server loads the
-    operator's file with ``require_canonical=False`` and re-encodes it.
-    Raises a :class:`~sync.errors.ProtocolError` subclass.
+    operator's file with ``require_canonical=False`` and re-encodes it. A version 1
+    table (one ``epsilon``, single-layer) raises
+    :class:`~sync.errors.UnsupportedVersionError`; otherwise raises a
+    :class:`~sync.errors.ProtocolError` subclass naming the problem.
     """
     if len(body) > MAX_CONTENT_TABLE_SIZE:
         raise ContentTableError(
             f"content table of {len(body)} bytes exceeds {MAX_CONTENT_TABLE_SIZE}"
         )
     obj = _load_json_object(body, "content table")
-    _check_fields(obj, ("epsilon", "k", "segments", "version"))
-    version, k, epsilon, segments = obj["version"], obj["k"], obj["epsilon"], obj["segments"]
-    if type(version) is not int:
+    version = obj.get("version")
+    if "version" in obj and type(version) is not int:
         raise FieldTypeError("content table version must be an integer")
-    if version != CONTENT_TABLE_VERSION:
-        raise UnsupportedVersionError(f"content table version {_short(version)} unsupported")
+    if "version" in obj and version != CONTENT_TABLE_VERSION:
+        raise UnsupportedVersionError(
+            f"content table version {_short(version)} is not supported (only "
+            f"{CONTENT_TABLE_VERSION}, whose epsilon_inf and epsilon_1 describe the "
+            "two-layer channel)"
+        )
+    _check_fields(obj, _TABLE_FIELDS)
+    k, segments = obj["k"], obj["segments"]
     if type(k) is not int or not 1 <= k <= MAX_SEGMENTS:
         raise ContentTableError(f"k must be an integer in 1..{MAX_SEGMENTS}")
     if not isinstance(segments, list) or len(segments) != k:
         raise ContentTableError(f"segments must be a list of exactly k={k} rows")
     if not all(isinstance(row, list) for row in segments):
         raise ContentTableError("every row of segments must be a list of item IDs")
-    if isinstance(epsilon, bool) or not isinstance(epsilon, int | float):
-        raise FieldTypeError("epsilon must be a number")
+    for name in ("epsilon_inf", "epsilon_1"):
+        value = obj[name]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise FieldTypeError(f"{name} must be a number")
     table = ContentTable(
-        rows=tuple(tuple(row) for row in segments), epsilon=float(epsilon), version=version
+        rows=tuple(tuple(row) for row in segments),
+        epsilon_inf=float(obj["epsilon_inf"]),
+        epsilon_1=float(obj["epsilon_1"]),
+        version=CONTENT_TABLE_VERSION,
     )
     if require_canonical and encode_content_table(table) != bytes(body):
         raise NonCanonicalError("content table is not in its canonical encoding")

@@ -1,38 +1,119 @@
-"""The server stub: counts randomized segment reports, publishes debiased statistics.
+"""The server stub: counts randomized segment reports, publishes noisy statistics.
 
 Run it with ``python -m sync.server --k 8 --db counts.db`` (or the console script
 ``ondevice-sync-server``); ``--help`` lists every option. It depends on the standard
-library, ``sync.protocol``, ``sync.privacy`` and ``sync.errors`` only, and never imports
-``ondevice``.
+library, ``sync.protocol``, ``sync.privacy``, ``sync.ratelimit`` and ``sync.errors``
+only, and never imports ``ondevice``.
 
 Endpoints
 ---------
 ``POST /v1/report``
-    Body: one canonical report (``sync.protocol``), content type
+    Body: one canonical version 2 report (``sync.protocol``; version 1, single-layer
+    randomized response, is refused and never mixed into the counts), content type
     :data:`~sync.protocol.REPORT_CONTENT_TYPE`, at most ``max_body`` bytes (a larger
     ``Content-Length`` is refused before the body is read), a segment below ``K`` and an
-    epoch within ``epoch_window`` weeks of the server's clock. ``200`` once the count is
-    committed to disk; a ``4xx`` with a JSON error body ``{"error": code, "message": ...}``
-    for anything else, and then nothing is stored.
+    epoch within ``epoch_window`` weeks of the server's clock whose statistics are not
+    published yet. ``200`` once the count is committed to disk; ``429`` (with
+    ``Retry-After``) when the client address has sent ``rate_limit`` reports this
+    epoch; a ``4xx`` with a JSON error body ``{"error": code, "message": ...}`` for
+    anything else, and then nothing is stored.
 ``GET /v1/content``
-    The operator's content table (featured items of every segment), the same bytes for
-    every client.
+    The operator's content table (featured items of every segment, and the channel
+    ``epsilon_inf`` / ``epsilon_1``), the same bytes for every client.
 ``GET /v1/bundle``
     The signed catalog bundle file, bytes as they are on disk.
-``GET /v1/stats`` and ``GET /v1/stats?epoch=2026-W48``
-    The epochs with reports; or one epoch's debiased per-segment estimates with every
-    cell whose raw or estimated count is under the k threshold suppressed.
+``GET /v1/stats``
+    ``{"version": 2, "epochs": [...]}``: every *closed* epoch since the count store's
+    first epoch, oldest first (each one published, see below).
+``GET /v1/stats?epoch=2026-W48``
+    One closed epoch's statistics (below). Before the epoch closes: ``425`` with a JSON
+    error ``{"error": "not_published", "message": ..., "available_at": unix_time}`` and
+    ``Retry-After``. For an epoch before the store's first epoch (nothing can have been
+    counted): ``404`` ``no_data``.
+
+Publication: when, and what
+---------------------------
+An epoch ``E`` *closes* at ``epoch_start(E) + (1 + epoch_window) weeks + grace``: the
+last moment a report for ``E`` can be accepted (the report window follows the server's
+week, so ``E`` is accepted until the week ``epoch_window`` weeks after it ends) plus
+``grace``. Nothing about ``E`` is published before. At the first request after it
+closes, the server draws two-sided geometric noise at ``central_epsilon``
+(:func:`sync.privacy.geometric_noise`) *once* per cell, stores the noisy counts (and the
+parameters used) in the count store, and from then on serves the same bytes for ``E``
+forever; the exact counts are never published again. Reports for a published epoch are
+never counted: the count store's insert refuses them in the same transaction (so even a
+changed ``epoch_window`` or a clock that went back cannot add to a published epoch).
+
+The statistics document (version :data:`STATS_VERSION`), compact JSON, keys sorted:
+
+- ``version`` (2), ``epoch``, ``k``;
+- ``epsilon_inf``, ``epsilon_1``: the two layers of the devices' channel the estimator
+  assumes; ``report_epsilon``: the composed per-report local epsilon about the true
+  segment (:attr:`sync.privacy.Channel.epsilon`; ``null`` for K = 1);
+- ``central_epsilon``: the epsilon of the central noise; ``noise_standard_deviation``:
+  its standard deviation in reports, ``sqrt(2 a) / (1 - a)`` with ``a = e^-central_epsilon``
+  (2.8 at the default 0.5);
+- ``k_threshold``; ``closed_at``: the unix time at which the epoch closed;
+- ``segments``: one ``{"segment", "estimate", "standard_error"}`` per published cell:
+  :func:`sync.privacy.estimate_noisy` of the noisy counts (the standard error includes
+  the central noise); a cell is published only when its noisy count and its estimate
+  are both at least ``k_threshold``;
+- ``suppressed``: the IDs of the other cells, with no numbers;
+- ``noisy_total``: the sum of the noisy counts (``null`` under ``k_threshold``): *not*
+  the number of reports, which is never published.
+
+What anyone reading ``/v1/stats`` (the operator included) can and cannot infer
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Everything published for an epoch is a function of its noisy counts ``c_i + z_i``, and
+one report changes one ``c_i`` by 1, so the publication is ``central_epsilon``-DP with
+respect to each report, on top of the devices' local randomization. Concretely:
+
+- a published cell gives back its noisy count exactly (``estimate * (P - Q) +
+  noisy_total * Q``), so the exact count only up to ``z_i``: variance
+  ``2 a / (1 - a)^2``, standard deviation 2.8 reports at the default
+  ``central_epsilon = 0.5`` (1.22 at ln 3);
+- ``noisy_total`` minus the published cells' noisy counts is the sum of the suppressed
+  cells' counts *plus the sum of their noises* (variance ``m`` times the above for
+  ``m`` suppressed cells); with ``K = 2`` and one suppressed cell, that cell's count
+  plus one draw of noise;
+- nothing at all before the epoch closes, and the same numbers after: querying before
+  and after a report cannot isolate it (no report for the epoch is counted after
+  publication), and repeating a query cannot average the noise away;
+- injected reports shift a cell by exactly their number, so an attacker who injects
+  ``m`` reports into a cell to lift it over the threshold and subtracts them learns
+  the honest count plus that cell's noise, never the exact honest count. The rate limit
+  below makes injection from one address costlier; it does not change this bound.
+
+The central noise hides *one report*; it is small compared to the local randomization
+(a debiased cell's error comes almost entirely from randomized response), which is what
+protects each device's segment. Stores migrated from version 1 keep their version 1
+(single-layer) counts aside in ``counts_v1``: never published, never mixed in.
+
+Rate limit
+----------
+With ``rate_limit > 0`` the server counts at most that many reports per client address
+per epoch (the server's current ISO week), using :class:`sync.ratelimit.AddressLimiter`
+in memory only (addresses are never stored or logged; IPv6 is counted per /64); more
+get ``429`` with ``Retry-After`` pointing at the next epoch. The limiter counts at most
+``rate_limit_tracked`` distinct addresses per epoch and then refuses new ones until the
+epoch ends (it fails closed rather than open): size it above the number of distinct
+addresses that report in a week. Behind an Oblivious HTTP relay (or any
+proxy) every report arrives from the relay's address: set ``rate_limit=0`` there (the
+relay, which sees device addresses, limits them instead). The in-process handler has no
+address and is never limited.
 
 What is stored and logged
 -------------------------
-Only counts per (epoch, segment), in SQLite (WAL). Never a report, never a client
-address: there is no access log (``log_message`` is silenced) and error logs carry no
-address. A report is acknowledged only after the transaction that counts it has
-committed (``synchronous=FULL`` by default, so even a power cut keeps it); concurrent
-reports share commits (group commit), which is what keeps throughput up.
+Only counts per (epoch, segment) and, once published, the noisy counts, in SQLite (WAL).
+Never a report, never a client address: there is no access log (``log_message`` is
+silenced) and error logs carry no address. A report is acknowledged only after the
+transaction that counts it has committed (``synchronous=FULL`` by default, so even a
+power cut keeps it); concurrent reports share commits (group commit), which is what
+keeps throughput up.
 
 A test mode (``capture_raw=True``) keeps the exact raw bytes of every request in memory
-so end-to-end tests can check every byte a client sent. Never enable it in production.
+so end-to-end tests can check every byte a client sent, and tests may inject a seeded
+``rng`` for the central noise. Never use either in production.
 
 The network still shows the server an address. To hide it from the operator, put an
 Oblivious HTTP relay (RFC 9458, as Firefox does) or any forwarding proxy run by a third
@@ -44,10 +125,13 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import datetime as _dt
 import io
 import json
 import logging
+import math
 import queue
+import random
 import signal
 import socket
 import sqlite3
@@ -55,12 +139,12 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import IO, Any, Final, Literal
+from typing import IO, TYPE_CHECKING, Any, Final, Literal
 
 from sync.errors import (
     BadEpochError,
@@ -71,7 +155,17 @@ from sync.errors import (
     StoreError,
     SyncError,
 )
-from sync.privacy import DEFAULT_EPSILON, DEFAULT_K_THRESHOLD, check_epsilon, estimate
+from sync.privacy import (
+    DEFAULT_CENTRAL_EPSILON,
+    DEFAULT_EPSILON_1,
+    DEFAULT_EPSILON_INF,
+    DEFAULT_K_THRESHOLD,
+    Channel,
+    check_epsilon,
+    estimate_noisy,
+    geometric_noise,
+    geometric_variance,
+)
 from sync.protocol import (
     BUNDLE_CONTENT_TYPE,
     BUNDLE_PATH,
@@ -93,30 +187,71 @@ from sync.protocol import (
     parse_epoch,
     shift_epoch,
 )
+from sync.ratelimit import DEFAULT_MAX_TRACKED, AddressLimiter
+
+if TYPE_CHECKING:
+    from sync.gateway import OhttpGateway
 
 __all__ = [
+    "DEFAULT_GRACE",
+    "DEFAULT_RATE_LIMIT",
     "STATS_VERSION",
     "STORE_VERSION",
     "CountStore",
+    "Publication",
     "ReportHandler",
     "ServerConfig",
     "SyncServer",
+    "closes_at",
+    "draw_noisy_counts",
     "load_content_file",
     "main",
+    "stats_document",
 ]
 
 _log = logging.getLogger(__name__)
 
-STORE_VERSION: Final = 1
-"""``PRAGMA user_version`` of the count store."""
+STORE_VERSION: Final = 2
+"""``PRAGMA user_version`` of the count store (2: noisy publications; a version 1
+store is migrated on open)."""
 
-STATS_VERSION: Final = 1
-"""Version of the ``/v1/stats`` document."""
+STATS_VERSION: Final = 2
+"""Version of the ``/v1/stats`` document (2: noisy, published only once closed)."""
 
+DEFAULT_GRACE: Final = 24 * 3600.0
+"""Seconds between the last moment an epoch accepts reports and its publication."""
+
+DEFAULT_RATE_LIMIT: Final = 16
+"""Reports counted per client address per epoch (0 turns the limit off)."""
+
+_MAX_GRACE: Final = 365 * 24 * 3600.0
+# sync.ohttp's OHTTP_PATH, OHTTP_KEYS_PATH and REPORT_ENCAPSULATED_SIZE, spelled out so
+# that the server loads pyhpke only when OHTTP is on (a test keeps them equal).
+_OHTTP_PATH: Final = "/v1/ohttp"
+_OHTTP_KEYS_PATH: Final = "/v1/ohttp-keys"
+_OHTTP_REQUEST_SIZE: Final = 567
+_MAX_RATE_LIMIT: Final = 1_000_000
 _COMMIT_WAIT: Final = 30.0
+# Counts a report unless its epoch is published, in the same statement (and so the same
+# transaction) as the check: a publication either sees the count or the count is refused.
 _UPSERT: Final = (
-    "INSERT INTO counts (epoch, segment, n) VALUES (?, ?, ?) "
+    "INSERT INTO counts (epoch, segment, n) SELECT ?1, ?2, ?3 "
+    "WHERE NOT EXISTS (SELECT 1 FROM publications WHERE epoch = ?1) "
     "ON CONFLICT (epoch, segment) DO UPDATE SET n = n + excluded.n"
+)
+_SCHEMA: Final = (
+    "CREATE TABLE IF NOT EXISTS counts ("
+    " epoch TEXT NOT NULL, segment INTEGER NOT NULL, n INTEGER NOT NULL,"
+    " PRIMARY KEY (epoch, segment)) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS publications ("
+    " epoch TEXT NOT NULL PRIMARY KEY, k INTEGER NOT NULL, epsilon_inf REAL NOT NULL,"
+    " epsilon_1 REAL NOT NULL, central_epsilon REAL NOT NULL, k_threshold INTEGER NOT NULL,"
+    " closed_at REAL NOT NULL, published_at REAL NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS noisy_counts ("
+    " epoch TEXT NOT NULL, segment INTEGER NOT NULL, n INTEGER NOT NULL,"
+    " PRIMARY KEY (epoch, segment)) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS meta ("
+    " key TEXT NOT NULL PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
 )
 _MAX_REQUEST_LINE: Final = 8192
 
@@ -128,19 +263,33 @@ HandlerResult = tuple[int, Headers, bytes]
 class ServerConfig:
     """Settings of the server stub; validated on construction.
 
-    ``k`` is the number of segments of the bundle the devices use; ``epsilon`` the
-    per-report epsilon the devices randomize with (the estimator assumes it);
-    ``k_threshold`` the smallest count ever published (>= 1, default 50); ``port=0``
-    picks a free port. ``synchronous`` is SQLite's: ``"FULL"`` survives power loss,
-    ``"NORMAL"`` survives a killed process. ``workers`` pre-started threads serve
-    connections (more are started when all are busy). ``capture_raw`` is a test-only
-    switch.
+    ``k`` is the number of segments of the bundle the devices use; ``epsilon_inf`` and
+    ``epsilon_1`` the two layers of randomized response the devices use (the memo's
+    epsilon and each report's epsilon about the memo; the estimator assumes them and
+    the content table announces them); ``central_epsilon`` the epsilon of the geometric
+    noise added to every cell before publication; ``k_threshold`` the smallest noisy
+    count or estimate ever published (>= 1, default 50). ``grace`` is the number of
+    seconds between the last moment an epoch can receive reports and the publication of
+    its statistics. ``rate_limit`` caps the reports counted per client address per
+    epoch (0 = off: use 0 behind an OHTTP relay or proxy, where every report arrives
+    from the relay's address); the limiter counts at most ``rate_limit_tracked``
+    distinct addresses per epoch and then refuses *new* addresses until the epoch ends
+    (it fails closed, :mod:`sync.ratelimit`), so size it above the number of distinct
+    addresses reporting per week. ``port=0`` picks a free port. ``synchronous`` is
+    SQLite's: ``"FULL"`` survives power loss, ``"NORMAL"`` survives a killed process.
+    ``workers`` pre-started threads serve connections (more are started when all are
+    busy). ``capture_raw`` is a test-only switch.
     """
 
     k: int
     db_path: Path
-    epsilon: float = DEFAULT_EPSILON
+    epsilon_inf: float = DEFAULT_EPSILON_INF
+    epsilon_1: float = DEFAULT_EPSILON_1
+    central_epsilon: float = DEFAULT_CENTRAL_EPSILON
     k_threshold: int = DEFAULT_K_THRESHOLD
+    grace: float = DEFAULT_GRACE
+    rate_limit: int = DEFAULT_RATE_LIMIT
+    rate_limit_tracked: int = DEFAULT_MAX_TRACKED
     content_path: Path | None = None
     bundle_path: Path | None = None
     host: str = "127.0.0.1"
@@ -150,19 +299,48 @@ class ServerConfig:
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
     workers: int = 32
     capture_raw: bool = False
+    ohttp_keys_path: Path | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int):
             raise ConfigurationError("k must be an integer")
         if not 1 <= self.k <= MAX_SEGMENTS:
             raise ConfigurationError(f"k must be in 1..{MAX_SEGMENTS}, got {self.k}")
-        check_epsilon(self.epsilon)
+        for name in ("epsilon_inf", "epsilon_1", "central_epsilon"):
+            try:
+                check_epsilon(getattr(self, name))
+            except ConfigurationError as exc:
+                raise ConfigurationError(f"{name}: {exc}") from None
         if isinstance(self.k_threshold, bool) or not isinstance(self.k_threshold, int):
             raise ConfigurationError("k_threshold must be an integer")
         if self.k_threshold < 1:
             raise ConfigurationError(f"k_threshold must be >= 1, got {self.k_threshold}")
+        if (
+            isinstance(self.grace, bool)
+            or not isinstance(self.grace, int | float)
+            or not 0 <= self.grace <= _MAX_GRACE
+        ):
+            raise ConfigurationError(f"grace must be a number of seconds in 0..{_MAX_GRACE:g}")
+        if (
+            isinstance(self.rate_limit, bool)
+            or not isinstance(self.rate_limit, int)
+            or not 0 <= self.rate_limit <= _MAX_RATE_LIMIT
+        ):
+            raise ConfigurationError(
+                f"rate_limit must be an integer in 0..{_MAX_RATE_LIMIT} (0 = off)"
+            )
+        if (
+            isinstance(self.rate_limit_tracked, bool)
+            or not isinstance(self.rate_limit_tracked, int)
+            or self.rate_limit_tracked < 1
+        ):
+            raise ConfigurationError("rate_limit_tracked must be an integer >= 1")
         if not 1 <= self.max_body <= MAX_BODY_SIZE:
             raise ConfigurationError(f"max_body must be in 1..{MAX_BODY_SIZE}")
+        if self.ohttp_keys_path is not None and self.max_body < _OHTTP_REQUEST_SIZE:
+            raise ConfigurationError(
+                f"with OHTTP, max_body must be >= {_OHTTP_REQUEST_SIZE} (one encapsulated report)"
+            )
         if not 0 <= self.port <= 65535:
             raise ConfigurationError("port must be in 0..65535")
         if not 0 <= self.epoch_window <= 4:
@@ -172,28 +350,126 @@ class ServerConfig:
         if self.synchronous not in ("FULL", "NORMAL"):
             raise ConfigurationError("synchronous must be 'FULL' or 'NORMAL'")
 
+    @property
+    def channel(self) -> Channel:
+        """The devices' two-layer channel the estimator assumes."""
+        return Channel.two_layer(self.epsilon_inf, self.epsilon_1, self.k)
+
+
+def closes_at(epoch: str, *, epoch_window: int, grace: float) -> float:
+    """The unix time at which ``epoch`` closes and its statistics may be published.
+
+    A report for ``epoch`` is accepted while the server's week is at most
+    ``epoch_window`` weeks after it, i.e. until ``epoch_start(epoch) + (1 +
+    epoch_window)`` weeks; ``grace`` seconds later the epoch closes.
+    """
+    return epoch_start(epoch) + (1 + epoch_window) * WEEK_SECONDS + grace
+
+
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """One published epoch as stored: its noisy counts and the parameters used.
+
+    ``noisy_counts[s]`` is segment ``s``'s count plus one draw of geometric noise at
+    ``central_epsilon``, drawn once at ``published_at``; ``closed_at`` is when the epoch
+    closed. Everything ``/v1/stats`` says about the epoch is :func:`stats_document` of
+    this, so it never changes.
+    """
+
+    epoch: str
+    noisy_counts: tuple[int, ...]
+    epsilon_inf: float
+    epsilon_1: float
+    central_epsilon: float
+    k_threshold: int
+    closed_at: float
+    published_at: float
+
+    @property
+    def k(self) -> int:
+        """The number of segments."""
+        return len(self.noisy_counts)
+
+
+def draw_noisy_counts(
+    counts: Sequence[int], *, central_epsilon: float, rng: random.Random | None = None
+) -> list[int]:
+    """``counts`` with one independent draw of geometric noise added to every cell.
+
+    The noise is :func:`sync.privacy.geometric_noise` at ``central_epsilon``, from the
+    OS CSPRNG unless a (test-only) ``rng`` is given.
+    """
+    return [int(n) + geometric_noise(central_epsilon, rng=rng) for n in counts]
+
+
+def stats_document(publication: Publication) -> dict[str, Any]:
+    """The ``/v1/stats?epoch=`` document of a publication (see the module docstring).
+
+    A pure function of the stored noisy counts and parameters: the same publication
+    always gives the same document.
+    """
+    channel = Channel.two_layer(publication.epsilon_inf, publication.epsilon_1, publication.k)
+    result = estimate_noisy(
+        list(publication.noisy_counts),
+        channel=channel,
+        central_epsilon=publication.central_epsilon,
+        k_threshold=publication.k_threshold,
+    )
+    return {
+        "version": STATS_VERSION,
+        "epoch": publication.epoch,
+        "k": publication.k,
+        "epsilon_inf": publication.epsilon_inf,
+        "epsilon_1": publication.epsilon_1,
+        "report_epsilon": channel.epsilon if math.isfinite(channel.epsilon) else None,
+        "central_epsilon": publication.central_epsilon,
+        "noise_standard_deviation": math.sqrt(geometric_variance(publication.central_epsilon)),
+        "k_threshold": publication.k_threshold,
+        "closed_at": publication.closed_at,
+        "noisy_total": result.total,
+        "segments": [
+            {
+                "segment": cell.segment,
+                "estimate": cell.estimate,
+                "standard_error": cell.standard_error,
+            }
+            for cell in result.cells
+        ],
+        "suppressed": list(result.suppressed),
+    }
+
 
 # --------------------------------------------------------------------------- store
 
 
 class _Batch:
-    __slots__ = ("done", "error", "items")
+    __slots__ = ("done", "error", "items", "refused")
 
     def __init__(self) -> None:
         self.items: list[tuple[str, int]] = []
         self.done = False
         self.error: BaseException | None = None
+        self.refused: set[str] = set()
 
 
 class CountStore:
-    """Counts per (epoch, segment) in SQLite (WAL), with group commit.
+    """Counts per (epoch, segment) and published noisy counts, in SQLite (WAL).
 
     :meth:`add` returns only after the transaction holding that count has committed.
     Group commit without a writer thread: the first caller to find no commit in
     progress becomes the leader and commits every count queued so far in one
     transaction; callers arriving meanwhile queue for the next commit, led by one of
     them. A lone client thus pays one commit and no thread hand-off; many clients share
-    commits. Reads (:meth:`counts`, :meth:`epochs`) use their own short-lived connections.
+    commits. Reads (:meth:`counts`, :meth:`epochs`, :meth:`publication`) and
+    :meth:`publish` use their own short-lived connections.
+
+    Schema (``PRAGMA user_version`` :data:`STORE_VERSION`): ``counts(epoch, segment,
+    n)``, the exact counts, never published; ``publications(epoch, k, epsilon_inf,
+    epsilon_1, central_epsilon, k_threshold, closed_at, published_at)`` and
+    ``noisy_counts(epoch, segment, n)``, one row per published epoch and cell;
+    ``meta(key, value)`` holding ``first_epoch``. Opening a version 1 store migrates it
+    in one transaction: its (single-layer) counts move to ``counts_v1``, which nothing
+    reads, so they are never mixed with two-layer counts nor published.
     """
 
     def __init__(self, *, path: Path, synchronous: Literal["FULL", "NORMAL"] = "FULL") -> None:
@@ -223,22 +499,60 @@ class CountStore:
 
     def _init_schema(self, connection: sqlite3.Connection) -> None:
         try:
-            version = connection.execute("PRAGMA user_version").fetchone()[0]
-            if version > STORE_VERSION:
-                raise ConfigurationError(
-                    f"count store version {version} is newer than this server ({STORE_VERSION})"
-                )
-            connection.execute(
-                "CREATE TABLE IF NOT EXISTS counts ("
-                " epoch TEXT NOT NULL, segment INTEGER NOT NULL, n INTEGER NOT NULL,"
-                " PRIMARY KEY (epoch, segment)) WITHOUT ROWID"
-            )
-            connection.execute(f"PRAGMA user_version={STORE_VERSION}")
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                version = connection.execute("PRAGMA user_version").fetchone()[0]
+                if version > STORE_VERSION:
+                    raise ConfigurationError(
+                        f"count store version {version} is newer than this server "
+                        f"({STORE_VERSION})"
+                    )
+                if version == 1:
+                    _log.info("migrating the count store from version 1 to %d", STORE_VERSION)
+                    connection.execute("ALTER TABLE counts RENAME TO counts_v1")
+                for statement in _SCHEMA:
+                    connection.execute(statement)
+                connection.execute(f"PRAGMA user_version={STORE_VERSION}")
+                connection.execute("COMMIT")
+            finally:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot initialise the count store: {exc}") from exc
 
-    def add(self, epoch: str, segment: int) -> None:
-        """Count one report; returns once the count is committed (raises StoreError)."""
+    def first_epoch(self, candidate: str) -> str:
+        """The first epoch this store can hold counts for: the earliest ``candidate``
+        ever given (the server passes its week minus ``epoch_window`` at every start).
+
+        Reports for earlier epochs are refused and statistics exist only from it on. It
+        only ever moves back (after a clock that was ahead at the first start, say):
+        epochs before it were answered with "no data" whatever was reported, and none
+        of them is published, so nothing published changes.
+        """
+        parse_epoch(candidate)
+        connection = self._short_connection()
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            connection.execute(
+                "INSERT INTO meta (key, value) VALUES ('first_epoch', ?1) "
+                "ON CONFLICT (key) DO UPDATE SET value = ?1 WHERE value > ?1",
+                (candidate,),
+            )
+            row = connection.execute(
+                "SELECT value FROM meta WHERE key = 'first_epoch'"
+            ).fetchone()
+            connection.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the count store: {exc}") from exc
+        finally:
+            connection.close()
+        return str(row[0])
+
+    def add(self, epoch: str, segment: int) -> bool:
+        """Count one report; returns once the count is committed (raises StoreError).
+
+        Returns ``False``, counting nothing, when ``epoch`` is already published.
+        """
         deadline = time.monotonic() + _COMMIT_WAIT
         with self._cond:
             if self._closed:
@@ -265,22 +579,26 @@ class CountStore:
                 self._cond.wait(remaining)
         if batch.error is not None:
             raise StoreError("the count store could not commit") from batch.error
+        return epoch not in batch.refused
 
     def _commit(self, batch: _Batch) -> None:
         connection = self._connection
         totals = collections.Counter(batch.items)
         committed = False
+        refused: set[str] = set()
         try:
             if len(totals) == 1:  # one statement: autocommitted on its own
                 ((epoch, segment), n), = totals.items()
-                connection.execute(_UPSERT, (epoch, segment, n))
+                if connection.execute(_UPSERT, (epoch, segment, n)).rowcount == 0:
+                    refused.add(epoch)
             else:
                 connection.execute("BEGIN IMMEDIATE")
-                connection.executemany(
-                    _UPSERT, [(epoch, segment, n) for (epoch, segment), n in totals.items()]
-                )
+                for (epoch, segment), n in totals.items():
+                    if connection.execute(_UPSERT, (epoch, segment, n)).rowcount == 0:
+                        refused.add(epoch)
                 connection.execute("COMMIT")
             committed = True
+            batch.refused = refused
         except sqlite3.Error as exc:
             _log.error("count store commit failed: %s", exc)
             batch.error = exc
@@ -293,6 +611,14 @@ class CountStore:
                         connection.execute("ROLLBACK")
             batch.done = True
 
+    def _short_connection(self) -> sqlite3.Connection:
+        try:
+            connection = sqlite3.connect(self._path, isolation_level=None, timeout=30.0)
+            connection.execute(f"PRAGMA synchronous={self._synchronous}")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the count store: {exc}") from exc
+        return connection
+
     def _read(self, sql: str, params: Iterable[Any]) -> list[tuple[Any, ...]]:
         try:
             connection = sqlite3.connect(self._path, timeout=30.0)
@@ -304,7 +630,10 @@ class CountStore:
             raise StoreError(f"cannot read the count store: {exc}") from exc
 
     def counts(self, epoch: str, *, k: int) -> list[int]:
-        """The committed count of every segment ``0..k-1`` for ``epoch``."""
+        """The exact committed count of every segment ``0..k-1`` for ``epoch``.
+
+        For the operator's own checks and tests: the server never publishes these.
+        """
         result = [0] * k
         for segment, n in self._read("SELECT segment, n FROM counts WHERE epoch = ?", (epoch,)):
             if 0 <= segment < k:
@@ -312,8 +641,116 @@ class CountStore:
         return result
 
     def epochs(self) -> list[str]:
-        """Every epoch with at least one counted report, oldest first."""
+        """Every epoch with at least one counted report, oldest first (never published)."""
         return [row[0] for row in self._read("SELECT DISTINCT epoch FROM counts ORDER BY 1", ())]
+
+    def published_epochs(self) -> list[str]:
+        """Every published epoch, oldest first."""
+        return [row[0] for row in self._read("SELECT epoch FROM publications ORDER BY 1", ())]
+
+    @staticmethod
+    def _load_publication(connection: sqlite3.Connection, epoch: str) -> Publication | None:
+        row = connection.execute(
+            "SELECT k, epsilon_inf, epsilon_1, central_epsilon, k_threshold, closed_at,"
+            " published_at FROM publications WHERE epoch = ?",
+            (epoch,),
+        ).fetchone()
+        if row is None:
+            return None
+        k, epsilon_inf, epsilon_1, central_epsilon, k_threshold, closed_at, published_at = row
+        noisy = [0] * int(k)
+        for segment, n in connection.execute(
+            "SELECT segment, n FROM noisy_counts WHERE epoch = ?", (epoch,)
+        ):
+            noisy[int(segment)] = int(n)
+        return Publication(
+            epoch=epoch,
+            noisy_counts=tuple(noisy),
+            epsilon_inf=float(epsilon_inf),
+            epsilon_1=float(epsilon_1),
+            central_epsilon=float(central_epsilon),
+            k_threshold=int(k_threshold),
+            closed_at=float(closed_at),
+            published_at=float(published_at),
+        )
+
+    def publication(self, epoch: str) -> Publication | None:
+        """The stored publication of ``epoch``, or ``None`` if it is not published."""
+        connection = self._short_connection()
+        try:
+            connection.execute("BEGIN")
+            return self._load_publication(connection, epoch)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the count store: {exc}") from exc
+        finally:
+            connection.close()
+
+    def publish(
+        self,
+        epoch: str,
+        *,
+        config: ServerConfig,
+        closed_at: float,
+        now: float,
+        rng: random.Random | None = None,
+    ) -> Publication:
+        """Publish ``epoch`` once: noisy counts drawn and stored in one transaction.
+
+        If ``epoch`` is already published, returns the stored publication unchanged (no
+        new noise is ever drawn for it). Otherwise reads the exact counts of
+        ``config.k`` segments, adds :func:`draw_noisy_counts` noise at
+        ``config.central_epsilon`` and stores the result with the parameters. The write
+        lock held from the read to the commit means every report is either in these
+        counts or refused afterwards (:meth:`add`).
+        """
+        connection = self._short_connection()
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                existing = self._load_publication(connection, epoch)
+                if existing is not None:
+                    connection.execute("COMMIT")
+                    return existing
+                exact = [0] * config.k
+                for segment, n in connection.execute(
+                    "SELECT segment, n FROM counts WHERE epoch = ?", (epoch,)
+                ):
+                    if 0 <= segment < config.k:
+                        exact[int(segment)] = int(n)
+                publication = Publication(
+                    epoch=epoch,
+                    noisy_counts=tuple(
+                        draw_noisy_counts(exact, central_epsilon=config.central_epsilon, rng=rng)
+                    ),
+                    epsilon_inf=float(config.epsilon_inf),
+                    epsilon_1=float(config.epsilon_1),
+                    central_epsilon=float(config.central_epsilon),
+                    k_threshold=config.k_threshold,
+                    closed_at=float(closed_at),
+                    published_at=float(now),
+                )
+                connection.execute(
+                    "INSERT INTO publications (epoch, k, epsilon_inf, epsilon_1,"
+                    " central_epsilon, k_threshold, closed_at, published_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (epoch, publication.k, publication.epsilon_inf, publication.epsilon_1,
+                     publication.central_epsilon, publication.k_threshold,
+                     publication.closed_at, publication.published_at),
+                )
+                connection.executemany(
+                    "INSERT INTO noisy_counts (epoch, segment, n) VALUES (?, ?, ?)",
+                    [(epoch, segment, n) for segment, n in enumerate(publication.noisy_counts)],
+                )
+                connection.execute("COMMIT")
+            finally:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot publish epoch {epoch}: {exc}") from exc
+        finally:
+            connection.close()
+        _log.info("published the statistics of epoch %s", epoch)
+        return publication
 
     def close(self) -> None:
         """Refuse new counts, wait for the commit in progress, close the connection."""
@@ -329,12 +766,13 @@ class CountStore:
 # --------------------------------------------------------------------------- handler
 
 
-def load_content_file(path: Path, *, k: int, epsilon: float) -> bytes:
+def load_content_file(path: Path, *, k: int, epsilon_inf: float, epsilon_1: float) -> bytes:
     """Read the operator's content table file and return its canonical wire bytes.
 
-    The file is JSON: ``{"version": 1, "segments": [[item IDs of segment 0], ...]}`` with
-    exactly ``k`` rows; ``"k"`` and ``"epsilon"`` may be given and must then match the
-    server's configuration (they are filled in from it otherwise).
+    The file is JSON: ``{"version": 2, "segments": [[item IDs of segment 0], ...]}`` with
+    exactly ``k`` rows; ``"k"``, ``"epsilon_inf"`` and ``"epsilon_1"`` may be given and
+    must then match the server's configuration (they are filled in from it otherwise).
+    A version 1 file (single ``epsilon``) is refused.
     """
     try:
         raw = Path(path).read_bytes()
@@ -345,8 +783,9 @@ def load_content_file(path: Path, *, k: int, epsilon: float) -> bytes:
         raise ConfigurationError(f"content table {path} must be a JSON object")
     if document.setdefault("k", k) != k:
         raise ConfigurationError(f"content table {path} has k={document['k']}, server k={k}")
-    if document.setdefault("epsilon", epsilon) != epsilon:
-        raise ConfigurationError(f"content table {path} epsilon differs from the server's")
+    for name, value in (("epsilon_inf", epsilon_inf), ("epsilon_1", epsilon_1)):
+        if document.setdefault(name, value) != value:
+            raise ConfigurationError(f"content table {path}: {name} differs from the server's")
     try:
         table = decode_content_table(json.dumps(document).encode(), require_canonical=False)
     except ProtocolError as exc:
@@ -372,12 +811,25 @@ _ROUTES: Final[Mapping[str, str]] = {
 }
 
 
+def _utc(moment: float) -> str:
+    try:
+        return _dt.datetime.fromtimestamp(moment, tz=_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return f"unix time {moment:.0f}"
+
+
+def _retry_after(seconds: float) -> Headers:
+    return [("Retry-After", str(max(1, math.ceil(seconds))))]
+
+
 class ReportHandler:
     """The server's request handling as a plain function of bytes, usable in-process.
 
-    :meth:`handle` takes a method, a path (with its query string), the request headers
-    and the body, and returns ``(status, headers, body)``. The HTTP server and the
-    client's ``InProcessTransport`` both call it.
+    :meth:`handle` takes a method, a path (with its query string), the request headers,
+    the body and optionally the client's address, and returns ``(status, headers,
+    body)``. The HTTP server and the client's ``InProcessTransport`` both call it.
+    ``clock`` gives the server's time; ``rng`` (tests only) seeds the central noise,
+    which otherwise comes from the OS CSPRNG.
     """
 
     def __init__(
@@ -386,39 +838,92 @@ class ReportHandler:
         config: ServerConfig,
         store: CountStore,
         clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
     ) -> None:
         self._config = config
         self._store = store
         self._clock = clock
+        self._rng = rng
+        self._publish_lock = threading.Lock()
         self._window: tuple[float, float, frozenset[str]] = (0.0, 0.0, frozenset())
         self._content = (
             None
             if config.content_path is None
-            else load_content_file(config.content_path, k=config.k, epsilon=config.epsilon)
+            else load_content_file(
+                config.content_path,
+                k=config.k,
+                epsilon_inf=config.epsilon_inf,
+                epsilon_1=config.epsilon_1,
+            )
         )
+        self._first_epoch = store.first_epoch(
+            shift_epoch(epoch_of(clock()), -config.epoch_window)
+        )
+        self._limiter = (
+            AddressLimiter(config.rate_limit, clock, max_tracked=config.rate_limit_tracked)
+            if config.rate_limit > 0
+            else None
+        )
+        self._gateway: OhttpGateway | None = None
+        if config.ohttp_keys_path is not None:
+            from sync.gateway import OhttpGateway  # lazy: pyhpke loads only with OHTTP on
+
+            self._gateway = OhttpGateway.from_key_file(config.ohttp_keys_path, self.handle)
 
     @property
     def config(self) -> ServerConfig:
         """The settings this handler runs with."""
         return self._config
 
+    @property
+    def first_epoch(self) -> str:
+        """The first epoch the count store accepts reports for and publishes."""
+        return self._first_epoch
+
+    def closes_at(self, epoch: str) -> float:
+        """When ``epoch`` closes under this configuration (see :func:`closes_at`)."""
+        return closes_at(epoch, epoch_window=self._config.epoch_window, grace=self._config.grace)
+
     def handle(
-        self, method: str, path: str, headers: Mapping[str, str], body: bytes
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        *,
+        client: str | None = None,
     ) -> HandlerResult:
-        """Answer one request; never raises for bad input (a 4xx result instead)."""
+        """Answer one request; never raises for bad input (a 4xx result instead).
+
+        ``client`` is the address the request came from (the HTTP server passes it;
+        ``None`` in process). It is used for the rate limit only, never stored or logged.
+        """
         try:
-            return self._route(method, path, {k.lower(): v for k, v in headers.items()}, body)
+            return self._route(
+                method, path, {k.lower(): v for k, v in headers.items()}, body, client
+            )
         except StoreError as exc:
             _log.error("store failure: %s", exc)
-            return _error(503, "store_unavailable", "the report was not counted; retry later")
+            return _error(
+                503, "store_unavailable", "the count store failed; nothing was counted, retry later"
+            )
         except Exception:
             _log.exception("unexpected error while handling a request")
             return _error(500, "internal", "internal error; nothing was counted")
 
     def _route(
-        self, method: str, target: str, headers: Mapping[str, str], body: bytes
+        self,
+        method: str,
+        target: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        client: str | None,
     ) -> HandlerResult:
         split = urllib.parse.urlsplit(target)
+        if self._gateway is not None and split.path in (_OHTTP_PATH, _OHTTP_KEYS_PATH):
+            # The gateway decapsulates and calls handle() with no client address: every
+            # request comes from the relay, which limits device addresses itself.
+            return self._gateway.handle(method, target, headers, body)
         allowed = _ROUTES.get(split.path)
         if allowed is None:
             return _error(404, "not_found", "unknown path")
@@ -431,14 +936,16 @@ class ReportHandler:
         if split.query:
             return _error(400, "bad_query", "this endpoint takes no query string")
         if split.path == REPORT_PATH:
-            return self._report(headers, body)
+            return self._report(headers, body, client)
         if body:
             return _error(400, "unexpected_body", "GET requests carry no body")
         if split.path == CONTENT_PATH:
             return self._serve_content()
         return self._serve_bundle()
 
-    def _report(self, headers: Mapping[str, str], body: bytes) -> HandlerResult:
+    def _report(
+        self, headers: Mapping[str, str], body: bytes, client: str | None
+    ) -> HandlerResult:
         content_type = headers.get("content-type", "").strip().lower()
         if content_type != REPORT_CONTENT_TYPE:
             return _error(
@@ -453,7 +960,23 @@ class ReportHandler:
             self._check_window(report.epoch)
         except ProtocolError as exc:
             return _error(400, exc.code, str(exc))
-        self._store.add(report.epoch, report.segment)
+        if client is not None and self._limiter is not None and not self._limiter.allow(client):
+            wait = self._limiter.seconds_until_reset()
+            return _error(
+                429,
+                "rate_limited",
+                f"this client address has sent its {self._config.rate_limit} reports for "
+                f"this epoch (or the limiter is full); try again from "
+                f"{_utc(self._clock() + wait)}",
+                _retry_after(wait),
+            )
+        if not self._store.add(report.epoch, report.segment):
+            return _error(
+                400,
+                EpochOutOfWindowError.code,
+                f"epoch {report.epoch} is closed and its statistics are published; "
+                "reports for it are no longer counted",
+            )
         return _json(200, {"status": "counted"})
 
     def _check_window(self, epoch: str) -> None:
@@ -468,6 +991,10 @@ class ReportHandler:
         if epoch not in allowed:
             check_epoch_window(epoch, now=now, window=self._config.epoch_window)
             raise EpochOutOfWindowError(f"epoch {epoch} is outside the accepted window")
+        if epoch < self._first_epoch:  # fixed-width "YYYY-Www" sorts chronologically
+            raise EpochOutOfWindowError(
+                f"epoch {epoch} is before this count store's first epoch {self._first_epoch}"
+            )
 
     def _serve_content(self) -> HandlerResult:
         if self._content is None:
@@ -484,6 +1011,33 @@ class ReportHandler:
             return _error(503, "bundle_unavailable", "the bundle cannot be read now")
         return 200, [("Content-Type", BUNDLE_CONTENT_TYPE)], data
 
+    def publication(self, epoch: str) -> Publication | None:
+        """``epoch``'s publication, publishing it now if it is closed and not yet
+        published; ``None`` while it is open (or before the store's first epoch)."""
+        stored = self._store.publication(epoch)
+        if stored is not None:
+            return stored
+        if epoch < self._first_epoch:
+            return None
+        now = self._clock()
+        closed_at = self.closes_at(epoch)
+        if now < closed_at:
+            return None
+        with self._publish_lock:  # the store also serializes; this saves a wasted draw
+            return self._store.publish(
+                epoch, config=self._config, closed_at=closed_at, now=now, rng=self._rng
+            )
+
+    def _closed_epochs(self) -> list[str]:
+        now = self._clock()
+        closed: list[str] = []
+        epoch = self._first_epoch
+        with contextlib.suppress(BadEpochError):
+            while self.closes_at(epoch) <= now:
+                closed.append(epoch)
+                epoch = shift_epoch(epoch, 1)
+        return closed
+
     def _stats(self, query: str) -> HandlerResult:
         try:
             params = urllib.parse.parse_qs(
@@ -494,37 +1048,39 @@ class ReportHandler:
         if set(params) - {"epoch"} or any(len(v) != 1 for v in params.values()):
             return _error(400, "bad_query", "the only query parameter is one epoch=YYYY-Www")
         if not params:
-            return _json(200, {"version": STATS_VERSION, "epochs": self._store.epochs()})
+            published = set(self._store.published_epochs())
+            for epoch in self._closed_epochs():
+                if epoch not in published:
+                    self.publication(epoch)
+                    published.add(epoch)
+            return _json(200, {"version": STATS_VERSION, "epochs": sorted(published)})
         epoch = params["epoch"][0]
         try:
             parse_epoch(epoch)
         except BadEpochError as exc:
             return _error(400, exc.code, str(exc))
-        config = self._config
-        result = estimate(
-            self._store.counts(epoch, k=config.k),
-            epsilon=config.epsilon,
-            k_threshold=config.k_threshold,
-        )
+        publication = self.publication(epoch)
+        if publication is not None:
+            return _json(200, stats_document(publication))
+        if epoch < self._first_epoch:
+            return _error(
+                404,
+                "no_data",
+                f"epoch {epoch} is before this count store's first epoch "
+                f"{self._first_epoch}: nothing was ever counted for it",
+            )
+        available = self.closes_at(epoch)
         return _json(
-            200,
+            425,
             {
-                "version": STATS_VERSION,
-                "epoch": epoch,
-                "k": config.k,
-                "epsilon": config.epsilon,
-                "k_threshold": config.k_threshold,
-                "total": result.total,
-                "segments": [
-                    {
-                        "segment": cell.segment,
-                        "estimate": cell.estimate,
-                        "standard_error": cell.standard_error,
-                    }
-                    for cell in result.cells
-                ],
-                "suppressed": list(result.suppressed),
+                "error": "not_published",
+                "message": (
+                    f"the statistics of {epoch} are published from {_utc(available)}, once "
+                    "no report for it can be counted any more"
+                ),
+                "available_at": available,
             },
+            _retry_after(available - self._clock()),
         )
 
 
@@ -633,6 +1189,8 @@ _REASONS: Final = {
     413: "Content Too Large",
     414: "URI Too Long",
     415: "Unsupported Media Type",
+    425: "Too Early",
+    429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
@@ -710,7 +1268,12 @@ class _HTTPRequestHandler(BaseHTTPRequestHandler):
         for name, value in self.headers.items():
             key = name.lower()
             headers[key] = f"{headers[key]}, {value}" if key in headers else value
-        self._write(*self.server.report_handler.handle(self.command, self.path, headers, body))
+        client = str(self.client_address[0]) if self.client_address else None
+        self._write(
+            *self.server.report_handler.handle(
+                self.command, self.path, headers, body, client=client
+            )
+        )
 
     def _capture(self) -> None:
         if self._tee is None or self.server.capture is None:
@@ -739,14 +1302,22 @@ class SyncServer:
 
     Use :meth:`start` to serve from a background thread (tests, examples) or
     :meth:`serve_forever` to serve from the calling thread (the command line), then
-    :meth:`close`. Also a context manager.
+    :meth:`close`. Also a context manager. ``clock`` is the server's time; ``rng`` a
+    seeded source for the central noise, for tests only (production draws it from the
+    OS CSPRNG).
     """
 
-    def __init__(self, *, config: ServerConfig, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        *,
+        config: ServerConfig,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
         self._config = config
         self._store = CountStore(path=config.db_path, synchronous=config.synchronous)
         try:
-            self._handler = ReportHandler(config=config, store=self._store, clock=clock)
+            self._handler = ReportHandler(config=config, store=self._store, clock=clock, rng=rng)
             self._http = _HTTPServer(
                 (config.host, config.port), self._handler, config.capture_raw, config.workers
             )
@@ -831,26 +1402,53 @@ class SyncServer:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ondevice-sync-server",
-        description="Count randomized segment reports and publish k-suppressed statistics.",
+        description=(
+            "Count randomized segment reports; publish noisy, k-suppressed statistics of "
+            "each epoch once it is closed."
+        ),
     )
     parser.add_argument("--k", type=int, required=True, help="number of segments K (1..64)")
     parser.add_argument("--db", type=Path, required=True, help="SQLite count store path")
-    parser.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON,
-                        help="devices' per-report epsilon (default ln 3)")
+    parser.add_argument("--epsilon-inf", type=float, default=DEFAULT_EPSILON_INF,
+                        help="devices' memo epsilon, layer 1 (default ln 3)")
+    parser.add_argument("--epsilon-1", type=float, default=DEFAULT_EPSILON_1,
+                        help="devices' per-report epsilon about the memo, layer 2 "
+                             "(default ln 9)")
+    parser.add_argument("--central-epsilon", type=float, default=DEFAULT_CENTRAL_EPSILON,
+                        help="epsilon of the geometric noise added to every published cell "
+                             "(default 0.5)")
     parser.add_argument("--k-threshold", type=int, default=DEFAULT_K_THRESHOLD,
-                        help="smallest count ever published (default 50)")
-    parser.add_argument("--content", type=Path, help="content table JSON file")
+                        help="smallest noisy count or estimate ever published (default 50)")
+    parser.add_argument("--grace", type=float, default=DEFAULT_GRACE, metavar="SECONDS",
+                        help="seconds after an epoch stops accepting reports before its "
+                             "statistics are published (default 86400, one day)")
+    parser.add_argument("--rate-limit", type=int, default=DEFAULT_RATE_LIMIT, metavar="N",
+                        help="reports counted per client address per epoch (default 16; "
+                             "0 = off, which is right behind an OHTTP relay or proxy: "
+                             "there every report comes from the relay's address)")
+    parser.add_argument("--rate-limit-tracked", type=int, default=DEFAULT_MAX_TRACKED,
+                        metavar="N",
+                        help="most distinct client addresses the rate limit counts per epoch; "
+                             "beyond it new addresses are refused until the epoch ends "
+                             f"(default {DEFAULT_MAX_TRACKED:,})")
+    parser.add_argument("--content", type=Path,
+                        help='content table JSON file: {"version": 2, "segments": [...]}')
     parser.add_argument("--bundle", type=Path, help="signed catalog bundle file")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8080, help="port (0 = any free port)")
     parser.add_argument("--max-body", type=int, default=MAX_BODY_SIZE, help="body limit, bytes")
     parser.add_argument("--epoch-window", type=int, default=1,
-                        help="accepted distance in weeks from the server's week (default 1)")
+                        help="accepted distance in weeks from the server's week (default 1); "
+                             "an epoch's statistics are published 1 + this many weeks after "
+                             "it starts, plus --grace")
     parser.add_argument("--synchronous", choices=("FULL", "NORMAL"), default="FULL",
                         help="SQLite durability (FULL survives power loss)")
     parser.add_argument("--workers", type=int, default=32,
                         help="pre-started worker threads (default 32)")
     parser.add_argument("--capture-raw", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ohttp-keys", type=Path,
+                        help="OHTTP gateway key file (python -m sync.gateway generate-key): "
+                             "serve POST /v1/ohttp and GET /v1/ohttp-keys")
     parser.add_argument("--ready-file", type=Path,
                         help="write the bound port to this file once listening")
     return parser
@@ -864,8 +1462,13 @@ def main(argv: list[str] | None = None) -> int:
         config = ServerConfig(
             k=args.k,
             db_path=args.db,
-            epsilon=args.epsilon,
+            epsilon_inf=args.epsilon_inf,
+            epsilon_1=args.epsilon_1,
+            central_epsilon=args.central_epsilon,
             k_threshold=args.k_threshold,
+            grace=args.grace,
+            rate_limit=args.rate_limit,
+            rate_limit_tracked=args.rate_limit_tracked,
             content_path=args.content,
             bundle_path=args.bundle,
             host=args.host,
@@ -875,6 +1478,7 @@ def main(argv: list[str] | None = None) -> int:
             synchronous=args.synchronous,
             workers=args.workers,
             capture_raw=args.capture_raw,
+            ohttp_keys_path=args.ohttp_keys,
         )
         server = SyncServer(config=config)
     except (SyncError, OSError) as exc:
@@ -887,8 +1491,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     host, port = server.address
-    _log.info("serving K=%d epsilon=%.4f k_threshold=%d on %s:%d",
-              config.k, config.epsilon, config.k_threshold, host, port)
+    _log.info(
+        "serving K=%d epsilon_inf=%.4f epsilon_1=%.4f central_epsilon=%.4f k_threshold=%d "
+        "rate_limit=%d on %s:%d",
+        config.k, config.epsilon_inf, config.epsilon_1, config.central_epsilon,
+        config.k_threshold, config.rate_limit, host, port,
+    )
     if args.ready_file is not None:
         partial = args.ready_file.with_name(args.ready_file.name + ".partial")
         partial.write_text(f"{port}\n")

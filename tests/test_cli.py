@@ -552,3 +552,25 @@ def test_registering_a_command_twice_is_refused() -> None:
     )
     with pytest.raises(ValueError, match="already registered"):
         register(duplicate)
+
+
+# -- verify --------------------------------------------------------------------------------
+
+
+def test_verify_passes_a_sound_profile_and_fails_a_damaged_page(
+    profile: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = _run(capsys, ["verify", *_key(profile)])
+    assert (code, err) == (0, "")
+    assert out.startswith("verified ") and "every page authenticates" in out
+    db = profile / "profile.db"
+    data = bytearray(db.read_bytes())
+    pages = len(data) // 4096
+    assert f"verified {pages} pages" in out
+    data[(pages - 1) * 4096 + 1000] ^= 0x10  # the last page
+    db.write_bytes(bytes(data))
+    before = snapshot(profile)
+    code, out, err = _run(capsys, ["verify", *_key(profile)])
+    assert (code, out) == (1, "")
+    assert err == f"ondevice: error: {UNREADABLE}\n"
+    assert snapshot(profile) == before

@@ -27,9 +27,16 @@ def test_demo_runs_the_whole_journey_and_leaves_nothing(tmp_path):
     assert len(bodies) == 3
     for body in bodies:
         assert set(json.loads(body)) == {"version", "epoch", "segment"}
+    # Each at its own moment of the simulated week, at least an hour apart.
+    moments = re.findall(r"^   (\w{3} \d\d:\d\d) UTC  (\w+): sent", out, flags=re.M)
+    assert sorted(user for _, user in moments) == ["alice", "bob", "carol"]
+    assert len({when for when, _ in moments}) == 3
     assert "at level none: skipped" in out
-    # Three reports are under the server's k threshold: nothing is published.
+    # Nothing is published while the week is open; afterwards three reports are under
+    # the server's k threshold: every cell is suppressed, and no exact total is given.
+    assert "statistics during the week: HTTP 425" in out
     assert '"segments": []' in out and '"suppressed": [0, 1, 2, 3, 4, 5, 6, 7]' in out
+    assert '"noisy_total": null' in out
     assert "readable without the passphrase: False" in out
     assert "profile directories left behind: []" in out
     assert "reopening after the wipe: ProfileNotFoundError" in out

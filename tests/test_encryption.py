@@ -117,6 +117,7 @@ def test_wrong_passphrase_is_refused_with_the_same_error_and_changes_nothing(tmp
 def _read_everything(path: Path, raw_key: bytes) -> None:
     with PersonalizationEngine(path, key=RawKey(raw_key)) as engine:
         engine.export_profile()
+        engine.verify()  # reads every page, also those no export touches
 
 
 @pytest.mark.parametrize("where", ["first page", "middle", "last page"])
@@ -131,6 +132,32 @@ def test_one_flipped_byte_is_detected_and_the_file_left_alone(tmp_path, raw_key,
     with pytest.raises(ProfileUnreadableError):
         _read_everything(path, raw_key)
     assert snapshot(path) == before
+
+
+def test_verify_detects_a_flipped_byte_in_every_single_page(tmp_path, raw_key):
+    path = _closed_profile(tmp_path, raw_key)
+    db = path / "profile.db"
+    original = db.read_bytes()
+    pages = len(original) // 4096
+    with PersonalizationEngine(path, key=RawKey(raw_key)) as engine:
+        assert engine.verify() == pages
+    unnoticed_by_reads = []
+    for page in range(pages):
+        data = bytearray(original)
+        data[page * 4096 + 2000] ^= 0x01
+        db.write_bytes(bytes(data))
+        before = snapshot(path)
+        try:  # ordinary reads check only the pages they touch...
+            with PersonalizationEngine(path, key=RawKey(raw_key)) as engine:
+                engine.export_profile()
+            unnoticed_by_reads.append(page)
+        except ProfileUnreadableError:
+            pass
+        with pytest.raises(ProfileUnreadableError):  # ...verify() checks every one
+            _read_everything(path, raw_key)
+        assert snapshot(path) == before
+    db.write_bytes(original)
+    assert unnoticed_by_reads, "the profile should have pages no export reads (empty tables)"
 
 
 @pytest.mark.parametrize("keep", [0, 100, 4096, 4096 * 3 + 5])

@@ -178,6 +178,8 @@ def test_export_bytes_are_versioned_and_documented_fields_present(make_engine):
         "derived",
         "blocked_items",
         "egress",
+        "report_memos",
+        "report_schedule",
         "privacy_budget",
     }
     enc = json.loads(encode_export(doc, passphrase="x", kdf=FAST_KDF))

@@ -8,6 +8,7 @@ The same paths run against the real server on loopback in test_sync_e2e.py.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -278,11 +279,15 @@ def test_two_engines_racing_send_one_report_per_epoch(open_engine, clock, tmp_pa
         barrier = threading.Barrier(2)
         results: list[str] = []
 
-        def run(engine: PersonalizationEngine) -> None:
+        def run(
+            engine: PersonalizationEngine, barrier: threading.Barrier, results: list[str]
+        ) -> None:
             barrier.wait()
             results.append(engine.sync("u").status)
 
-        threads = [threading.Thread(target=run, args=(e,)) for e in (first, second)]
+        threads = [
+            threading.Thread(target=run, args=(e, barrier, results)) for e in (first, second)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -361,8 +366,8 @@ def test_several_local_users_never_report_back_to_back(open_engine, clock):
         engine.sync_due()
     times = sorted(t for t, _ in rec.sent)
     assert len(times) == len(users)
-    assert all(b - a >= gap for a, b in zip(times, times[1:], strict=False))
-    assert all(b - a <= 2 * gap + 300 for a, b in zip(times, times[1:], strict=False))
+    assert all(b - a >= gap for a, b in itertools.pairwise(times))
+    assert all(b - a <= 2 * gap + 300 for a, b in itertools.pairwise(times))
 
 
 # -- transparency ----------------------------------------------------------------------

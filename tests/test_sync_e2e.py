@@ -3,13 +3,13 @@ sync against the real server stub; every byte the client sent is captured and ch
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
 import pytest
 
 from ondevice import (
-    BudgetExhaustedError,
     PersonalizationEngine,
     PrivacyLevel,
     SyncError,
@@ -28,7 +28,7 @@ VALUE = 4.25  # an interaction value that must never leave
 @pytest.fixture
 def server(tmp_path, clock):
     content = tmp_path / "content.json"
-    content.write_text(json.dumps({"version": 1, "segments": [["i3"], ["i19"], []]}))
+    content.write_text(json.dumps({"version": 2, "segments": [["i3"], ["i19"], []]}))
     srv = SyncServer(
         config=ServerConfig(
             k=K,
@@ -42,6 +42,14 @@ def server(tmp_path, clock):
     ).start()
     yield srv
     srv.close()
+
+
+def _now(**overrides: object) -> SyncSettings:
+    """Settings that send at the first sync of the week, users not spaced (the schedule
+    is tested in test_reporting.py and below)."""
+    values: dict[str, object] = {"schedule": False, "min_gap": 0.0}
+    values.update(overrides)
+    return SyncSettings(**values)  # type: ignore[arg-type]
 
 
 def _record(engine: PersonalizationEngine, user: str) -> None:
@@ -69,7 +77,7 @@ def _split(raw: bytes) -> tuple[bytes, bytes]:
 
 def test_only_randomized_segment_ids_leave_and_nothing_links_them(open_engine, server, clock):
     engines = [
-        open_engine(level, sync=SyncSettings(server_url=server.url))
+        open_engine(level, sync=_now(server_url=server.url))
         for level in ("segment", "behavioral", "individual")
     ]
     for engine in engines:
@@ -113,7 +121,7 @@ def test_only_randomized_segment_ids_leave_and_nothing_links_them(open_engine, s
 
 
 def test_one_report_per_epoch(open_engine, server):
-    engine = open_engine("segment", sync=SyncSettings(server_url=server.url))
+    engine = open_engine("segment", sync=_now(server_url=server.url))
     _record(engine, "u")
     first = engine.sync("u")
     again = engine.sync("u")
@@ -122,27 +130,24 @@ def test_one_report_per_epoch(open_engine, server):
     assert len(_reports(server)) == 1
 
 
-def test_the_spent_budget_refuses_and_sends_nothing(open_engine, server, clock):
-    settings = SyncSettings(server_url=server.url, epsilon=1.0, budget_cap=2.0)
+def test_a_year_of_weekly_reports_spends_one_memo_on_the_real_server(open_engine, server, clock):
+    settings = _now(server_url=server.url, lifetime_cap=math.log(3))
     engine = open_engine("segment", sync=settings)
     _record(engine, "u")
-    for _ in range(2):
-        assert engine.sync("u").status == "sent"
+    for _ in range(52):
+        outcome = engine.sync("u")
+        assert outcome.status == "sent", outcome
         clock.advance(days=7)
-    with pytest.raises(BudgetExhaustedError):
-        engine.sync("u")
-    assert len(_reports(server)) == 2
+    assert len(_reports(server)) == 52
+    budget = engine.report("u").users[0].privacy_budget
+    assert budget["lifetime_spent"] == pytest.approx(math.log(3))  # one memo, 52 reports
+    assert budget["memos"] == 1
     egress = engine.export_profile("u")["users"][0]["egress"]
-    assert len(egress) == 2  # the refused report was never logged: it never existed
-    budget = engine.report("u").users[0].to_dict()["privacy_budget"]
-    assert math.isclose(budget["epsilon_spent"], 2.0)
-    assert math.isclose(budget["epsilon_remaining"], 0.0)
-    clock.advance(days=28)  # the rolling period frees the budget
-    assert engine.sync("u").status == "sent"
+    assert [e["epsilon"] for e in egress].count(0.0) == 51
 
 
 def test_level_none_sends_nothing(open_engine, server):
-    engine = open_engine("none", sync=SyncSettings(server_url=server.url))
+    engine = open_engine("none", sync=_now(server_url=server.url))
     _record(engine, "u")
     outcome = engine.sync("u")
     assert outcome.status == "skipped" and outcome.body is None
@@ -154,7 +159,7 @@ def test_offline_sync_fails_softly_and_resends_the_same_bytes_later(
 ):
     url = server.url
     server.close()  # the network is gone
-    engine = open_engine("behavioral", sync=SyncSettings(server_url=url, timeout=2.0))
+    engine = open_engine("behavioral", sync=_now(server_url=url, timeout=2.0))
     _record(engine, "u")
     failed = engine.sync("u")
     assert failed.status == "failed" and failed.retry_at is not None
@@ -182,7 +187,7 @@ def test_offline_sync_fails_softly_and_resends_the_same_bytes_later(
 
 
 def test_featured_content_is_one_table_and_blends_into_the_true_segment(open_engine, server):
-    engine = open_engine("segment", sync=SyncSettings(server_url=server.url))
+    engine = open_engine("segment", sync=_now(server_url=server.url))
     _record(engine, "u")
     before = engine.get_recommendations("u", k=3)
     assert engine.fetch_featured() == 2
@@ -203,7 +208,7 @@ def test_sync_without_settings_is_a_clear_error(open_engine):
 
 def test_report_bodies_are_logged_before_sending(open_engine):
     """A server that never answers: the report is in the egress log all the same."""
-    engine = open_engine("segment", sync=SyncSettings(server_url="http://127.0.0.1:9", timeout=0.5))
+    engine = open_engine("segment", sync=_now(server_url="http://127.0.0.1:9", timeout=0.5))
     _record(engine, "u")
     outcome = engine.sync("u")
     assert outcome.status == "failed"
@@ -212,7 +217,7 @@ def test_report_bodies_are_logged_before_sending(open_engine):
 
 
 def test_forgetting_a_user_does_not_reset_the_weekly_report_or_the_budget(open_engine, server):
-    engine = open_engine("segment", sync=SyncSettings(server_url=server.url))
+    engine = open_engine("segment", sync=_now(server_url=server.url))
     _record(engine, "u")
     assert engine.sync("u").status == "sent"
     engine.wipe_profile("u")
@@ -224,7 +229,7 @@ def test_forgetting_a_user_does_not_reset_the_weekly_report_or_the_budget(open_e
     assert engine.sync("u").status == "already_sent"
     assert len(_reports(server)) == 1
     budget = engine.report("u").users[0].privacy_budget
-    assert budget["epsilon_spent"] == pytest.approx(math.log(3))
+    assert budget["lifetime_spent"] == pytest.approx(math.log(3))
 
 
 def test_a_report_in_flight_is_not_sent_twice(open_engine, server):
@@ -239,24 +244,46 @@ def test_a_report_in_flight_is_not_sent_twice(open_engine, server):
                 seen.append(engine.sync("u").status)  # the app syncs again, meanwhile
             return super().request(method, url, headers, body, timeout)
 
-    engine = open_engine("segment", sync=SyncSettings(server_url=server.url, transport=Reentrant()))
+    engine = open_engine("segment", sync=_now(server_url=server.url, transport=Reentrant()))
     _record(engine, "u")
     assert engine.sync("u").status == "sent"
     assert seen == ["waiting"]
     assert len(_reports(server)) == 1
 
 
-def test_a_budget_period_longer_than_the_ledger_is_refused():
+def test_settings_that_cannot_hold_are_refused():
     from ondevice import InvalidInputError
 
-    with pytest.raises(InvalidInputError, match="365"):
-        SyncSettings(server_url="http://127.0.0.1:1", budget_period_days=400)
+    with pytest.raises(InvalidInputError, match="lifetime_cap"):
+        SyncSettings(server_url="http://127.0.0.1:1", epsilon_inf=2.0, lifetime_cap=1.0)
+    with pytest.raises(InvalidInputError, match="when_spent"):
+        SyncSettings(server_url="http://127.0.0.1:1", when_spent="resend")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="min_gap"):
+        SyncSettings(server_url="http://127.0.0.1:1", min_gap=-1)
+
+
+def test_reports_of_several_users_leave_spaced_on_separate_connections(
+    open_engine, server, clock
+):
+    gap = 1800.0
+    engine = open_engine("segment", sync=_now(server_url=server.url, min_gap=gap))
+    for user in USERS:
+        _record(engine, user)
+    sent_at: list[float] = []
+    for _ in range(3 * 24 * 12):  # a timer every 5 minutes for up to three days
+        sent_at += [clock.now for o in engine.sync_due() if o.status == "sent"]
+        if len(sent_at) == len(USERS):
+            break
+        clock.advance(seconds=300)
+    assert len(sent_at) == len(USERS) == len(_reports(server))
+    assert all(b - a >= gap for a, b in itertools.pairwise(sent_at))
+    assert all(b"Connection: close" in _split(r)[0] for r in _reports(server))
 
 
 def test_an_export_with_a_forged_egress_entry_is_refused(open_engine, server):
     from ondevice import ExportError
 
-    engine = open_engine("segment", sync=SyncSettings(server_url=server.url))
+    engine = open_engine("segment", sync=_now(server_url=server.url))
     _record(engine, "u")
     engine.sync("u")
     export = engine.export_profile()
@@ -284,17 +311,10 @@ def test_budget_spent_before_the_ledger_existed_stays_spent(tmp_path, clock):
     with store.write() as conn:
         Store.ensure_user(conn, "u", clock.now)
         body = b'{"version":1,"epoch":"' + epoch_of(clock.now).encode() + b'","segment":"01"}'
-        Store.log_egress(
-            conn, "u", epoch_of(clock.now), body, 1.0, clock.now, lease_until=clock.now
-        )
-        Store.settle_egress(
-            conn,
-            "u",
-            epoch_of(clock.now),
-            status="sent",
-            now=clock.now,
-            answer="200 counted",
-            next_attempt=None,
+        conn.execute(  # the schema-3 egress log, as 0.1 wrote it
+            "INSERT INTO egress(user_id, epoch, body, epsilon, created_at, status, sent_at) "
+            "VALUES ('u', ?, ?, 1.0, ?, 'sent', ?)",
+            (epoch_of(clock.now), body, clock.now, clock.now),
         )
     store.close()
     from ondevice.sample import SAMPLE_BUNDLE, SAMPLE_PUBLIC_KEY
@@ -303,10 +323,18 @@ def test_budget_spent_before_the_ledger_existed_stays_spent(tmp_path, clock):
         path,
         key=RawKey(key),
         clock=clock,
-        sync=SyncSettings(server_url="http://127.0.0.1:9"),
+        sync=_now(server_url="http://127.0.0.1:9"),
         bundle=SAMPLE_BUNDLE,
         bundle_public_key=SAMPLE_PUBLIC_KEY,
     )
-    assert engine.report("u").users[0].privacy_budget["epsilon_spent"] == pytest.approx(1.0)
+    assert engine.report("u").users[0].privacy_budget["lifetime_spent"] == pytest.approx(1.0)
     assert engine.sync("u").status == "already_sent"
     engine.close()
+
+
+def test_a_device_on_another_channel_than_the_server_is_told_so(open_engine, server):
+    engine = open_engine("segment", sync=_now(server_url=server.url, epsilon_1=1.0))
+    _record(engine, "u")
+    with pytest.raises(SyncError, match="align SyncSettings"):
+        engine.fetch_featured()
+    assert engine.get_recommendations("u", k=3)[0].explanation.startswith("popular")

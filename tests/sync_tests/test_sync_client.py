@@ -74,7 +74,9 @@ def test_client_refuses_a_segment_outside_k_and_sends_nothing(
         with pytest.raises(errors.ProtocolError):
             client.send_report(segment, epoch)
     with pytest.raises(errors.ProtocolError):
-        client.send_report_bytes(b'{"version":1,"epoch":"2026-W48","segment":"01","id":"u"}')
+        client.send_report_bytes(b'{"version":2,"epoch":"2026-W48","segment":"01","id":"u"}')
+    with pytest.raises(errors.UnsupportedVersionError):  # single-layer, never sent
+        client.send_report_bytes(b'{"version":1,"epoch":"2026-W48","segment":"01"}')
     assert server.captured_requests() == []
 
 

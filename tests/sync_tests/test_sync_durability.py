@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -22,11 +23,14 @@ from .conftest import stored_counts, stored_total
 
 @pytest.fixture
 def server_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
-    """``python -m sync.server`` on an ephemeral port (real clock, synchronous=FULL)."""
+    """``python -m sync.server`` on an ephemeral port (real clock, synchronous=FULL).
+
+    Every client here is 127.0.0.1, so the per-address rate limit is off.
+    """
     db, ready = tmp_path / "counts.db", tmp_path / "port"
     process = subprocess.Popen(
         [sys.executable, "-m", "sync.server", "--k", "8", "--db", str(db), "--port", "0",
-         "--ready-file", str(ready)],
+         "--rate-limit", "0", "--ready-file", str(ready)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -99,7 +103,8 @@ def test_acknowledged_reports_survive_sigkill_while_many_clients_are_in_flight(
 
 def test_the_server_modules_never_import_ondevice_or_numpy() -> None:
     code = (
-        "import sys, sync, sync.server, sync.client, sync.privacy, sync.protocol, sync.errors; "
+        "import sys, sync, sync.server, sync.client, sync.privacy, sync.protocol, sync.errors, "
+        "sync.ratelimit; "
         "print(sorted(m for m in sys.modules "
         "if m.split('.')[0] in ('ondevice', 'numpy')))"
     )
@@ -127,5 +132,44 @@ def test_the_operator_example_runs_and_prints_suppressed_statistics() -> None:
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert any(line.startswith("statistics for ") and "(total 3000)" in line for line in lines)
+    assert any(line.startswith("not published yet: 425 ") for line in lines)
+    totals = [line for line in lines if line.startswith("statistics for ")]
+    assert len(totals) == 1
+    noisy_total = int(totals[0].split("(noisy total ")[1].split(")")[0])
+    assert abs(noisy_total - 3000) <= 6 * math.sqrt(4 * 1.5)  # 6 SD of four cells' noise
     assert sum(line.strip().startswith("segment ") for line in lines) == 4
+
+
+def test_server_help_lists_the_channel_publication_and_rate_limit_options() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sync.server", "--help"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    for flag in ("--epsilon-inf", "--epsilon-1", "--central-epsilon", "--grace",
+                 "--rate-limit", "--rate-limit-tracked", "--k", "--db", "--k-threshold",
+                 "--epoch-window"):
+        assert flag in result.stdout, flag
+    assert "--epsilon " not in result.stdout  # the single-layer option is gone
+    assert "OHTTP relay" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("flags", "reason"),
+    [
+        (["--rate-limit", "-1"], "rate_limit"),
+        (["--grace", "-5"], "grace"),
+        (["--central-epsilon", "0"], "central_epsilon"),
+        (["--epsilon-1", "inf"], "epsilon_1"),
+    ],
+)
+def test_server_command_line_refuses_bad_new_options(
+    tmp_path: Path, flags: list[str], reason: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sync.server", "--k", "8", "--db", str(tmp_path / "c.db"),
+         "--port", "0", *flags],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert reason in result.stderr
+    assert not (tmp_path / "c.db").exists()

@@ -1,4 +1,5 @@
-"""Randomized response, its debiasing estimator, and the privacy-budget accountant."""
+"""Randomized response (one and two layers), the estimators, the central noise, and the
+privacy-budget accountant."""
 
 from __future__ import annotations
 
@@ -11,18 +12,26 @@ import pytest
 
 from sync import errors
 from sync.privacy import (
-    DEFAULT_BUDGET_CAP,
-    DEFAULT_BUDGET_PERIOD,
+    DEFAULT_CENTRAL_EPSILON,
     DEFAULT_EPSILON,
+    DEFAULT_EPSILON_1,
+    DEFAULT_EPSILON_INF,
+    DEFAULT_LIFETIME_CAP,
+    LIFETIME_PERIOD,
     BudgetAccountant,
+    Channel,
     debias,
+    draw_memo,
     estimate,
+    estimate_noisy,
+    geometric_noise,
+    geometric_variance,
     keep_probability,
     other_probability,
     randomize,
+    report_from_memo,
     standard_errors,
 )
-from sync.protocol import epoch_start
 
 DAY = 86400.0
 T0 = 1_795_608_000.0
@@ -150,21 +159,133 @@ def test_budget_is_pure_and_counts_future_spends() -> None:
     assert after.available_at(100.0, 2.0) == math.inf
 
 
-def test_default_budget_allows_one_report_per_iso_week_and_refuses_a_sixth_in_28_days() -> None:
-    assert pytest.approx(5 * DEFAULT_EPSILON) == DEFAULT_BUDGET_CAP
-    assert DEFAULT_BUDGET_PERIOD == 28 * DAY
-    rng = random.Random(48)
-    week_start = epoch_start("2026-W01")
+def test_default_lifetime_budget_allows_four_memos_a_year_and_refuses_a_fifth() -> None:
+    assert pytest.approx(4 * DEFAULT_EPSILON_INF) == DEFAULT_LIFETIME_CAP
+    assert LIFETIME_PERIOD == 365 * DAY
     accountant = BudgetAccountant()
-    for week in range(40):  # one report per ISO week, at any moment of the week
-        accountant = accountant.record(
-            week_start + week * 7 * DAY + rng.uniform(0, 7 * DAY - 1), DEFAULT_EPSILON
+    for month in range(4):  # four new memos within one year
+        accountant = accountant.record(T0 + month * 30 * DAY, DEFAULT_EPSILON_INF)
+    with pytest.raises(errors.BudgetExhausted) as caught:
+        accountant.record(T0 + 364 * DAY, DEFAULT_EPSILON_INF)
+    assert caught.value.available_at == pytest.approx(T0 + 365 * DAY)
+    accountant.record(T0 + 365 * DAY, DEFAULT_EPSILON_INF)  # the first memo's spend expired
+
+
+def test_two_layer_channel_is_the_composition_of_its_layers() -> None:
+    for k in (2, 3, 8, 64):
+        first = Channel.randomized_response(DEFAULT_EPSILON_INF, k)
+        second = Channel.randomized_response(DEFAULT_EPSILON_1, k)
+        both = Channel.two_layer(DEFAULT_EPSILON_INF, DEFAULT_EPSILON_1, k)
+        assert both.keep == pytest.approx(
+            first.keep * second.keep + (k - 1) * first.other * second.other
         )
-    burst = BudgetAccountant()
-    for _ in range(5):
-        burst = burst.record(T0, DEFAULT_EPSILON)
-    with pytest.raises(errors.BudgetExhausted):
-        burst.record(T0 + 27 * DAY, DEFAULT_EPSILON)
+        assert both.keep + (k - 1) * both.other == pytest.approx(1.0)
+        assert both.signal == pytest.approx(first.signal * second.signal)
+        # One report says less about the true segment than the memo does.
+        assert 0 < both.epsilon < DEFAULT_EPSILON_INF
+    # The figures the module docstring quotes.
+    growth = {k: 1 / Channel.randomized_response(DEFAULT_EPSILON_1, k).signal
+              for k in (2, 3, 8, 16)}
+    assert growth == pytest.approx({2: 1.25, 3: 1.375, 8: 2.0, 16: 3.0})
+    assert Channel.two_layer(DEFAULT_EPSILON_INF, DEFAULT_EPSILON_1, 8).epsilon == (
+        pytest.approx(0.636, abs=0.001)
+    )
+    assert Channel.two_layer(DEFAULT_EPSILON_INF, DEFAULT_EPSILON_1, 3).epsilon == (
+        pytest.approx(0.802, abs=0.001)
+    )
+    assert Channel.two_layer(1.0, 2.0, 1) == Channel(k=1, keep=1.0, other=0.0)
+
+
+def test_memo_then_report_has_the_two_layer_channels_distribution() -> None:
+    rng = random.Random(2)
+    k, n, true_segment = 4, 40_000, 1
+    channel = Channel.two_layer(DEFAULT_EPSILON_INF, DEFAULT_EPSILON_1, k)
+    seen = Counter(
+        report_from_memo(draw_memo(true_segment, k=k, rng=rng), k=k, rng=rng) for _ in range(n)
+    )
+    for segment in range(k):
+        expected = channel.keep if segment == true_segment else channel.other
+        assert abs(seen[segment] / n - expected) < 5 * math.sqrt(expected * (1 - expected) / n)
+
+
+def test_a_years_linked_reports_of_one_memo_reveal_no_more_than_the_memo() -> None:
+    # The threat the memo answers: a server that links 52 weekly reports per device and
+    # takes a majority vote. With fresh one-layer noise it recovers most true segments;
+    # with a memo it recovers the memo, which is the truth only with p_inf = 0.3 (K=8).
+    rng = random.Random(52)
+    k, devices, weeks = 8, 2000, 52
+    fresh_hits = memo_hits = 0
+    for _ in range(devices):
+        truth = rng.randrange(k)
+        fresh = Counter(randomize(truth, k=k, epsilon=DEFAULT_EPSILON, rng=rng)
+                        for _ in range(weeks))
+        fresh_hits += fresh.most_common(1)[0][0] == truth
+        memo = draw_memo(truth, k=k, rng=rng)
+        linked = Counter(report_from_memo(memo, k=k, rng=rng) for _ in range(weeks))
+        memo_hits += linked.most_common(1)[0][0] == truth
+    p_inf = keep_probability(DEFAULT_EPSILON_INF, k)
+    assert fresh_hits / devices > 0.9
+    assert memo_hits / devices < p_inf + 4 * math.sqrt(p_inf * (1 - p_inf) / devices)
+
+
+def test_geometric_noise_is_centred_with_the_stated_variance() -> None:
+    rng = random.Random(1795608000)
+    n = 60_000
+    eps = math.log(3)  # alpha = 1/3 makes the expected values easy to state exactly
+    draws = [geometric_noise(eps, rng=rng) for _ in range(n)]
+    variance = geometric_variance(eps)
+    assert variance == pytest.approx(1.5)  # alpha = 1/3: 2 alpha / (1 - alpha)^2
+    assert all(isinstance(z, int) for z in draws)
+    assert abs(sum(draws) / n) < 5 * math.sqrt(variance / n)
+    assert float(np.var(draws)) == pytest.approx(variance, rel=0.05)
+    # P(Z = z) is proportional to alpha^|z|: P(0) = (1 - alpha) / (1 + alpha) = 1/2 and
+    # P(z + 1) / P(z) = 1/3 on each side.
+    counts = Counter(draws)
+    assert counts[0] / n == pytest.approx(0.5, abs=0.01)
+    for z in (1, -1):
+        assert counts[2 * z] / counts[z] == pytest.approx(1 / 3, abs=0.03)
+    # The default source is the OS CSPRNG: draws vary.
+    assert len({geometric_noise(DEFAULT_CENTRAL_EPSILON) for _ in range(200)}) > 1
+
+
+def test_estimate_noisy_is_unbiased_and_its_standard_error_matches_the_spread() -> None:
+    rng = np.random.default_rng(11)
+    noise_rng = random.Random(11)
+    k, n, runs = 3, 3000, 400
+    channel = Channel.two_layer(DEFAULT_EPSILON_INF, DEFAULT_EPSILON_1, k)
+    truth = np.array([0.6, 0.3, 0.1])
+    reported = channel.other + channel.signal * truth
+    estimates, errors_ = [], []
+    for _ in range(runs):
+        counts = [int(c) + geometric_noise(DEFAULT_CENTRAL_EPSILON, rng=noise_rng)
+                  for c in rng.multinomial(n, reported)]
+        result = estimate_noisy(counts, channel=channel, central_epsilon=DEFAULT_CENTRAL_EPSILON,
+                                k_threshold=1)
+        cells = {cell.segment: cell for cell in result.cells}
+        if len(cells) < k:
+            continue
+        estimates.append([cells[s].estimate for s in range(k)])
+        errors_.append([cells[s].standard_error for s in range(k)])
+        assert result.total == sum(counts)
+        assert result.central_epsilon == DEFAULT_CENTRAL_EPSILON
+    assert len(estimates) == runs
+    empirical = np.std(np.array(estimates), axis=0, ddof=1)
+    assert np.allclose(np.mean(estimates, axis=0), truth * n, atol=4 * empirical / math.sqrt(runs))
+    assert np.allclose(np.mean(np.array(errors_), axis=0), empirical, rtol=0.15)
+
+
+def test_estimate_noisy_suppresses_on_the_noisy_count_and_the_estimate() -> None:
+    channel = Channel.two_layer(DEFAULT_EPSILON_INF, DEFAULT_EPSILON_1, 2)
+    # Noisy counts may be negative; the total is their sum, nothing exact.
+    result = estimate_noisy([400, -2], channel=channel, central_epsilon=1.0, k_threshold=50)
+    assert result.total == 398 and result.suppressed == (1,)
+    assert [cell.segment for cell in result.cells] == [0]
+    tiny = estimate_noisy([30, 5], channel=channel, central_epsilon=1.0, k_threshold=50)
+    assert tiny.cells == () and tiny.total is None
+    with pytest.raises(errors.ConfigurationError):
+        estimate_noisy([1, 2, 3], channel=channel, central_epsilon=1.0)
+    with pytest.raises(errors.ConfigurationError):
+        estimate_noisy([1, 2], channel=channel, central_epsilon=0.0)
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,12 @@
-"""The real server stub on 127.0.0.1: strict input, counts only, k-suppressed statistics."""
+"""The real server stub on 127.0.0.1: strict input, counts only, noisy k-suppressed
+statistics (publication timing, freezing and the attacks: test_sync_stats*.py)."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
+import math
+import random
 import socket
 import threading
 from collections import Counter
@@ -20,47 +22,21 @@ from sync.client import SyncClient
 from sync.protocol import (
     MAX_BODY_SIZE,
     REPORT_CONTENT_TYPE,
-    Report,
-    encode_report,
     shift_epoch,
 )
 from sync.server import ServerConfig, SyncServer
 
-from .conftest import EPOCH, NOW, stored_counts, stored_total
-
-Answer = tuple[int, dict[str, str], bytes]
-
-
-def request(
-    server: SyncServer,
-    method: str,
-    path: str,
-    body: bytes = b"",
-    headers: dict[str, str] | None = None,
-) -> Answer:
-    """One raw request through http.client (not the project's client)."""
-    host, port = server.address
-    connection = http.client.HTTPConnection(host, port, timeout=5)
-    try:
-        sent = {"Content-Type": REPORT_CONTENT_TYPE} if headers is None else headers
-        connection.request(method, path, body=body, headers=sent)
-        answer = connection.getresponse()
-        return answer.status, {k.lower(): v for k, v in answer.getheaders()}, answer.read()
-    finally:
-        connection.close()
-
-
-def report_body(segment: int, epoch: str = EPOCH) -> bytes:
-    return encode_report(Report(epoch=epoch, segment=segment))
-
-
-def assert_json_error(answer: Answer, status: int) -> str:
-    code, headers, body = answer
-    assert code == status
-    assert headers["content-type"] == "application/json"
-    document = json.loads(body)
-    assert document["message"]
-    return str(document["error"])
+from .conftest import (
+    EPOCH,
+    EPOCH_CLOSES,
+    NOW,
+    Clock,
+    assert_json_error,
+    report_body,
+    request,
+    stored_counts,
+    stored_total,
+)
 
 
 def test_valid_report_is_counted_once_committed(start_server: Callable[..., SyncServer]) -> None:
@@ -230,7 +206,8 @@ def test_far_epoch_or_segment_outside_k_is_refused(
 def test_twenty_concurrent_clients_times_200_reports_count_exactly(
     start_server: Callable[..., SyncServer],
 ) -> None:
-    server = start_server(capture_raw=False)
+    # All clients share 127.0.0.1: the per-address limit is off for this load test.
+    server = start_server(capture_raw=False, rate_limit=0)
     clients, per_client = 20, 200
     failures: list[BaseException] = []
 
@@ -255,21 +232,27 @@ def test_twenty_concurrent_clients_times_200_reports_count_exactly(
 def test_stats_publish_debiased_cells_and_suppress_those_under_k(
     start_server: Callable[..., SyncServer],
 ) -> None:
-    server = start_server(k=3, k_threshold=20, capture_raw=False)
+    clock = Clock()
+    server = start_server(k=3, k_threshold=20, capture_raw=False, rate_limit=0, clock=clock,
+                          rng=random.Random(155))
     client = SyncClient(base_url=server.url, k=3)
     for segment, n in ((0, 120), (1, 30), (2, 5)):
         for _ in range(n):
             client.send_report(segment, EPOCH)
+    clock.now = EPOCH_CLOSES
     status, _, body = request(server, "GET", f"/v1/stats?epoch={EPOCH}", headers={})
     stats = json.loads(body)
-    assert status == 200 and stats["total"] == 155 and stats["k_threshold"] == 20
+    assert status == 200 and stats["version"] == 2 and stats["k_threshold"] == 20
+    # No exact total is published: only the sum of the noisy counts, labelled as such.
+    assert "total" not in stats
+    assert abs(stats["noisy_total"] - 155) <= 6 * math.sqrt(3 * 1.5)  # 6 SD of 3 noises
     published = {cell["segment"]: cell for cell in stats["segments"]}
     assert set(published) == {0} and stats["suppressed"] == [1, 2]
     assert published[0]["estimate"] > 120 and published[0]["standard_error"] > 0
     _, _, listing = request(server, "GET", "/v1/stats", headers={})
-    assert json.loads(listing)["epochs"] == [EPOCH]
-    other = json.loads(request(server, "GET", "/v1/stats?epoch=2026-W40", headers={})[2])
-    assert other["segments"] == [] and other["total"] is None
+    assert json.loads(listing) == {"version": 2, "epochs": ["2026-W47", EPOCH]}
+    before_store = request(server, "GET", "/v1/stats?epoch=2026-W40", headers={})
+    assert assert_json_error(before_store, 404) == "no_data"
     assert request(server, "GET", "/v1/stats?epoch=soon", headers={})[0] == 400
     assert request(server, "GET", "/v1/stats?epoch=2026-W48&x=1", headers={})[0] == 400
 
@@ -278,7 +261,7 @@ def test_content_is_the_same_bytes_for_everyone_and_the_bundle_is_served_as_is(
     start_server: Callable[..., SyncServer], tmp_path: Path
 ) -> None:
     content = tmp_path / "content.json"
-    content.write_text(json.dumps({"version": 1, "segments": [["a", "b"], [], ["c"]]}, indent=2))
+    content.write_text(json.dumps({"version": 2, "segments": [["a", "b"], [], ["c"]]}, indent=2))
     bundle = tmp_path / "catalog.bundle"
     bundle.write_bytes(bytes(range(256)) * 10)
     server = start_server(k=3, content_path=content, bundle_path=bundle)
@@ -287,6 +270,8 @@ def test_content_is_the_same_bytes_for_everyone_and_the_bundle_is_served_as_is(
     assert first[0] == 200 and first[2] == second[2]
     table = SyncClient(base_url=server.url, k=3).fetch_content()
     assert table.rows == (("a", "b"), (), ("c",)) and table.k == 3
+    config = server.handler.config
+    assert (table.epsilon_inf, table.epsilon_1) == (config.epsilon_inf, config.epsilon_1)
     assert request(server, "GET", "/v1/bundle", headers={})[2] == bundle.read_bytes()
 
 
@@ -300,14 +285,39 @@ def test_content_file_with_the_wrong_number_of_segments_is_refused_at_start(
     tmp_path: Path,
 ) -> None:
     content = tmp_path / "content.json"
-    content.write_text(json.dumps({"version": 1, "segments": [["a"], ["b"]]}))
+    content.write_text(json.dumps({"version": 2, "segments": [["a"], ["b"]]}))
     with pytest.raises(errors.ConfigurationError):
         SyncServer(config=ServerConfig(k=3, db_path=tmp_path / "c.db", port=0,
                                        content_path=content))
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"k_threshold": 0}, {"k": 0}, {"k": 65}, {"epsilon": 0.0}, {"max_body": 4096}]
+    ("document", "reason"),
+    [
+        ({"version": 2, "segments": [["a"]], "epsilon_inf": 2.0}, "epsilon_inf differs"),
+        ({"version": 2, "segments": [["a"]], "epsilon_1": 1.0}, "epsilon_1 differs"),
+        ({"version": 1, "segments": [["a"]]}, "version 1 is not supported"),
+    ],
+)
+def test_content_file_with_another_channel_or_the_old_version_is_refused_at_start(
+    tmp_path: Path, document: dict[str, object], reason: str
+) -> None:
+    content = tmp_path / "content.json"
+    content.write_text(json.dumps(document))
+    with pytest.raises(errors.ConfigurationError, match=reason):
+        SyncServer(config=ServerConfig(k=1, db_path=tmp_path / "c.db", port=0,
+                                       content_path=content))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"k_threshold": 0}, {"k": 0}, {"k": 65}, {"max_body": 4096},
+        {"epsilon_inf": 0.0}, {"epsilon_1": math.inf}, {"central_epsilon": -1.0},
+        {"central_epsilon": math.nan}, {"grace": -1.0}, {"grace": math.inf},
+        {"rate_limit": -1}, {"rate_limit": True}, {"rate_limit": 2.5},
+        {"rate_limit_tracked": 0},
+    ],
 )
 def test_bad_configuration_is_refused(tmp_path: Path, kwargs: dict[str, object]) -> None:
     settings_: dict[str, object] = {"k": 8, "db_path": tmp_path / "c.db"}
