@@ -15,16 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sync_tests.test_ohttp_e2e import RecordingProxy, split_http
 
 from ondevice import SyncError, SyncSettings
-from sync import ohttp, server as server_module
+from sync import ohttp
+from sync import server as server_module
 from sync.ohttp import GatewayKey, OhttpTransport, fetch_key_config, save_gateway_keys
 from sync.protocol import REPORT_PATH, decode_report, epoch_of
 from sync.relay import OhttpRelay, RelayConfig
 from sync.server import ServerConfig, SyncServer
 
 from planted import HISTORY
-from sync_tests.test_ohttp_e2e import RecordingProxy, split_http
 
 K = 3
 DEVICE_ADDRESS = "127.0.0.3"
