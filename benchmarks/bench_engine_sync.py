@@ -1,10 +1,13 @@
 """``PersonalizationEngine.sync()`` latency with the server stub on loopback, next to
 the bare ``SyncClient.send_report`` of the same message in the same run.
 
-``sync()`` does more than send: it assigns the segment locally, randomizes it, checks
-the budget, writes the report to the encrypted egress log and the budget ledger before
-sending (one transaction), sends, and records the answer (a second transaction). Each
-call is a new epoch: the engine's and the server's shared clock moves a week per call.
+``sync()`` does more than send: it moves the reporting clock, checks the week's ledger,
+assigns the segment locally, looks up its memo (drawing it on the first call), randomizes
+the memo again, writes the report to the encrypted egress log and the budget ledger
+before sending (one transaction), sends, and records the answer (a second transaction).
+Each call is a new epoch: the engine's and the server's shared clock moves a week per
+call. The schedule is off (``schedule=False``): this measures the send, not the wait for
+the week's random moment.
 
 Run: ``.venv/bin/python benchmarks/bench_engine_sync.py [--calls 200]``
 """
@@ -41,7 +44,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-sync-") as tmp:
         server = SyncServer(
-            config=ServerConfig(k=8, db_path=Path(tmp) / "counts.db", port=0), clock=clock
+            config=ServerConfig(k=8, db_path=Path(tmp) / "counts.db", port=0, rate_limit=0),
+            clock=clock,
         ).start()
         try:
             engine = PersonalizationEngine(
@@ -52,7 +56,7 @@ def main() -> None:
                 clock=clock,
                 bundle=SAMPLE_BUNDLE,
                 bundle_public_key=SAMPLE_PUBLIC_KEY,
-                sync=SyncSettings(server_url=server.url),
+                sync=SyncSettings(server_url=server.url, schedule=False, min_gap=0.0),
             )
             engine.set_signals("me", {"plan": "pro"})
             client = SyncClient(base_url=server.url, k=8)

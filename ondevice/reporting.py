@@ -197,20 +197,19 @@ class Reporter:
         settings = self._settings
         epoch = protocol.epoch_of(now)
         lease = now + settings.timeout + _LEASE_MARGIN
-        entry = next((e for e in Store.egress(conn, user_id) if e["epoch"] == epoch), None)
+        entry = Store.egress_entry(conn, user_id, epoch)
         if entry is not None:
             return self._retry(conn, user_id, entry, now, lease)
         tag = Store.ledger_tag(conn, user_id)
-        ledger = Store.ledger(conn, tag)
-        later = [e for e, _, _ in ledger if protocol.epoch_distance(e, epoch) >= 0]
-        if later:
-            same = epoch in later
+        # Epochs "YYYY-Www" sort as they follow each other: the latest reported week.
+        latest = Store.latest_reported_epoch(conn, tag)
+        if latest is not None and latest >= epoch:
             return SyncOutcome(
                 user_id,
                 "already_sent",
                 epoch,
                 reason="one report per epoch"
-                if same
+                if latest == epoch
                 else "a later week was already reported (the clock went back)",
             )
         deferred = self._due(conn, user_id, epoch, now)
@@ -223,7 +222,7 @@ class Reporter:
             return SyncOutcome(
                 user_id, "skipped", epoch, reason="no segment yet (no declared signals or taste)"
             )
-        picked = self._memo_for(conn, user_id, tag, ledger, k, chosen, now)
+        picked = self._memo_for(conn, user_id, tag, k, chosen, now)
         if isinstance(picked, str):
             return SyncOutcome(user_id, "skipped", epoch, reason=picked)
         memo, spent, reason = picked
@@ -361,7 +360,6 @@ class Reporter:
         conn: _db.Connection,
         user_id: str,
         tag: bytes,
-        ledger: list[tuple[str, float, float]],
         k: int,
         segment: int,
         now: float,
@@ -378,7 +376,7 @@ class Reporter:
             Store.touch_memo(conn, user_id, k, eps_inf, segment, now)
             return memo, 0.0, None
         accountant = BudgetAccountant(
-            spends=tuple((t, eps) for _, eps, t in ledger),
+            spends=tuple((t, eps) for _, eps, t in Store.ledger(conn, tag) if eps > 0),
             cap=settings.lifetime_cap,
             period=LIFETIME_PERIOD_DAYS * 86400.0,
         )

@@ -924,6 +924,30 @@ class Store:
         return out
 
     @staticmethod
+    def egress_entry(conn: _db.Connection, user_id: str, epoch: str) -> dict[str, Any] | None:
+        """The user's egress-log entry for ``epoch``, or None."""
+        row = conn.execute(
+            "SELECT body, epsilon, epsilon_1, status, answer, attempts, next_attempt "
+            "FROM egress WHERE user_id = ? AND epoch = ?",
+            (user_id, epoch),
+        ).fetchone()
+        if row is None:
+            return None
+        names = ("body", "epsilon", "epsilon_1", "status", "answer", "attempts", "next_attempt")
+        entry = dict(zip(names, row, strict=True))
+        entry["body"] = bytes(entry["body"]).decode("ascii")
+        entry["epoch"] = epoch
+        return entry
+
+    @staticmethod
+    def latest_reported_epoch(conn: _db.Connection, tag: bytes) -> str | None:
+        """The latest epoch the ledger holds for ``tag`` (epochs sort chronologically)."""
+        (latest,) = conn.execute(
+            "SELECT max(epoch) FROM budget_ledger WHERE tag = ?", (tag,)
+        ).fetchone()
+        return None if latest is None else str(latest)
+
+    @staticmethod
     def log_egress(
         conn: _db.Connection,
         user_id: str,
