@@ -325,7 +325,8 @@ def main() -> None:
     print(
         f"{args.devices:,} devices, {args.epochs} epochs per K, two-layer channel "
         f"(epsilon_inf ln 3, epsilon_1 ln 9), k threshold {privacy.DEFAULT_K_THRESHOLD}, "
-        f"central epsilon ln 3, seed {args.seed}"
+        f"central epsilon {privacy.DEFAULT_CENTRAL_EPSILON:g} (the server's default), "
+        f"seed {args.seed}"
     )
     print("old = exact counts published at any time (version 1); new = published once the "
           "epoch is closed,")
