@@ -95,7 +95,9 @@ def load_state(
     state.unknown_items = unknown
     state.excluded = np.fromiter(sorted(excluded), dtype=np.int64, count=len(excluded))
     if level is PrivacyLevel.INDIVIDUAL:
-        state.user_vector = cached_vector(derived.get(USER_VECTOR), window_digest(rt, window))
+        state.user_vector = cached_vector(
+            derived.get(USER_VECTOR), window_digest(rt, window), _factors(rt)
+        )
     return state, window
 
 
@@ -115,14 +117,20 @@ def encode_vector(vector: npt.NDArray[np.float32], digest: bytes) -> bytes:
     return _VEC_MAGIC + digest + np.asarray(vector, dtype="<f4").tobytes()
 
 
-def cached_vector(blob: bytes | None, digest: bytes) -> npt.NDArray[np.float32] | None:
-    """The cached vector if it was computed from exactly these inputs, else None."""
+def cached_vector(
+    blob: bytes | None, digest: bytes, dim: int
+) -> npt.NDArray[np.float32] | None:
+    """The cached vector if it was computed from exactly these inputs and fits the
+    catalog (``dim`` factors, every value finite), else None: the caller folds it in
+    again, so a stored vector (an import, a damaged row) can never break a
+    recommendation."""
     head = len(_VEC_MAGIC) + 32
     if blob is None or len(blob) <= head or not blob.startswith(_VEC_MAGIC):
         return None
-    if blob[len(_VEC_MAGIC) : head] != digest or (len(blob) - head) % 4:
+    if blob[len(_VEC_MAGIC) : head] != digest or len(blob) - head != 4 * dim:
         return None
-    return np.frombuffer(blob[head:], dtype="<f4").astype(np.float32)
+    vector = np.frombuffer(blob[head:], dtype="<f4").astype(np.float32)
+    return vector if bool(np.isfinite(vector).all()) else None
 
 
 # -- the segment level's factor-space sums (no item ids) ----------------------------------

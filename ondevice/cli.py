@@ -41,6 +41,7 @@ from typing import Any, Final, TextIO
 from . import __version__
 from .engine import DB_FILE, PersonalizationEngine, ProfileReport
 from .errors import OndeviceError, ProfileNotFoundError
+from .export import MAX_EXPORT_BYTES
 from .keys import KEY_FILE, Keychain, KeyProvider, Passphrase, RawKey
 
 __all__ = [
@@ -441,7 +442,10 @@ def _run_import(args: argparse.Namespace) -> int:
     )
     source: bytes | str
     if args.file == "-":
-        source = sys.stdin.buffer.read()
+        # Bounded: a stream larger than the limit is refused without being read whole.
+        source = sys.stdin.buffer.read(MAX_EXPORT_BYTES + 1)
+        if len(source) > MAX_EXPORT_BYTES:
+            raise CliError(f"export too large (over {MAX_EXPORT_BYTES} bytes): nothing imported")
     else:
         source = str(args.file)
         if not Path(source).expanduser().is_file():

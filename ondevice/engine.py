@@ -17,13 +17,13 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
-from . import _db
+from . import _db, rotation
 from .errors import (
     BundleError,
     ExportError,
@@ -32,7 +32,6 @@ from .errors import (
     OndeviceError,
     PolicyViolationError,
     ProfileClosedError,
-    ProfileError,
     ProfileNotFoundError,
     ProfileUnreadableError,
     StorageError,
@@ -45,17 +44,19 @@ from .export import (
     decode_export,
     encode_export,
     iso_to_day,
+    read_export_file,
 )
 from .keys import (
     KEY_FILE,
     LOCK_FILE,
     UNREADABLE,
+    Argon2Params,
     Keychain,
     KeyProvider,
     Passphrase,
     fsync_dir,
+    key_files,
     key_lock,
-    read_key_file,
     write_atomic,
 )
 from .policy import (
@@ -66,7 +67,7 @@ from .policy import (
     SignalValue,
     check_id,
 )
-from .reporting import Reporter, budget_summary, segment_count
+from .reporting import SEND_LOCK_FILE, Reporter, budget_summary, segment_count
 from .results import Recommendations
 from .store import SCHEMA_VERSION, Store
 from .sync_settings import SyncOutcome, SyncSettings
@@ -199,7 +200,9 @@ class PersonalizationEngine:
         Seconds to wait for another process's write lock.
     ``bundle``, ``bundle_public_key``
         A signed catalog bundle to load, and the operator's pinned Ed25519 public key
-        (32 raw bytes) that every bundle must be signed with.
+        (32 raw bytes) that every bundle must be signed with. The bundle is refused
+        (BundleError) exactly when :meth:`load_bundle` would refuse it, an older one
+        than this profile already accepted included.
     ``exclude_seen``
         Never recommend items already in the user's window (blocked and dismissed
         items are always excluded).
@@ -230,8 +233,8 @@ class PersonalizationEngine:
         self._bundle_key = bundle_public_key
         self._runtime: CatalogRuntime | None = None
         self._exclude_seen = bool(exclude_seen)
-        if bundle is not None:
-            self.load_bundle(bundle)
+        # Verified before the profile is opened; recorded (downgrade check) once it is.
+        verified = self._read_bundle(bundle) if bundle is not None else None
         self._clock = clock
         self._provider: KeyProvider = key if key is not None else Keychain()
         if not isinstance(self._provider, KeyProvider):
@@ -246,6 +249,9 @@ class PersonalizationEngine:
         self._key = b""  # the data key this engine opened the database with
         self._store = self._open(create)
         try:
+            if verified is not None:
+                self._store.migrate()  # a newer profile is refused before anything is written
+                self._use_bundle(*verified, allow_downgrade=False)
             self._level, self._policy = self._settle(wanted, policy)
         except BaseException:
             self._store.close()
@@ -259,7 +265,7 @@ class PersonalizationEngine:
 
     def _open(self, create: bool) -> Store:
         if self._db_path.exists():
-            return Store(self._connect_existing())
+            return Store(self._connect_existing(), self._db_path)
         if not create:
             raise ProfileNotFoundError(f"no ondevice profile in {self._dir}")
         self._provider.check_available()
@@ -269,18 +275,16 @@ class PersonalizationEngine:
             raise StorageError(f"cannot create {self._dir}: {exc.strerror}") from exc
         with key_lock(self._dir, self._busy_timeout):
             if self._db_path.exists():  # another process created it meanwhile
-                return Store(self._connect_existing(locked=True))
+                return Store(self._connect_existing(locked=True), self._db_path)
             return self._create()
 
     def _create(self) -> Store:
         """Create the profile; the caller holds the key lock."""
-        if (self._dir / KEY_FILE).exists():
+        if key_files(self._dir):
             # Key material without a database: a creation interrupted before the
             # database was written. Nothing can be encrypted under it; start afresh.
             log.warning("removing key material left by an interrupted profile creation")
-            with contextlib.suppress(OndeviceError):
-                self._provider.release(self._dir)
-            self._provider.destroy(self._dir)
+            rotation.destroy(self._dir, self._provider, strict=False)
         key = self._provider.create(self._dir)
         # Build the database under a temporary name and rename it into place, so an
         # existing profile.db always holds a complete schema: a crash mid-creation
@@ -298,7 +302,9 @@ class PersonalizationEngine:
         os.replace(staging, self._db_path)
         fsync_dir(self._dir)
         self._key = key
-        return Store(_db.connect(self._db_path, key, busy_timeout=self._busy_timeout))
+        return Store(
+            _db.connect(self._db_path, key, busy_timeout=self._busy_timeout), self._db_path
+        )
 
     def _connect_existing(self, *, locked: bool = False) -> _db.Connection:
         try:
@@ -309,57 +315,30 @@ class PersonalizationEngine:
             # SQLite would take an empty file for a new database; a partial page is a
             # truncation. Either way the file is not the profile that was written.
             raise ProfileUnreadableError(UNREADABLE)
-        pending = self._dir / (KEY_FILE + ".pending")
-        if locked:
-            return self._connect_with_keys(locked=True)
-        if not pending.exists():
+
+        def connect(key: bytes) -> _db.Connection:
+            return _db.connect(self._db_path, key, busy_timeout=self._busy_timeout)
+
+        if not locked and not rotation.unsettled(self._dir):
             before = _file_bytes(self._dir / KEY_FILE)
             try:
-                return self._connect_with_keys(locked=False)
-            except ProfileUnreadableError:
-                if not pending.exists() and _file_bytes(self._dir / KEY_FILE) == before:
+                conn, self._key = rotation.open_database(
+                    self._dir, self._provider, connect, settle=False
+                )
+                return conn
+            except (ProfileUnreadableError, KeyProviderError):
+                changed = _file_bytes(self._dir / KEY_FILE) != before
+                if not (changed or rotation.unsettled(self._dir)):
                     raise
                 # A rotation ran meanwhile (pending now, or key.json switched): settle
                 # it under the lock.
         # A rotation is pending (interrupted, or running in another process right
         # now): decide what to keep only while holding the key lock.
-        with key_lock(self._dir, self._busy_timeout):
-            return self._connect_with_keys(locked=True)
-
-    def _connect_with_keys(self, *, locked: bool) -> _db.Connection:
-        keys = self._provider.load_candidates(self._dir)
-        if not locked:
-            keys = [(key, p) for key, p in keys if not p]
-            if not keys:
-                raise ProfileUnreadableError(UNREADABLE)
-        last: ProfileError | None = None
-        has_pending = locked and (self._dir / (KEY_FILE + ".pending")).exists()
-        for key, is_pending in keys:
-            try:
-                conn = _db.connect(self._db_path, key, busy_timeout=self._busy_timeout)
-            except ProfileUnreadableError as exc:
-                last = exc
-                continue
-            if has_pending and not is_pending:
-                # The rotation never reached the database: forget the pending key.
-                pending = read_key_file(self._dir, KEY_FILE + ".pending")
-                owner = _provider_for(pending or {}, self._provider)
-                owner.discard_pending(self._dir)
-            elif is_pending:
-                # The database was re-keyed: finish switching the key file, then
-                # destroy the replaced key so it cannot outlive a later wipe.
-                log.info("finishing an interrupted key rotation")
-                previous = read_key_file(self._dir)
-                self._provider.commit_pending(self._dir)
-                if previous is not None:
-                    try:
-                        _provider_for(previous, self._provider).release_descriptor(previous)
-                    except KeyProviderError as exc:
-                        log.warning("could not delete the replaced key: %s", exc)
-            self._key = key
+        with contextlib.nullcontext() if locked else key_lock(self._dir, self._busy_timeout):
+            conn, self._key = rotation.open_database(
+                self._dir, self._provider, connect, settle=True
+            )
             return conn
-        assert last is not None
-        raise last
 
     def _settle(
         self, wanted: PrivacyLevel | None, policy: Policy | None
@@ -501,9 +480,7 @@ class PersonalizationEngine:
         cutoff = now - policy.retention_seconds
         stored = 0
         store = self._store
-        with store.write(cached=True) as conn:
-            if store.changed_elsewhere:
-                self._follow_lowered_level(conn)
+        with self._write(cached=True) as conn:
             # Read under the store lock: set_privacy_level changes it under the same lock.
             level: PrivacyLevel = self._level
             if level is PrivacyLevel.NONE:
@@ -564,13 +541,28 @@ class PersonalizationEngine:
         check_id(user_id, "user_id")
         clean = self._policy.validate_signals(signals)
         now = self.now()
-        with self._store.write() as conn:
-            self._follow_lowered_level(conn)
+        with self._write() as conn:
             if self._level is PrivacyLevel.NONE:  # under the lock, as set_privacy_level
                 return False
             Store.ensure_user(conn, user_id, now)
             Store.set_signals(conn, user_id, clean, now)
         return True
+
+    @contextlib.contextmanager
+    def _write(self, *, cached: bool = False) -> Iterator[_db.Connection]:
+        """Every write of the engine goes through here: a write transaction that first
+        follows a privacy level lowered by another engine (so no path stores what the
+        lower level forbids), then hands the connection over. Code inside reads
+        ``self._level`` for the level in force."""
+        with self._store.write(cached=cached) as conn:
+            if not cached or self._store.changed_elsewhere:
+                self._follow_lowered_level(conn)
+            yield conn
+
+    def _level_in(self, conn: _db.Connection) -> PrivacyLevel:
+        """The level in force inside a write transaction (a lowered one followed)."""
+        self._follow_lowered_level(conn)
+        return self._level
 
     def _follow_lowered_level(self, conn: _db.Connection) -> None:
         """Inside a write: if another engine on this profile lowered the stored level
@@ -648,12 +640,30 @@ class PersonalizationEngine:
 
     # -- recommendations ----------------------------------------------------------------
 
-    def load_bundle(self, path: str | os.PathLike[str]) -> BundleInfo:
+    def load_bundle(
+        self, path: str | os.PathLike[str], *, allow_downgrade: bool = False
+    ) -> BundleInfo:
         """Verify a catalog bundle against the pinned public key and start using it.
 
-        A tampered, unsigned, wrongly signed or truncated bundle raises BundleError and
-        the previous bundle (if any) stays in use. Returns the bundle's description.
+        A tampered, unsigned, wrongly signed, truncated or non-finite bundle raises
+        BundleError and the previous bundle (if any) stays in use. So does a
+        *downgrade*: the profile keeps the version (the signed ``created_at``) of the
+        newest bundle it accepted, and a bundle created earlier, or a different one with
+        the same ``created_at``, is refused (see :func:`ondevice.bundle.check_version`).
+        ``allow_downgrade=True`` is the operator's escape hatch for rolling back a broken
+        bundle on purpose: any validly signed bundle is accepted and becomes the newest
+        (re-issuing the old catalog with a fresh ``created_at`` needs no escape hatch).
+
+        The bundle is read into private memory and verified there: replacing,
+        truncating or overwriting the file afterwards changes nothing. Returns the
+        bundle's description.
         """
+        runtime, info = self._read_bundle(path)
+        self._use_bundle(runtime, info, allow_downgrade=allow_downgrade)
+        return info
+
+    def _read_bundle(self, path: str | os.PathLike[str]) -> tuple[CatalogRuntime, BundleInfo]:
+        """Read and verify a bundle (no profile access)."""
         from .bundle import load_bundle_with_info
         from .levels import CatalogRuntime
 
@@ -667,9 +677,34 @@ class PersonalizationEngine:
         except BundleError as exc:
             log.warning("catalog bundle refused, keeping the previous one: %s", exc)
             raise
-        self._runtime = CatalogRuntime(catalog, info.sha256)
+        return CatalogRuntime(catalog, info.sha256), info
+
+    def _use_bundle(
+        self, runtime: CatalogRuntime, info: BundleInfo, *, allow_downgrade: bool
+    ) -> None:
+        """Refuse a downgrade, record the bundle as the newest and start using it, in
+        one step under the store's lock (and one write transaction across processes)."""
+        from .bundle import VERSION_META_KEY, check_version, version_record
+
+        where = f"catalog bundle {info.name!r}"
+        record = version_record(info)
+        with self._store.lock:
+            try:
+                with self._store.write() as conn:
+                    newest = Store.get_meta(conn, VERSION_META_KEY)
+                    try:
+                        check_version(info, newest, where=where)
+                    except BundleError as exc:
+                        if not allow_downgrade:
+                            raise
+                        log.warning("accepted with allow_downgrade=True: %s", exc)
+                    if newest != record:
+                        Store.set_meta(conn, VERSION_META_KEY, record)
+            except BundleError as exc:
+                log.warning("catalog bundle refused, keeping the previous one: %s", exc)
+                raise
+            self._runtime = runtime
         log.info("catalog bundle %r loaded: %d items", info.name, info.n_items)
-        return info
 
     @property
     def catalog(self) -> Catalog | None:
@@ -736,12 +771,17 @@ class PersonalizationEngine:
             state.user_vector = individual.fold_in(rt, state)
             digest = _personalize.window_digest(rt, window)
             blob = _personalize.encode_vector(state.user_vector, digest)
-            with self._store.write() as conn:
-                # Cache it only if the window it was computed from is still the window:
+            with self._write() as conn:
+                # Cache it only if the level still keeps it (another engine may have
+                # lowered it) and the window it was computed from is still the window:
                 # a wipe_profile (or a write) in between must not be undone by a stale
                 # vector of a user who asked to be forgotten.
                 now_window = Store.interactions(conn, user_id, with_context=False)
-                if now_window and _personalize.window_digest(rt, now_window) == digest:
+                if (
+                    self._level is PrivacyLevel.INDIVIDUAL
+                    and now_window
+                    and _personalize.window_digest(rt, now_window) == digest
+                ):
                     Store.set_derived(conn, user_id, _personalize.USER_VECTOR, blob, now)
         extra = [
             rt.index[i] for i in (check_id(x, "exclude item") for x in exclude) if i in rt.index
@@ -774,6 +814,7 @@ class PersonalizationEngine:
         return self._reporter().sync(
             user_id,
             level=self._level,
+            level_in=self._level_in,
             runtime=self._runtime,
             retention_days=self._policy.retention_days,
         )
@@ -782,16 +823,24 @@ class PersonalizationEngine:
         """Run :meth:`sync` for every local user: schedules this week's reports and
         sends those that are due, never two of them back to back (a report due less
         than ``SyncSettings.min_gap`` after another is pushed back). Call it from a
-        timer (every few minutes) while the app runs. Returns one outcome per user."""
+        timer (every few minutes) while the app runs. Returns one outcome per user; a
+        user whose report raised SyncError gets status ``error`` with the reason, and
+        the others are still served."""
         with self._store.read() as conn:
             users = Store.user_ids(conn)
-        return [self.sync(user_id) for user_id in users]
+        outcomes = []
+        for user_id in users:
+            try:
+                outcomes.append(self.sync(user_id))
+            except SyncError as exc:  # one user's trouble never blocks the others
+                outcomes.append(SyncOutcome(user_id, "error", reason=str(exc)))
+        return outcomes
 
     def _reporter(self) -> Reporter:
         settings = self._sync_settings
         if settings is None:
             raise SyncError("sync is not configured: pass sync=SyncSettings(server_url=...)")
-        return Reporter(self._store, settings, self._clock)
+        return Reporter(self._store, settings, self._clock, directory=self._dir)
 
     def fetch_featured(self) -> int:
         """Fetch the server's featured items for *all* segments (the same bytes for every
@@ -847,7 +896,8 @@ class PersonalizationEngine:
         check_id(item_id, "item_id")
         self._require(PrivacyLevel.BEHAVIORAL, "blocking items")
         now = self.now()
-        with self._store.write() as conn:
+        with self._write() as conn:
+            self._require(PrivacyLevel.BEHAVIORAL, "blocking items")  # a level lowered since
             Store.ensure_user(conn, user_id, now)
             Store.restore_blocks(conn, user_id, [(item_id, now)])
 
@@ -855,7 +905,7 @@ class PersonalizationEngine:
         """Lift a block; returns False if the item was not blocked."""
         check_id(user_id, "user_id")
         check_id(item_id, "item_id")
-        with self._store.write() as conn:
+        with self._write() as conn:
             removed = Store.delete_block(conn, user_id, item_id)
         return removed
 
@@ -1008,10 +1058,13 @@ class PersonalizationEngine:
         now = self.now()
         policy = self._policy
         plans = [_plan_user(u, policy, now) for u in doc["users"]]
-        level = self._level
-        if level is PrivacyLevel.NONE:
+        if self._level is PrivacyLevel.NONE:
             return []
-        with self._store.write() as conn:
+        with self._write() as conn:
+            # A level lowered elsewhere is followed by _write.
+            level: PrivacyLevel = self._level
+            if level is PrivacyLevel.NONE:
+                return []
             for plan in plans:
                 Store.delete_user(conn, plan.user_id)
                 Store.ensure_user(conn, plan.user_id, plan.created_at)
@@ -1057,10 +1110,9 @@ class PersonalizationEngine:
             return decode_export(_dumps(source), passphrase=None)
         if isinstance(source, bytes):
             return decode_export(source, passphrase=passphrase)
-        try:
-            raw = Path(source).expanduser().read_bytes()
-        except OSError as exc:
-            raise ExportError(f"cannot read the export {source}: {exc.strerror}") from exc
+        if not isinstance(source, str | os.PathLike):
+            raise InvalidInputError("import a dict, the file's bytes, or a path to the file")
+        raw = read_export_file(Path(source).expanduser())
         return decode_export(raw, passphrase=passphrase)
 
     # -- forgetting ---------------------------------------------------------------------
@@ -1078,17 +1130,20 @@ class PersonalizationEngine:
     def wipe(self) -> None:
         """Forget everything: crypto-shred the profile.
 
-        Destroys the key material this SDK keeps (the key file is overwritten and
-        deleted, the keychain entry deleted), then deletes the database, WAL and SHM
-        files. A copy of the database taken before cannot be opened with anything left
-        behind. A :class:`~ondevice.keys.RawKey` lives in the host app: forget it there.
-        What no software can promise: a *backup* of the key file plus the passphrase
-        reopens a *backup* of the database. The engine is closed afterwards.
+        Destroys the key material this SDK keeps (every key file is overwritten in
+        place and deleted, every keychain entry they name deleted), then deletes the
+        database, WAL and SHM files. A copy of the database taken before cannot be
+        opened with anything left behind. A :class:`~ondevice.keys.RawKey` lives in the
+        host app: forget it there. What no software can promise: a *backup* of the key
+        file plus the passphrase reopens a *backup* of the database, and SSDs,
+        copy-on-write file systems and snapshots may keep old blocks of an overwritten
+        key file (see :mod:`ondevice.keys`). The engine is closed afterwards.
         """
         self._store.close()
         with key_lock(self._dir, self._busy_timeout):
-            self._provider.destroy(self._dir)
+            rotation.destroy(self._dir, self._provider)
         (self._dir / LOCK_FILE).unlink(missing_ok=True)
+        (self._dir / SEND_LOCK_FILE).unlink(missing_ok=True)
         for suffix in ("", *_SIDE_FILES):
             try:
                 (self._dir / (DB_FILE + suffix)).unlink(missing_ok=True)
@@ -1103,59 +1158,104 @@ class PersonalizationEngine:
 
     # -- keys ---------------------------------------------------------------------------
 
-    def change_passphrase(self, new_passphrase: str | bytes) -> None:
+    def change_passphrase(
+        self, new_passphrase: str | bytes, *, kdf: Argon2Params | None = None
+    ) -> None:
         """Re-wrap the data key under a new passphrase (the database is not
-        re-encrypted). Only for profiles protected by a passphrase."""
+        re-encrypted), with ``kdf`` (the default Argon2id parameters if None). Only for
+        profiles protected by a passphrase.
+
+        Crash-safe like :meth:`rekey`: the re-wrapped key is written as *pending* first,
+        and a profile interrupted mid-change opens with the old or the new passphrase.
+        The old ``key.json`` (the data key wrapped under the old passphrase) is
+        overwritten in place before the new one replaces it, so its blocks do not keep
+        a key the old passphrase unwraps (as far as the file system rewrites in place:
+        see :mod:`ondevice.keys`)."""
         if not isinstance(self._provider, Passphrase):
             raise KeyProviderError("this profile is not protected by a passphrase")
-        new = Passphrase(new_passphrase)
+        new = Passphrase(new_passphrase, kdf=kdf)
+
+        def switched() -> None:
+            self._provider = new
+
         with key_lock(self._dir, self._busy_timeout):
             self._check_key_is_current()
-            new.store(self._dir, self._key)
-        self._provider = new
+            rotation.rotate(
+                self._dir,
+                old=self._provider,
+                new=new,
+                new_key=self._key,
+                reencrypt=None,
+                opens_with_old_key=lambda: True,
+                switched=switched,
+            )
 
     def rekey(self, key: KeyProvider | None = None) -> None:
         """Rotate the data key: re-encrypt the whole database under a new random key
         (or the given :class:`~ondevice.keys.RawKey`), optionally moving to another key
-        provider. Crash-safe: the new key is stored as *pending* before the database is
-        re-encrypted, and an interrupted rotation is finished at the next open. Other
-        engines (threads or processes) that had the profile open keep the old key and
-        fail with ProfileUnreadableError at their next read: reopen them."""
+        provider. Crash-safe (see :mod:`ondevice.rotation`): the new key is stored as
+        *pending* before the database is re-encrypted, the old key material is destroyed
+        only after, and a profile interrupted at any step opens with the old or the new
+        key, the next open finishing or undoing the rotation. Other engines (threads or
+        processes) that had the profile open keep the old key and fail with
+        ProfileUnreadableError at their next read: reopen them."""
         new = key if key is not None else self._provider
         if not isinstance(new, KeyProvider):
             raise InvalidInputError("key must be a RawKey, Passphrase or Keychain")
         new_key = new._initial_key()
+        old_key = self._key
+
+        def reencrypt(data_key: bytes) -> None:
+            with self._store.lock, _db.translating():
+                conn = self._store.conn
+                # Synced at commit: the re-encryption is on disk before the old key goes.
+                conn.execute("PRAGMA synchronous = FULL")
+                try:
+                    conn.execute(f"PRAGMA rekey = \"x'{data_key.hex()}'\"")
+                finally:
+                    conn.execute("PRAGMA synchronous = NORMAL")
+
+        def opens_with_old_key() -> bool:
+            try:
+                _db.connect(self._db_path, old_key, busy_timeout=self._busy_timeout).close()
+            except OndeviceError:
+                return False
+            return True
+
+        def switched() -> None:
+            self._provider, self._key = new, new_key
+
         with key_lock(self._dir, self._busy_timeout):
             self._check_key_is_current()
-            new.store(self._dir, new_key, pending=True)
-            try:
-                with self._store._lock, _db.translating():
-                    self._store.conn.execute(f"PRAGMA rekey = \"x'{new_key.hex()}'\"")
-            except BaseException:
-                new.discard_pending(self._dir)
-                raise
-            previous = read_key_file(self._dir)
-            new.commit_pending(self._dir)  # key.json names the new key before the old goes
-            if previous is not None:
-                _provider_for(previous, self._provider).release_descriptor(previous)
-        self._provider = new
-        self._key = new_key
+            rotation.rotate(
+                self._dir,
+                old=self._provider,
+                new=new,
+                new_key=new_key,
+                reencrypt=reencrypt,
+                opens_with_old_key=opens_with_old_key,
+                switched=switched,
+            )
         log.info("profile data key rotated")
 
     def _check_key_is_current(self) -> None:
         """Refuse a key change from an engine whose key is no longer the profile's: a
         rotation elsewhere finished or was interrupted since this engine opened. The
         caller holds the key lock."""
-        if (self._dir / (KEY_FILE + ".pending")).exists():
+        if rotation.unsettled(self._dir):
             raise KeyProviderError(
                 "a key rotation is unfinished: reopen the profile to finish it first"
             )
-        current = [k for k, pending in self._provider.load_candidates(self._dir) if not pending]
+        try:
+            loaded = self._provider.load_candidates(self._dir)
+        except ProfileUnreadableError:  # key.json no longer opens with this secret
+            loaded = []
+        current = [k for k, pending in loaded if not pending]
         if current != [self._key]:
             raise KeyProviderError(
                 "the profile was re-keyed since this engine opened it: reopen it first"
             )
-        with self._store._lock, _db.translating():
+        with self._store.lock, _db.translating():
             self._store.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -1220,17 +1320,6 @@ def _file_bytes(path: Path) -> bytes | None:
         return None
 
 
-def _provider_for(descriptor: Mapping[str, Any], current: KeyProvider) -> KeyProvider:
-    """A provider able to release the key material ``descriptor`` names: the current
-    provider when it is of that kind, else a default one of the descriptor's kind (only
-    a keychain keeps material outside the directory)."""
-    if descriptor.get("provider") == current.kind:
-        return current
-    if descriptor.get("provider") == Keychain.kind:
-        return Keychain(service=str(descriptor.get("service") or "ondevice"))
-    return current
-
-
 def _purge_changed_declarations(conn: _db.Connection, old: Policy, new: Policy) -> int:
     """Delete stored values whose declaration changed shape (type, choices, length):
     they were validated against rules that no longer hold."""
@@ -1273,7 +1362,9 @@ def _export_user(conn: _db.Connection, user_id: str) -> dict[str, Any]:
         "blocked_items": [{"item_id": i, "created_at": t} for i, t in Store.blocks(conn, user_id)],
         "egress": Store.egress(conn, user_id),
         "report_memos": Store.memos(conn, user_id),
-        "report_schedule": _schedule_entry(Store.schedule(conn, user_id)),
+        "report_schedule": _schedule_entry(
+            Store.schedule(conn, Store.ledger_tag_if_any(conn, user_id))
+        ),
     }
 
 
@@ -1300,45 +1391,73 @@ def _num(value: Any, what: str) -> float:
     return float(value)
 
 
+def _time(value: Any, what: str, now: float, policy: Policy) -> float:
+    """An exported timestamp: finite, not before 1970 and not in this device's future
+    (a time far ahead would outlive retention forever)."""
+    when = _num(value, what)
+    if not 0.0 <= when <= now + policy.max_future_seconds:  # NaN fails too
+        raise ExportError(f"malformed export: {what} is not a time up to now")
+    return when
+
+
+#: The largest per-day activity count an import accepts (SQLite integers are 64-bit).
+_MAX_ACTIVITY_COUNT: Final = 2**31 - 1
+
+
 def _plan_user(data: Any, policy: Policy, now: float) -> _UserPlan:
     """Validate one exported user completely, before any write."""
+    from sync.protocol import epoch_of, shift_epoch
+
     if not isinstance(data, Mapping):
         raise ExportError("malformed export: each user must be an object")
     try:
         user_id = check_id(data.get("user_id"), "user_id")
-        created = _num(data.get("created_at"), "created_at")
+        created = _time(data.get("created_at"), "created_at", now, policy)
         signals: dict[str, tuple[SignalValue, float]] = {}
         for s in data.get("signals", []):
             clean = policy.validate_signals({s["name"]: s["value"]})
-            signals[s["name"]] = (clean[s["name"]], _num(s["updated_at"], "updated_at"))
+            updated = _time(s["updated_at"], "updated_at", now, policy)
+            signals[s["name"]] = (clean[s["name"]], updated)
         # Imported history may be older than the window of "now"-relative checks, but
         # never in the future of this device's clock.
         interactions = [policy.validate_interaction(i, now) for i in data.get("interactions", [])]
         activity = []
+        today = int((now + policy.max_future_seconds) // 86400)
         for a in data.get("activity", []):
             event = a["event"]
             if event not in policy.events:
                 raise PolicyViolationError("an exported activity event is not declared")
             count = a["count"]
-            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            if (
+                isinstance(count, bool)
+                or not isinstance(count, int)
+                or not 1 <= count <= _MAX_ACTIVITY_COUNT
+            ):
                 raise ExportError("malformed export: activity count must be a positive int")
-            activity.append((iso_to_day(a["day"]), event, count))
+            day = iso_to_day(a["day"])
+            if day > today:
+                raise ExportError("malformed export: an activity day is in the future")
+            activity.append((day, event, count))
         derived = []
         for d in data.get("derived", []):
             name = d["name"]
             if name not in _DERIVED_NAMES:
                 raise PolicyViolationError(f"derived state {name!r} is not declared")
             blob = base64.b64decode(d["value_b64"], validate=True)
-            derived.append((name, blob, _num(d["updated_at"], "updated_at")))
+            derived.append((name, blob, _time(d["updated_at"], "updated_at", now, policy)))
         blocks = [
-            (check_id(b["item_id"], "item_id"), _num(b["created_at"], "created_at"))
+            (check_id(b["item_id"], "item_id"), _time(b["created_at"], "created_at", now, policy))
             for b in data.get("blocked_items", [])
         ]
         egress = [_egress_entry(e) for e in data.get("egress", [])]
-        if any(e["created_at"] > now + policy.max_future_seconds for e in egress):
+        for e in egress:
             # A report "made" in the future would hold this week's slot, or a later one.
-            raise ExportError("malformed export: an egress entry is dated in the future")
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            _time(e["created_at"], "an egress entry's time", now, policy)
+            # Logged in its week, or (sent late) in the week after.
+            logged_in = epoch_of(e["created_at"])
+            if e["epoch"] not in (logged_in, shift_epoch(logged_in, -1)):
+                raise ExportError("malformed export: an egress entry's week and time differ")
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         if isinstance(exc, OndeviceError):
             raise
         # Name the kind of problem, never the exported value (messages reach logs).
@@ -1347,6 +1466,9 @@ def _plan_user(data: Any, policy: Policy, now: float) -> _UserPlan:
         ) from None
     return _UserPlan(user_id, created, signals, interactions, activity, derived, blocks, egress)
 
+
+_LOGGED_ANSWER: Final = re.compile(r"\A(?:[0-9]{3}(?: counted| refused)?|[A-Za-z]{1,64})\Z")
+"""What the egress log keeps of an answer: a status code or an error class name."""
 
 _LOGGED_REPORT: Final = re.compile(
     r'\A\{"version":[12],"epoch":"([0-9]{4}-W[0-9]{2})","segment":"[0-9]{2}"\}\Z'
@@ -1368,8 +1490,12 @@ def _egress_entry(e: Mapping[str, Any]) -> dict[str, Any]:
     epoch = logged.group(1)
     parse_epoch(epoch)  # a real ISO week
     status = e["status"]
-    if status not in ("pending", "sent", "failed", "refused"):
+    if status not in ("pending", "sent", "failed", "refused", "unsent"):
         raise ValueError(f"unknown egress status {status!r}")
+    if status in ("pending", "failed"):
+        # Never resent from here: the report was logged (and maybe delivered) by the
+        # profile that exported it, and the ledger counts its week.
+        status = "unsent"
     attempts = e.get("attempts", 0)
     if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 0:
         raise ValueError("egress attempts must be a non-negative int")
@@ -1382,6 +1508,8 @@ def _egress_entry(e: Mapping[str, Any]) -> dict[str, Any]:
     answer = e.get("answer")
     if answer is not None and not isinstance(answer, str):
         raise TypeError("egress answer must be text")
+    if answer is not None and not _LOGGED_ANSWER.match(answer):
+        answer = None  # only a status code or an error class name is ever kept
     epsilon = _num(e["epsilon"], "epsilon")
     if not 0.0 <= epsilon <= 20.0:  # finite, and within what sync.privacy accepts
         raise ValueError("egress epsilon out of range")

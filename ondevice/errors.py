@@ -14,6 +14,8 @@ they are translated at the module that talks to them and chained as ``__cause__`
     │   ├── ProfileVersionError        written by a newer version of the SDK
     │   ├── ProfileBusyError           another process held the lock past the timeout
     │   ├── ProfileClosedError         the engine was closed or wiped
+    │   ├── ProfileGoneError           the files were deleted or replaced under an open
+    │   │                              engine (a wipe elsewhere): nothing was stored
     │   └── StorageError               the disk refused a write (full, read-only, I/O)
     ├── KeyProviderError               obtaining or storing the data key
     │   └── KeychainUnavailableError   no secure OS keychain (or an insecure one refused)
@@ -25,7 +27,7 @@ they are translated at the module that talks to them and chained as ``__cause__`
     ├── BundleError                    catalog bundle unsigned, tampered, wrongly signed,
     │                                  truncated or of an unsupported version
     └── SyncError                      reporting a segment to the server failed
-        └── BudgetExhaustedError       the privacy budget for the period is spent
+        └── BudgetExhaustedError       (0.1; no longer raised: see SyncSettings.when_spent)
 
 Fail closed, reveal nothing: a wrong key, a wrong passphrase, a flipped byte and a
 truncated file all raise :class:`ProfileUnreadableError` with the same message, because
@@ -46,6 +48,7 @@ __all__ = [
     "ProfileBusyError",
     "ProfileClosedError",
     "ProfileError",
+    "ProfileGoneError",
     "ProfileNotFoundError",
     "ProfileUnreadableError",
     "ProfileVersionError",
@@ -86,6 +89,13 @@ class ProfileBusyError(ProfileError):
 
 class ProfileClosedError(ProfileError):
     """The engine was closed (or the profile wiped); open a new engine."""
+
+
+class ProfileGoneError(ProfileError):
+    """The profile's database file was deleted or replaced while this engine had it open
+    (``wipe()`` or ``ondevice wipe`` elsewhere, the directory removed, a new profile
+    created at the same path). Nothing of the refused call was stored; close this engine
+    and open the profile again if it still exists."""
 
 
 class StorageError(ProfileError):
@@ -129,4 +139,9 @@ class SyncError(OndeviceError):
 
 
 class BudgetExhaustedError(SyncError):
-    """The local differential-privacy budget for the rolling period is spent."""
+    """The local differential-privacy budget is spent.
+
+    Kept for code written against 0.1: since 0.2 ``sync()`` does not raise it. A spent
+    lifetime budget repeats the last memo or sends nothing (``SyncSettings.when_spent``),
+    and the outcome's ``reason`` says which.
+    """

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -60,13 +61,19 @@ __all__ = [
     "EXPORT_VERSION",
     "decode_export",
     "encode_export",
+    "read_export_file",
 ]
 
 EXPORT_FORMAT: Final = "ondevice.export"
 ENCRYPTED_FORMAT: Final = "ondevice.export.encrypted"
 EXPORT_VERSION: Final = 1
-#: Largest export file read (a window of 100 interactions per user makes exports small).
-MAX_EXPORT_BYTES: Final = 512 * 1024 * 1024
+#: Largest export file read (a window of 100 interactions per user makes exports small:
+#: about 20 kB per user). A larger file is refused before it is read.
+MAX_EXPORT_BYTES: Final = 64 * 1024 * 1024
+#: Most JSON objects and arrays an export may hold (about 250 per user at a full window),
+#: counted before parsing: parsed JSON takes up to ~30x its size in memory, so a file of
+#: millions of tiny objects must be refused before it is parsed.
+MAX_EXPORT_NODES: Final = 1_000_000
 
 
 def day_to_iso(day: int) -> str:
@@ -95,14 +102,42 @@ def encode_export(
     return canonical({**header, "sealed": sealed})
 
 
-def decode_export(raw: bytes, *, passphrase: str | bytes | None) -> dict[str, Any]:
-    """Parse (and if encrypted, decrypt and verify) an export; ExportError otherwise."""
-    if len(raw) > MAX_EXPORT_BYTES:
-        raise ExportError("export file too large")
+def read_export_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of an export file, refused (ExportError) before reading when larger
+    than :data:`MAX_EXPORT_BYTES`."""
     try:
-        doc = json.loads(raw)
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > MAX_EXPORT_BYTES:
+                raise ExportError(f"export file too large (over {MAX_EXPORT_BYTES} bytes)")
+            raw = handle.read(MAX_EXPORT_BYTES + 1)
+    except OSError as exc:
+        raise ExportError(f"cannot read the export {path}: {exc.strerror}") from exc
+    except ValueError:  # a path with a NUL byte
+        raise ExportError("the export path is not a valid file name") from None
+    if len(raw) > MAX_EXPORT_BYTES:  # it grew while we read
+        raise ExportError(f"export file too large (over {MAX_EXPORT_BYTES} bytes)")
+    return raw
+
+
+def _parse(raw: bytes | str) -> Any:
+    """JSON, bounded: size, number of objects and arrays, and nesting depth."""
+    data = raw.encode("utf-8") if isinstance(raw, str) else raw
+    if len(data) > MAX_EXPORT_BYTES:
+        raise ExportError(f"export file too large (over {MAX_EXPORT_BYTES} bytes)")
+    if data.count(b"{") + data.count(b"[") > MAX_EXPORT_NODES:
+        raise ExportError(f"malformed export: more than {MAX_EXPORT_NODES} objects and arrays")
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ExportError("malformed export: nested too deeply") from None
     except (ValueError, UnicodeDecodeError):
         raise ExportError("not an ondevice export (malformed JSON)") from None
+
+
+def decode_export(raw: bytes, *, passphrase: str | bytes | None) -> dict[str, Any]:
+    """Parse (and if encrypted, decrypt and verify) an export; ExportError otherwise."""
+    doc = _parse(raw)
     if not isinstance(doc, dict):
         raise ExportError("not an ondevice export")
     if doc.get("format") == ENCRYPTED_FORMAT:
@@ -114,11 +149,11 @@ def decode_export(raw: bytes, *, passphrase: str | bytes | None) -> dict[str, An
             params = Argon2Params.from_dict(doc["kdf"])
             header = {k: v for k, v in doc.items() if k != "sealed"}
             plain = unseal(secret, params, doc["sealed"], canonical(header))
-            doc = json.loads(plain)
         except (InvalidTag, ValueError, TypeError, KeyError):
             raise ExportError(
                 "cannot decrypt the export: wrong passphrase, or the file was modified"
             ) from None
+        doc = _parse(plain)
         if not isinstance(doc, dict):
             raise ExportError("not an ondevice export")
     if doc.get("format") != EXPORT_FORMAT:

@@ -7,15 +7,32 @@ raw key (no key derivation on every open). A key provider keeps that data key:
 - :class:`Passphrase`: the data key is wrapped with AES-256-GCM under a key derived
   from the passphrase with Argon2id, in ``key.json`` beside the database. Changing the
   passphrase re-wraps the data key; the database is not re-encrypted.
-- :class:`Keychain`: the data key lives in the OS keychain through ``keyring``.
-  Insecure backends (plaintext files, the ``fail`` and ``null`` backends) are refused.
+- :class:`Keychain`: the data key lives in the OS keychain through ``keyring``. Only
+  keyring backends known to keep secrets in a real OS keychain are used (an allowlist:
+  Secret Service, libsecret, KWallet, the macOS Keychain, the Windows Credential
+  Locker); wrappers such as keyring's chainer are resolved to the backend that would
+  hold the key, and anything else (plaintext files, placeholders, subclasses) is refused.
 
 ``key.json`` (plaintext, no secret in it but the *wrapped* key) says which provider a
-profile uses, so a mismatch is a clear error. Crypto-shredding (:meth:`KeyProvider.destroy`)
-overwrites and deletes the key file and deletes the keychain entry.
+profile uses, so a mismatch is a clear error. A key rotation (``ondevice.rotation``)
+writes the new key to ``key.json.pending`` first; opening a profile tries every key
+file the given provider can read, so an interrupted rotation never loses the key.
 
-What no software can promise: a backup of ``key.json`` plus the passphrase (or a copy of
-the raw key) reopens a backup of the database. Shredding destroys the copies it can see.
+Argon2id parameters are bounded both ways (:class:`Argon2Params`): never weaker than
+:data:`KDF_MIN_MEMORY_KIB` / :data:`KDF_MIN_ITERATIONS` for anything the SDK writes,
+never costlier than the caps for anything it writes *or reads*, so a crafted key file
+or export cannot make one attempt take minutes and gigabytes.
+
+Crypto-shredding (:meth:`KeyProvider.destroy`) overwrites key files in place and deletes
+them, and deletes the keychain entries; a rotation or a passphrase change overwrites the
+replaced ``key.json`` in place before the new one takes its name. What no software can
+promise: a backup of ``key.json`` plus the passphrase (or a copy of the raw key) reopens
+a backup of the database; and an overwrite in place reaches the same disk blocks only
+on a file system that rewrites in place. SSDs (wear levelling keeps old flash pages
+until they are erased), copy-on-write file systems (btrfs, ZFS, APFS), snapshots,
+journals that log data, and backups may all keep an old ``key.json``. Such a copy still
+needs the passphrase it was wrapped under (Argon2id makes each guess costly), so a
+passphrase that was ever exposed should be treated as exposing every key it wrapped.
 """
 
 from __future__ import annotations
@@ -30,7 +47,7 @@ import sys
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -43,6 +60,7 @@ from .errors import (
     InvalidInputError,
     KeychainUnavailableError,
     KeyProviderError,
+    OndeviceError,
     ProfileBusyError,
     ProfileUnreadableError,
     ProfileVersionError,
@@ -54,6 +72,8 @@ __all__ = ["Argon2Params", "KeyProvider", "Keychain", "Passphrase", "RawKey"]
 log = logging.getLogger(__name__)
 
 KEY_FILE: Final = "key.json"
+#: The new key of a rotation in progress (or interrupted): see ``ondevice.rotation``.
+PENDING_FILE: Final = KEY_FILE + ".pending"
 #: An empty file whose advisory lock serializes what changes key material: creating a
 #: profile, rotating its key, finishing an interrupted rotation.
 LOCK_FILE: Final = "profile.lock"
@@ -64,6 +84,44 @@ UNREADABLE: Final = (
     "cannot open the profile: wrong key or passphrase, or the profile files were "
     "modified or truncated"
 )
+#: A key file is a few hundred bytes; anything larger is not one (and is not read whole).
+MAX_KEY_FILE_BYTES: Final = 64 * 1024
+#: A key file holds one object whose values are scalars or objects of scalars (``kdf``,
+#: ``wrapped_key``): deeper nesting is refused before anything else looks at it.
+_MAX_KEY_FILE_DEPTH: Final = 2
+
+#: The weakest Argon2id parameters the SDK writes (a wrapped key or an encrypted export):
+#: OWASP's minimum for Argon2id, 19 MiB and 2 passes (about 50 ms a guess on a 2-core
+#: machine, against 0.125 ms at the 8 KiB and one pass that used to be accepted).
+KDF_MIN_MEMORY_KIB: Final = 19 * 1024
+KDF_MIN_ITERATIONS: Final = 2
+#: The costliest Argon2id parameters accepted anywhere: written (so the SDK never writes
+#: more) and read (so a key file or an export cannot ask for more). 256 MiB, and at most
+#: 1 GiB of memory passes (256 MiB x 4 passes, or 64 MiB x 16): about 1.5 s on a
+#: 2-core machine, against 43 to 59 s and 1 GiB per attempt at the old read limit.
+#: The default (64 MiB x 3 passes) is a fifth of that.
+KDF_MAX_MEMORY_KIB: Final = 256 * 1024
+KDF_MAX_ITERATIONS: Final = 16
+KDF_MAX_LANES: Final = 8
+KDF_MAX_MEMORY_PASSES_KIB: Final = 1024 * 1024
+
+#: The floor :class:`Argon2Params` and :func:`seal` enforce, as (memory KiB, passes).
+#: Nothing in the SDK changes it and no argument or environment variable reaches it;
+#: only the test-suite lowers it, in its own process (tests/conftest.py), to derive its
+#: hundreds of throwaway keys in a millisecond each.
+_write_floor: tuple[int, int] = (KDF_MIN_MEMORY_KIB, KDF_MIN_ITERATIONS)
+
+#: Test hook: when set, called with the name of each step of a change of key material,
+#: in order, once the step is durable (see ``ondevice.rotation.STEPS``). The crash-safety
+#: tests end a child process at each step in turn. Never set by the SDK.
+step_hook: Callable[[str], None] | None = None
+
+
+def step(name: str) -> None:
+    """Mark a step of a change of key material (calls :data:`step_hook` if set)."""
+    hook = step_hook
+    if hook is not None:
+        hook(name)
 
 
 @contextlib.contextmanager
@@ -124,21 +182,59 @@ def new_data_key() -> bytes:
     return secrets.token_bytes(DATA_KEY_BYTES)
 
 
+_KDF_FIELDS: Final = ("memory_kib", "iterations", "lanes")
+
+
 @dataclass(frozen=True, slots=True)
 class Argon2Params:
     """Argon2id cost parameters. The default is RFC 9106's second recommended option
-    (64 MiB, 3 passes, 4 lanes): about 0.13 s on a 2-core laptop-class machine."""
+    (64 MiB, 3 passes, 4 lanes): about 0.13 s on a 2-core laptop-class machine.
+
+    Parameters are refused (:class:`~ondevice.InvalidInputError`) below the floor
+    (:data:`KDF_MIN_MEMORY_KIB`, :data:`KDF_MIN_ITERATIONS`) and above the caps
+    (:data:`KDF_MAX_MEMORY_KIB`, :data:`KDF_MAX_ITERATIONS`, :data:`KDF_MAX_LANES`, and
+    memory times passes at most :data:`KDF_MAX_MEMORY_PASSES_KIB`). Parameters read from
+    a file (:meth:`from_dict`) must be within the caps; they may be below the floor (a
+    key file from an older version still opens), but such parameters never wrap a key
+    or an export again.
+    """
 
     memory_kib: int = 65536
     iterations: int = 3
     lanes: int = 4
 
     def __post_init__(self) -> None:
-        if self.memory_kib < 8 * self.lanes or self.iterations < 1 or self.lanes < 1:
-            raise InvalidInputError("Argon2 parameters out of range")
+        self._check_caps()
+        if not self._meets_floor():
+            floor_kib, floor_passes = _write_floor
+            raise InvalidInputError(
+                f"Argon2 parameters too weak: at least {floor_kib} KiB of memory and "
+                f"{floor_passes} passes"
+            )
+
+    def _check_caps(self) -> None:
+        values = (self.memory_kib, self.iterations, self.lanes)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise InvalidInputError("Argon2 parameters must be ints")
+        if not (
+            1 <= self.lanes <= KDF_MAX_LANES
+            and 1 <= self.iterations <= KDF_MAX_ITERATIONS
+            and 8 * self.lanes <= self.memory_kib <= KDF_MAX_MEMORY_KIB
+            and self.memory_kib * self.iterations <= KDF_MAX_MEMORY_PASSES_KIB
+        ):
+            raise InvalidInputError(
+                f"Argon2 parameters out of range: at most {KDF_MAX_MEMORY_KIB} KiB, "
+                f"{KDF_MAX_ITERATIONS} passes, {KDF_MAX_LANES} lanes and "
+                f"{KDF_MAX_MEMORY_PASSES_KIB} KiB x passes"
+            )
+
+    def _meets_floor(self) -> bool:
+        floor_kib, floor_passes = _write_floor
+        return self.memory_kib >= floor_kib and self.iterations >= floor_passes
 
     def derive(self, secret: bytes, salt: bytes) -> bytes:
         """Derive a 256-bit key-encryption key."""
+        self._check_caps()  # whatever made this instance, it never costs more
         kdf = Argon2id(
             salt=salt,
             length=32,
@@ -159,16 +255,20 @@ class Argon2Params:
 
     @classmethod
     def from_dict(cls, d: Any) -> Argon2Params:
-        """Parse :meth:`to_dict` output; anything else raises ValueError/TypeError/KeyError."""
+        """Parse :meth:`to_dict` output from a file. Parameters above the caps, and
+        anything malformed, raise ValueError (TypeError or KeyError for a wrong shape)
+        before any key is derived. Parameters below the floor are returned (an older
+        key file still opens) but cannot be used to write."""
         if not isinstance(d, dict) or d.get("name") != "argon2id":
             raise ValueError("unsupported KDF")
-        mem, it, lanes = d["memory_kib"], d["iterations"], d["lanes"]
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (mem, it, lanes)):
+        values = [d[name] for name in _KDF_FIELDS]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
             raise TypeError("KDF parameters must be ints")
-        # An export or key file from elsewhere must not make us allocate gigabytes.
-        if mem > 1024 * 1024 or it > 16 or lanes > 16:
-            raise ValueError("KDF parameters unreasonably large")
-        return cls(memory_kib=mem, iterations=it, lanes=lanes)
+        params = object.__new__(cls)  # no floor check: reading is not choosing
+        for name, value in zip(_KDF_FIELDS, values, strict=True):
+            object.__setattr__(params, name, value)
+        params._check_caps()  # an InvalidInputError is a ValueError
+        return params
 
 
 def b64e(data: bytes) -> str:
@@ -187,8 +287,12 @@ def seal(secret: bytes, params: Argon2Params, plaintext: bytes, aad: bytes) -> d
     """Encrypt ``plaintext`` under a key derived from ``secret`` (Argon2id + AES-256-GCM).
 
     Returns the salt, nonce and ciphertext as base64; ``aad`` must be given again to
-    :func:`unseal`. Used for wrapped keys and encrypted exports.
+    :func:`unseal`. Used for wrapped keys and encrypted exports: the one place anything
+    is written under a passphrase, so parameters below the floor are refused here
+    (:class:`~ondevice.InvalidInputError`) whatever made them.
     """
+    if not isinstance(params, Argon2Params) or not params._meets_floor():
+        raise InvalidInputError("refusing to write under Argon2 parameters below the floor")
     salt = secrets.token_bytes(16)
     nonce = secrets.token_bytes(12)
     kek = params.derive(secret, salt)
@@ -212,7 +316,8 @@ def canonical(data: dict[str, Any]) -> bytes:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file, fsync, rename, fsync dir),
-    readable by the owner only."""
+    readable by the owner only. Marks the steps ``<name>:tmp-synced`` (the temporary
+    file is complete, not yet renamed) and ``<name>:replaced`` (see :func:`step`)."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -220,11 +325,13 @@ def write_atomic(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        step(f"{path.name}:tmp-synced")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+    step(f"{path.name}:replaced")
 
 
 def fsync_dir(directory: Path) -> None:
@@ -241,47 +348,91 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def shred_file(path: Path) -> None:
-    """Overwrite a small file with random bytes, fsync, then delete it.
+def overwrite_in_place(path: Path) -> bool:
+    """Overwrite every byte of a small file with random bytes and fsync it, keeping the
+    file (its inode, and so its blocks on a file system that rewrites in place). False
+    if there was no such file or the overwrite failed (logged).
 
-    On copy-on-write or journaling file systems and on SSDs the old blocks may survive
-    the overwrite; destroying the *key* is what makes the data unreadable, so this is a
-    best effort on top of that.
+    On SSDs, copy-on-write or data-journaling file systems, and in snapshots or backups,
+    old copies of the bytes may survive: this is a best effort on top of destroying the
+    key, never a substitute for it.
     """
     try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return
-    try:
-        with open(path, "r+b") as fh:
-            fh.write(secrets.token_bytes(max(size, 1)))
+        # Never through a symlink: only the profile's own file is overwritten.
+        fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "r+b") as fh:
+            remaining = max(os.fstat(fh.fileno()).st_size, 1)
+            while remaining:
+                chunk = min(remaining, 64 * 1024)
+                fh.write(secrets.token_bytes(chunk))
+                remaining -= chunk
             fh.flush()
             os.fsync(fh.fileno())
+    except FileNotFoundError:
+        return False
     except OSError as exc:
-        log.warning("could not overwrite %s before deleting it: %s", path.name, exc)
+        log.warning("could not overwrite %s in place: %s", path.name, exc)
+        return False
+    return True
+
+
+def shred_file(path: Path) -> None:
+    """Overwrite a small file in place (:func:`overwrite_in_place`), then delete it."""
+    if not overwrite_in_place(path) and not path.exists():
+        return
     try:
         path.unlink(missing_ok=True)
     except OSError as exc:
         raise StorageError(f"cannot delete {path.name}: {exc.strerror or exc}") from exc
 
 
-def read_key_file(directory: Path, name: str = KEY_FILE) -> dict[str, Any] | None:
-    """The parsed ``key.json`` (or another key file) of a profile, or None if absent."""
-    path = directory / name
+def leftover_key_files(directory: Path) -> list[Path]:
+    """Temporary files of a key-file write that was interrupted before its rename (they
+    may hold a wrapped key)."""
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise KeyProviderError(f"cannot read {path}: {exc.strerror}") from exc
+        return sorted(directory.glob(f".{KEY_FILE}.*.tmp"))
+    except OSError:
+        return []
+
+
+def key_files(directory: Path) -> list[Path]:
+    """Every file of ``directory`` that may hold key material, in the order to destroy
+    them: leftovers of interrupted writes, the pending key, and ``key.json`` last (a
+    profile without it is refused, whatever else survives an interrupted shred)."""
+    files = [*leftover_key_files(directory), directory / PENDING_FILE, directory / KEY_FILE]
+    return [p for p in files if p.exists()]
+
+
+def _depth(value: Any) -> int:
+    """How deeply objects and arrays nest in a parsed JSON value (iteratively)."""
+    depth, level = 0, [value]
+    while level:
+        containers = [v for v in level if isinstance(v, dict | list)]
+        if not containers:
+            break
+        depth += 1
+        level = [item for c in containers for item in (c.values() if isinstance(c, dict) else c)]
+    return depth
+
+
+def parse_key_file(raw: bytes) -> dict[str, Any]:
+    """A key file's bytes as a descriptor: ProfileUnreadableError for anything that is
+    not a well-formed key file (oversized, malformed, deeply nested, wrong format),
+    ProfileVersionError for one written by a newer ondevice. Never another exception."""
+    if len(raw) > MAX_KEY_FILE_BYTES:
+        raise ProfileUnreadableError(UNREADABLE)
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ProfileUnreadableError(UNREADABLE) from None
-    if not isinstance(data, dict) or data.get("format") != KEY_FORMAT:
+    if (
+        not isinstance(data, dict)
+        or _depth(data) > _MAX_KEY_FILE_DEPTH
+        or data.get("format") != KEY_FORMAT
+    ):
         raise ProfileUnreadableError(UNREADABLE)
     version = data.get("version")
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise ProfileUnreadableError(UNREADABLE)
     if version > KEY_VERSION:
         raise ProfileVersionError(
@@ -289,6 +440,28 @@ def read_key_file(directory: Path, name: str = KEY_FILE) -> dict[str, Any] | Non
             f"version reads up to {KEY_VERSION}); upgrade ondevice"
         )
     return data
+
+
+def read_key_file(directory: Path, name: str = KEY_FILE) -> dict[str, Any] | None:
+    """The parsed ``key.json`` (or another key file) of a profile, or None if absent.
+    Raises as :func:`parse_key_file`, or KeyProviderError if the file cannot be read."""
+    path = directory / name
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_KEY_FILE_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise KeyProviderError(f"cannot read {path}: {exc.strerror}") from exc
+    return parse_key_file(raw)
+
+
+def read_key_file_quietly(path: Path) -> dict[str, Any] | None:
+    """The descriptor in ``path``, or None if it is absent or unreadable in any way."""
+    try:
+        return read_key_file(path.parent, path.name)
+    except OndeviceError:
+        return None
 
 
 class KeyProvider(ABC):
@@ -312,57 +485,68 @@ class KeyProvider(ABC):
 
     @abstractmethod
     def store(self, directory: Path, key: bytes, *, pending: bool = False) -> None:
-        """Keep ``key`` as the profile's data key (``pending``: as the candidate of an
-        unfinished key rotation, see :meth:`load_candidates`)."""
+        """Keep ``key`` as the profile's data key (``pending``: as the new key of a key
+        rotation, in ``key.json.pending``; see ``ondevice.rotation``)."""
 
     @abstractmethod
     def load(self, directory: Path, descriptor: dict[str, Any]) -> bytes:
-        """Return the data key described by ``descriptor`` (a parsed ``key.json``)."""
+        """Return the data key described by ``descriptor`` (a parsed key file)."""
 
     def destroy(self, directory: Path) -> None:
-        """Destroy the key material this provider keeps for ``directory``."""
-        for name in (KEY_FILE, KEY_FILE + ".pending"):
-            shred_file(directory / name)
+        """Destroy the key material this provider keeps for ``directory``: every key
+        file (leftovers, pending, then ``key.json``) is overwritten in place and
+        deleted."""
+        for path in key_files(directory):
+            shred_file(path)
+        fsync_dir(directory)
 
     def load_candidates(self, directory: Path) -> list[tuple[bytes, bool]]:
-        """Keys to try, in order, each with whether it is the *pending* key: the current
-        key, then the pending key of a rotation that was interrupted (a crash between
-        re-encrypting and switching key files). Only the key files of this provider's
-        kind are read, so after an interrupted move from one kind of key to another the
-        profile opens with either the old or the new provider."""
-        descriptor = read_key_file(directory)
-        if descriptor is None:
+        """Keys to try, in order, each with whether it is the *pending* key: the key in
+        ``key.json``, then the one in ``key.json.pending`` (a rotation in progress or
+        interrupted). Each file is read on its own: one this provider cannot read (of
+        another kind, unwrapped by another passphrase, naming a deleted keychain entry,
+        overwritten by a rotation) never stops the other from being tried. So at every
+        step of a rotation the profile opens with the old or the new provider.
+
+        Raises KeyProviderError if there is no ``key.json`` (destroyed: the profile
+        cannot be opened, whatever else is left), or if no file is of this provider's
+        kind; otherwise the first error met reading a file of this kind (a wrong
+        passphrase: ProfileUnreadableError)."""
+        try:
+            primary = read_key_file(directory)
+            primary_error: OndeviceError | None = None
+        except ProfileVersionError:
+            raise
+        except OndeviceError as exc:  # unreadable: tampered, or overwritten mid-rotation
+            primary, primary_error = None, exc
+        if primary is None and primary_error is None:
             raise KeyProviderError(
                 f"{directory} has a database but no {KEY_FILE}: the key material was "
                 "destroyed or never copied; the profile cannot be opened"
             )
+        try:
+            pending = read_key_file(directory, PENDING_FILE)
+        except OndeviceError:
+            log.warning("ignoring an unreadable pending key file")
+            pending = None
         keys: list[tuple[bytes, bool]] = []
-        if descriptor.get("provider") == self.kind:
-            keys.append((self.load(directory, descriptor), False))
-        pending = directory / (KEY_FILE + ".pending")
-        if pending.exists():
+        errors: list[OndeviceError] = []
+        for descriptor, is_pending in ((primary, False), (pending, True)):
+            if descriptor is None or descriptor.get("provider") != self.kind:
+                continue
             try:
-                data = json.loads(pending.read_bytes())
-                if not isinstance(data, dict):
-                    raise ValueError("pending key file is not an object")
-                if data.get("provider") == self.kind:
-                    keys.append((self.load(directory, data), True))
-            except (KeyProviderError, ProfileUnreadableError, ValueError, OSError):
-                log.warning("ignoring an unreadable pending key from an interrupted rotation")
-        if not keys:
-            self._check_kind(descriptor)
-        return keys
-
-    def commit_pending(self, directory: Path) -> None:
-        """Make the pending key of a finished rotation the current one."""
-        pending = directory / (KEY_FILE + ".pending")
-        if pending.exists():
-            os.replace(pending, directory / KEY_FILE)
-            fsync_dir(directory)
-
-    def discard_pending(self, directory: Path) -> None:
-        """Forget the pending key of a rotation that did not happen."""
-        shred_file(directory / (KEY_FILE + ".pending"))
+                keys.append((self.load(directory, descriptor), is_pending))
+            except (KeyProviderError, ProfileUnreadableError) as exc:
+                errors.append(exc)
+        if keys:
+            return keys
+        if errors:
+            raise errors[0]
+        if primary is None:
+            assert primary_error is not None
+            raise primary_error
+        self._check_kind(primary)
+        raise ProfileUnreadableError(UNREADABLE)  # pragma: no cover - _check_kind raised
 
     def release(self, directory: Path) -> None:
         """Delete key material kept outside the directory (a keychain entry) for the
@@ -371,8 +555,8 @@ class KeyProvider(ABC):
 
     def release_descriptor(self, descriptor: dict[str, Any]) -> None:
         """Delete key material kept outside the directory for the key ``descriptor``
-        names (a parsed ``key.json``); called on the old provider once a rotation has
-        switched ``key.json`` to the new key."""
+        names (a parsed key file); called on the old provider before a rotation lets
+        the new key take the name ``key.json``."""
         return None
 
     def _check_kind(self, descriptor: dict[str, Any]) -> None:
@@ -386,7 +570,7 @@ class KeyProvider(ABC):
         return {"format": KEY_FORMAT, "version": KEY_VERSION, "provider": self.kind, **fields}
 
     def _write(self, directory: Path, data: dict[str, Any], pending: bool) -> None:
-        name = KEY_FILE + (".pending" if pending else "")
+        name = PENDING_FILE if pending else KEY_FILE
         try:
             write_atomic(directory / name, canonical(data))
         except OSError as exc:
@@ -414,6 +598,7 @@ class RawKey(KeyProvider):
         return self._key
 
     def store(self, directory: Path, key: bytes, *, pending: bool = False) -> None:
+        """Record in the key file that the profile uses a raw key (never the key)."""
         if key != self._key:
             raise KeyProviderError(
                 "a raw key cannot be rotated in place: pass the new key with rekey(RawKey(...))"
@@ -421,6 +606,7 @@ class RawKey(KeyProvider):
         self._write(directory, self._descriptor(), pending)
 
     def load(self, directory: Path, descriptor: dict[str, Any]) -> bytes:
+        """The raw key itself (the key file holds nothing to load)."""
         return self._key
 
 
@@ -428,7 +614,9 @@ class Passphrase(KeyProvider):
     """A passphrase that unwraps the data key stored, encrypted, in ``key.json``.
 
     The passphrase is run through Argon2id (:class:`Argon2Params`) once per open. A
-    lost passphrase means a lost profile: keep an export if that matters.
+    lost passphrase means a lost profile: keep an export if that matters. ``kdf`` sets
+    the parameters of the next wrap (the default, or anything between the floor and
+    the caps of :class:`Argon2Params`); an existing key file is read with its own.
     """
 
     kind = "passphrase"
@@ -438,6 +626,8 @@ class Passphrase(KeyProvider):
             passphrase = passphrase.encode("utf-8")
         if not isinstance(passphrase, bytes) or not passphrase:
             raise InvalidInputError("the passphrase must be a non-empty str or bytes")
+        if kdf is not None and (not isinstance(kdf, Argon2Params) or not kdf._meets_floor()):
+            raise InvalidInputError("kdf must be Argon2Params at or above the floor")
         self._secret = passphrase
         self._kdf = kdf or Argon2Params()
 
@@ -445,15 +635,21 @@ class Passphrase(KeyProvider):
         return "Passphrase(<hidden>)"
 
     def store(self, directory: Path, key: bytes, *, pending: bool = False) -> None:
+        """Wrap ``key`` under the passphrase and write the key file."""
         header = self._descriptor(kdf=self._kdf.to_dict())
         sealed = seal(self._secret, self._kdf, key, canonical(header))
         self._write(directory, {**header, "wrapped_key": sealed}, pending)
 
     def load(self, directory: Path, descriptor: dict[str, Any]) -> bytes:
+        """Unwrap the data key (ProfileUnreadableError on a wrong passphrase or any
+        modified byte; parameters above the caps are refused before any derivation)."""
         try:
             params = Argon2Params.from_dict(descriptor["kdf"])
             header = {k: v for k, v in descriptor.items() if k != "wrapped_key"}
-            key = unseal(self._secret, params, descriptor["wrapped_key"], canonical(header))
+            wrapped = descriptor["wrapped_key"]
+            if not isinstance(wrapped, dict):
+                raise TypeError("wrapped_key must be an object")
+            key = unseal(self._secret, params, wrapped, canonical(header))
         except (InvalidTag, ValueError, TypeError, KeyError, InvalidInputError):
             raise ProfileUnreadableError(UNREADABLE) from None
         if len(key) != DATA_KEY_BYTES:
@@ -461,22 +657,37 @@ class Passphrase(KeyProvider):
         return key
 
 
-_INSECURE_BACKENDS: Final = frozenset(
+#: The keyring backends that keep secrets in a real OS keychain, encrypted at rest and
+#: guarded by the user's login session. Only these exact classes are used, never a
+#: subclass or anything unknown (an allowlist: a new plaintext backend, a subclass of
+#: one, or a wrapper around one can never slip through a list of known-bad ones).
+_SECURE_BACKENDS: frozenset[str] = frozenset(
     {
-        "keyring.backends.fail.Keyring",
-        "keyring.backends.null.Keyring",
-        "keyrings.alt.file.PlaintextKeyring",
-        "keyrings.alt.file.EncryptedKeyring",  # prompts on a terminal; unusable in apps
-        "keyrings.alt.Gnome.Keyring",
+        "keyring.backends.SecretService.Keyring",
+        "keyring.backends.libsecret.Keyring",
+        "keyring.backends.kwallet.DBusKeyring",
+        "keyring.backends.kwallet.DBusKeyringKWallet4",
+        "keyring.backends.macOS.Keyring",
+        "keyring.backends.Windows.WinVaultKeyring",
     }
 )
-_SECURE_MODULES: Final = (
-    "keyring.backends.SecretService",
-    "keyring.backends.libsecret",
-    "keyring.backends.kwallet",
-    "keyring.backends.macOS",
-    "keyring.backends.Windows",
-)
+
+
+def _chained(backend: Any) -> list[Any]:
+    return list(backend.backends)
+
+
+def _multipart_inner(backend: Any) -> list[Any]:
+    # Our secret (64 hex characters) is a single part: the wrapped keyring holds it as is.
+    return [backend._keyring]
+
+
+#: Backends that only pass calls on to other backends, and how to find those: they are
+#: resolved to the backend that would hold the key, which is then used directly.
+_WRAPPERS: Final[dict[str, Callable[[Any], list[Any]]]] = {
+    "keyring.backends.chainer.ChainerBackend": _chained,
+    "keyrings.alt.multi.MultipartKeyringWrapper": _multipart_inner,
+}
 
 
 def _backend_name(backend: object) -> str:
@@ -484,14 +695,37 @@ def _backend_name(backend: object) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _is_secure_backend(backend: object) -> bool:
+    """Whether ``backend`` is an instance of exactly one of the allowlisted classes."""
+    cls = type(backend)
+    if _backend_name(backend) not in _SECURE_BACKENDS:
+        return False
+    module = sys.modules.get(cls.__module__)
+    return module is not None and getattr(module, cls.__qualname__, None) is cls
+
+
+def _resolve_backend(backend: Any, depth: int = 0) -> list[Any]:
+    """The backends a secret given to ``backend`` may land in: the backend itself, or,
+    for a known wrapper, what it wraps (recursively)."""
+    unwrap = _WRAPPERS.get(_backend_name(backend))
+    if unwrap is None or depth >= 4:
+        return [backend]
+    try:
+        inner = unwrap(backend)
+    except Exception:  # a wrapper we cannot see into holds nothing we could check
+        return []
+    return [found for b in inner for found in _resolve_backend(b, depth + 1)]
+
+
 class Keychain(KeyProvider):
     """The OS keychain (Secret Service on Linux, Keychain on macOS, Credential Locker on
     Windows) through the optional ``keyring`` package (``pip install ondevice[keyring]``).
 
-    With no ``backend``, the keyring's default backend is used only if it is a known
-    secure one; plaintext and placeholder backends are refused with
-    :class:`KeychainUnavailableError`. An explicit ``backend`` is trusted unless it is a
-    known insecure one (tests pass an in-memory backend this way).
+    The backend (``backend``, or keyring's default) is resolved through the wrappers
+    keyring uses (the chainer, the multipart wrapper) to the backend that would hold the
+    key, and used only if that is one of the known secure OS keychains; anything else
+    (plaintext or "encrypted" files, the ``fail`` and ``null`` placeholders, subclasses,
+    unknown backends) is refused with :class:`KeychainUnavailableError`.
     """
 
     kind = "keychain"
@@ -507,6 +741,7 @@ class Keychain(KeyProvider):
         return f"Keychain(service={self.service!r})"
 
     def check_available(self) -> None:
+        """Raise KeychainUnavailableError unless a secure OS keychain is available."""
         self.backend()
 
     def backend(self) -> Any:
@@ -515,11 +750,6 @@ class Keychain(KeyProvider):
             return self._backend
         if self._explicit is not None:
             chosen = self._explicit
-            if _backend_name(chosen) in _INSECURE_BACKENDS:
-                raise KeychainUnavailableError(
-                    f"refusing the insecure keyring backend {_backend_name(chosen)}; pass "
-                    "key=Passphrase(...) or key=RawKey(...) instead"
-                )
         else:
             try:
                 import keyring
@@ -529,17 +759,16 @@ class Keychain(KeyProvider):
                     "; or pass key=Passphrase(...) or key=RawKey(...)"
                 ) from None
             chosen = keyring.get_keyring()
-            candidates = list(getattr(chosen, "backends", None) or [chosen])
-            secure = [b for b in candidates if _backend_name(b).startswith(_SECURE_MODULES)]
-            if not secure:
-                names = ", ".join(_backend_name(b) for b in candidates) or "none"
-                raise KeychainUnavailableError(
-                    f"no secure OS keychain is available (found: {names}); pass "
-                    "key=Passphrase(...) or key=RawKey(...) instead"
-                )
-            chosen = secure[0]
-        self._backend = chosen
-        return chosen
+        candidates = _resolve_backend(chosen)
+        secure = [b for b in candidates if _is_secure_backend(b)]
+        if not secure:
+            names = ", ".join(_backend_name(b) for b in candidates) or _backend_name(chosen)
+            raise KeychainUnavailableError(
+                f"no secure OS keychain is available (found: {names}; only known OS "
+                "keychains are used); pass key=Passphrase(...) or key=RawKey(...) instead"
+            )
+        self._backend = secure[0]
+        return self._backend
 
     def _call(self, what: str, fn: Any, *args: Any) -> Any:
         try:
@@ -548,12 +777,23 @@ class Keychain(KeyProvider):
             raise KeyProviderError(f"the OS keychain failed to {what}: {exc}") from exc
 
     def store(self, directory: Path, key: bytes, *, pending: bool = False) -> None:
+        """Write the key file naming a new keychain entry, then store the key in that
+        entry (in this order: an interruption never leaves an entry no file names)."""
         backend = self.backend()
         account = f"profile-{uuid.uuid4()}"
-        self._call("store the key", backend.set_password, self.service, account, key.hex())
-        self._write(directory, self._descriptor(service=self.service, account=account), pending)
+        descriptor = self._descriptor(service=self.service, account=account)
+        self._write(directory, descriptor, pending)
+        try:
+            self._call("store the key", backend.set_password, self.service, account, key.hex())
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.release_descriptor(descriptor)
+            shred_file(directory / (PENDING_FILE if pending else KEY_FILE))
+            raise
+        step("keychain:entry-stored")
 
     def load(self, directory: Path, descriptor: dict[str, Any]) -> bytes:
+        """Read the data key from the keychain entry ``descriptor`` names."""
         service, account = descriptor.get("service"), descriptor.get("account")
         if not isinstance(service, str) or not isinstance(account, str):
             raise ProfileUnreadableError(UNREADABLE)
@@ -572,28 +812,26 @@ class Keychain(KeyProvider):
         return key
 
     def destroy(self, directory: Path) -> None:
-        for name in (KEY_FILE, KEY_FILE + ".pending"):
-            self._delete_entry(directory / name)
+        """Delete the keychain entries every key file names, then the files."""
+        for path in key_files(directory):
+            self._delete_entry(path)
         super().destroy(directory)
 
-    def discard_pending(self, directory: Path) -> None:
-        self._delete_entry(directory / (KEY_FILE + ".pending"))
-        super().discard_pending(directory)
-
     def release(self, directory: Path) -> None:
+        """Delete the keychain entry the current ``key.json`` names."""
         self._delete_entry(directory / KEY_FILE)
 
     def _delete_entry(self, key_file: Path) -> None:
-        try:
-            data = json.loads(key_file.read_bytes())
-        except (OSError, ValueError):
-            return
-        if isinstance(data, dict):
-            self.release_descriptor(data)
+        descriptor = read_key_file_quietly(key_file)
+        if descriptor is not None:
+            self.release_descriptor(descriptor)
 
     def release_descriptor(self, descriptor: dict[str, Any]) -> None:
+        """Delete the keychain entry ``descriptor`` names (gone already is fine)."""
         service, account = descriptor.get("service"), descriptor.get("account")
         if descriptor.get("provider") != self.kind or not isinstance(account, str):
+            return
+        if not isinstance(service, str):
             return
         backend = self.backend()
         try:

@@ -375,9 +375,10 @@ BUILTIN_FIELDS: Final = (
     FieldPurpose(
         "report_schedule.due_at",
         "send this week's report at a random moment of the week, so that reports of "
-        "this device cannot be linked by their timing",
-        7.0,
-        PrivacyLevel.SEGMENT,
+        "this device cannot be linked by their timing: a keyed tag (no user id), the "
+        "week and the moment, kept like the ledger so it is never drawn twice",
+        8.0,
+        PrivacyLevel.NONE,
     ),
     FieldPurpose(
         "budget_ledger.spend",

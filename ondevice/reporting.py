@@ -13,7 +13,10 @@ What one ``sync(user_id)`` does, in one write transaction and then one request:
    log is never reported again; a failed send is retried with the *same* logged bytes.
 3. **Schedule.** The week's report is due at an independent random moment between the
    first sync of the week and the week's end, drawn once and stored; ``sync`` before
-   then returns ``scheduled``. Two reports of this profile (several local users) are at
+   then returns ``scheduled``. A report that did not leave within its week (its
+   moment was pushed past the end, or the app was closed) leaves at the next sync,
+   labelled with its week (the server accepts the previous week), before the new
+   week's. Two reports of this profile (several local users) are at
    least ``min_gap`` apart: one due sooner after the last send is pushed back by a
    random ``min_gap`` to ``2 * min_gap``. Each report is one request on its own
    connection (``Connection: close``).
@@ -42,12 +45,15 @@ can tell a restored file from the original.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import random
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from . import _db
@@ -59,12 +65,24 @@ from .sync_settings import SyncOutcome, SyncSettings
 if TYPE_CHECKING:
     from .levels import CatalogRuntime
 
-__all__ = ["LIFETIME_PERIOD_DAYS", "Reporter", "budget_summary", "segment_count"]
+__all__ = [
+    "LIFETIME_PERIOD_DAYS",
+    "SEND_LOCK_FILE",
+    "Reporter",
+    "budget_summary",
+    "segment_count",
+]
 
 log = logging.getLogger(__name__)
 
 LIFETIME_PERIOD_DAYS: Final = 365.0
 """The rolling period of the lifetime budget, in days of the reporting clock."""
+
+SEND_LOCK_FILE: Final = "sync.lock"
+"""The file in the profile directory an engine holds an OS lock on while it sends: a
+second engine (thread or process) never takes over a report that is still in flight,
+however long the send takes or however the clock moves. The OS drops the lock of a
+killed process, and the report is then resent (the same bytes) after its lease."""
 
 _LEASE_MARGIN: Final = 30.0
 _SYSTEM_RANDOM: Final = secrets.SystemRandom()
@@ -90,10 +108,18 @@ class Reporter:
     call, since the engine may change them between calls.
     """
 
-    def __init__(self, store: Store, settings: SyncSettings, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        settings: SyncSettings,
+        clock: Callable[[], float],
+        *,
+        directory: Path | None = None,
+    ) -> None:
         self._store = store
         self._settings = settings
         self._clock = clock
+        self._lock_path = None if directory is None else directory / SEND_LOCK_FILE
 
     @property
     def _rng(self) -> random.Random:
@@ -112,25 +138,45 @@ class Reporter:
         user_id: str,
         *,
         level: PrivacyLevel,
+        level_in: Callable[[_db.Connection], PrivacyLevel] | None = None,
         runtime: CatalogRuntime | None,
         retention_days: float,
     ) -> SyncOutcome:
         """Report ``user_id``'s segment for the current epoch if it is due (see the
-        module docstring). Network failures are not raised: the outcome says
-        ``failed``. Raises SyncError when no catalog is loaded or the report cannot be
-        built."""
-        from sync import client as sync_client
-        from sync import errors as sync_errors
-
+        module docstring). ``level_in(conn)``, when given, returns the level in force
+        inside the write transaction (following a level lowered by another engine).
+        Network failures are not raised: the outcome says ``failed``. Raises SyncError
+        when no catalog is loaded or the report cannot be built."""
         check_id(user_id, "user_id")
-        settings = self._settings
         if level is PrivacyLevel.NONE:
-            return SyncOutcome(user_id, "skipped", reason="privacy level none: nothing to report")
+            return SyncOutcome(
+                user_id, "skipped", reason="privacy level none: nothing to report"
+            )
         if runtime is None:
             raise SyncError("load a catalog bundle first: the segments come from it")
         k = segment_count(runtime)
         if k == 0:
             return SyncOutcome(user_id, "skipped", reason="the catalog defines no segments")
+        with _send_lock(self._lock_path) as held:
+            if not held:
+                return SyncOutcome(
+                    user_id, "waiting", reason="another engine on this profile is sending"
+                )
+            return self._sync_locked(user_id, level, level_in, runtime, retention_days, k)
+
+    def _sync_locked(
+        self,
+        user_id: str,
+        level: PrivacyLevel,
+        level_in: Callable[[_db.Connection], PrivacyLevel] | None,
+        runtime: CatalogRuntime,
+        retention_days: float,
+        k: int,
+    ) -> SyncOutcome:
+        from sync import client as sync_client
+        from sync import errors as sync_errors
+
+        settings = self._settings
         try:
             client = sync_client.SyncClient(
                 base_url=settings.server_url,
@@ -139,6 +185,12 @@ class Reporter:
                 k=k,
             )
             with self._store.write() as conn:
+                if level_in is not None:  # another engine may have lowered the level
+                    level = level_in(conn)
+                if level is PrivacyLevel.NONE:
+                    return SyncOutcome(
+                        user_id, "skipped", reason="privacy level none: nothing to report"
+                    )
                 now = Store.advance_report_clock(conn, float(self._clock()))
                 taken = self._take(conn, user_id, now, k, client, level, runtime, retention_days)
             if isinstance(taken, SyncOutcome):
@@ -150,6 +202,13 @@ class Reporter:
             except sync_errors.ServerRejectedError as exc:
                 status, answer = "refused", f"{exc.status} refused"
             except (sync_errors.TransportError, sync_errors.ServerError) as exc:
+                status, answer = "failed", type(exc).__name__
+                retry = sync_client.Backoff().next_attempt_at(now, taken.attempts)
+            except sync_errors.SyncError:
+                raise  # a local refusal (a pinned key that no longer fits...): say so
+            except Exception as exc:  # a host app's transport may raise anything
+                name = type(exc).__name__
+                log.warning("the transport raised %s; the report will be retried", name)
                 status, answer = "failed", type(exc).__name__
                 retry = sync_client.Backoff().next_attempt_at(now, taken.attempts)
             with self._store.write() as conn:
@@ -203,6 +262,16 @@ class Reporter:
         tag = Store.ledger_tag(conn, user_id)
         # Epochs "YYYY-Www" sort as they follow each other: the latest reported week.
         latest = Store.latest_reported_epoch(conn, tag)
+        scheduled = Store.schedule(conn, tag)
+        if (
+            scheduled is not None
+            and scheduled[0] == protocol.shift_epoch(epoch, -1)
+            and (latest is None or latest < scheduled[0])
+        ):
+            # Last week's report never left (its moment fell at the week's end, pushed
+            # past it by another user's report, or the app was closed): it goes now,
+            # labelled with its own week, which the server still accepts.
+            epoch = scheduled[0]
         if latest is not None and latest >= epoch:
             return SyncOutcome(
                 user_id,
@@ -212,7 +281,7 @@ class Reporter:
                 if latest == epoch
                 else "a later week was already reported (the clock went back)",
             )
-        deferred = self._due(conn, user_id, epoch, now)
+        deferred = self._due(conn, tag, epoch, now)
         if deferred is not None:
             return SyncOutcome(
                 user_id, "scheduled", epoch, retry_at=deferred, reason="not due yet"
@@ -242,7 +311,6 @@ class Reporter:
         )
         Store.spend(conn, tag, epoch, spent, now)
         Store.set_meta(conn, "last_report_at", repr(now))
-        Store.clear_schedule(conn, user_id)
         return _Send(epoch, body, 0, spent, settings.epsilon_1, reason)
 
     def _retry(
@@ -254,7 +322,7 @@ class Reporter:
         lease: float,
     ) -> SyncOutcome | _Send:
         epoch = entry["epoch"]
-        if entry["status"] in ("sent", "refused"):
+        if entry["status"] in ("sent", "refused", "unsent"):
             return SyncOutcome(
                 user_id,
                 "already_sent",
@@ -264,7 +332,10 @@ class Reporter:
                 entry["epsilon_1"],
                 entry["epsilon"],
                 entry["answer"],
-                reason="one report per epoch",
+                reason="one report per epoch"
+                if entry["status"] != "unsent"
+                else "this week's report was logged before an import or an upgrade and is "
+                "never sent again",
             )
         retry_at = entry["next_attempt"]
         gap_end = self._gap_end(conn, now)
@@ -309,25 +380,25 @@ class Reporter:
             return None
         return last_at + gap * (1.0 + self._rng.random())
 
-    def _due(self, conn: _db.Connection, user_id: str, epoch: str, now: float) -> float | None:
+    def _due(self, conn: _db.Connection, tag: bytes, epoch: str, now: float) -> float | None:
         """None if the user's report for ``epoch`` may leave now, else when it is due
         (drawing and storing the week's random moment on first use)."""
         from sync import protocol
 
         due: float | None = None
         if self._settings.schedule:
-            scheduled = Store.schedule(conn, user_id)
+            scheduled = Store.schedule(conn, tag)
             if scheduled is None or scheduled[0] != epoch:
                 end = protocol.epoch_start(epoch) + protocol.WEEK_SECONDS
                 due = now + (end - now) * self._rng.random()
-                Store.set_schedule(conn, user_id, epoch, due)
+                Store.set_schedule(conn, tag, epoch, due)
             else:
                 due = scheduled[1]
         if due is not None and due > now:
             return due
         gap_end = self._gap_end(conn, now)
         if gap_end is not None:
-            Store.set_schedule(conn, user_id, epoch, gap_end)
+            Store.set_schedule(conn, tag, epoch, gap_end)
             return gap_end
         return None
 
@@ -404,6 +475,34 @@ class Reporter:
             used_at=now,
         )
         return memo, eps_inf, "new segment: drew its memo"
+
+
+@contextlib.contextmanager
+def _send_lock(path: Path | None) -> Iterator[bool]:
+    """Try to hold the OS lock on ``path`` for the block, without waiting: yields
+    whether it is held (True when there is no lock file to take: a bare Reporter)."""
+    if path is None:
+        yield True
+        return
+    from .keys import _try_lock, _unlock
+
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise SyncError(f"cannot open the send lock: {exc.strerror}") from exc
+    try:
+        try:
+            _try_lock(fd)
+        except OSError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            with contextlib.suppress(OSError):
+                _unlock(fd)
+    finally:
+        os.close(fd)
 
 
 def segment_count(runtime: CatalogRuntime) -> int:

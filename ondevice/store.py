@@ -24,7 +24,8 @@ forward steps):
   ``wipe_profile`` and level changes.
 - ``report_memos(user_id, k, epsilon_inf, segment, memo, ...)``: the memoized noisy
   value of each true segment a user held (v6).
-- ``report_schedule(user_id, epoch, due_at)``: when the week's report may leave (v6).
+- ``report_schedule(tag, epoch, due_at)``: when the week's report may leave, keyed and
+  kept like the ledger (v6).
 
 ``meta`` also holds ``report_clock``, the reporting path's high-water mark of time:
 the largest clock reading any ``sync`` has seen. Reporting uses
@@ -40,12 +41,14 @@ import contextlib
 import json
 import logging
 import operator
+import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, Final
 
 from . import _db
-from .errors import ProfileClosedError, ProfileVersionError
+from .errors import ProfileClosedError, ProfileGoneError, ProfileVersionError, StorageError
 from .policy import Interaction, Policy, PrivacyLevel, SignalValue
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Store"]
@@ -116,11 +119,22 @@ MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
             segment INTEGER NOT NULL, memo INTEGER NOT NULL, created_at REAL NOT NULL,
             used_at REAL NOT NULL,
             PRIMARY KEY(user_id, k, epsilon_inf, segment)) WITHOUT ROWID""",
+        # Keyed like the ledger (no user id) and kept like it: forgetting a user, a level
+        # change or an import must not let the week's random moment be drawn again.
         """CREATE TABLE report_schedule(
-            user_id TEXT PRIMARY KEY, epoch TEXT NOT NULL, due_at REAL NOT NULL)
+            tag BLOB PRIMARY KEY, epoch TEXT NOT NULL, due_at REAL NOT NULL)
             WITHOUT ROWID""",
         # The per-report layer's epsilon (NULL for single-layer reports of v0.1).
         "ALTER TABLE egress ADD COLUMN epsilon_1 REAL",
+        # 0.1's reports not delivered yet can never be: the server takes version 2 only.
+        "UPDATE egress SET status = 'unsent', next_attempt = NULL "
+        "WHERE status IN ('pending', 'failed')",
+        # 0.1 kept the server's error text; keep only the status code.
+        "UPDATE egress SET answer = substr(answer, 1, 3) || CASE status "
+        "WHEN 'sent' THEN ' counted' WHEN 'refused' THEN ' refused' ELSE '' END "
+        "WHERE answer IS NOT NULL AND answer GLOB '[0-9][0-9][0-9]*'",
+        "UPDATE egress SET answer = NULL "
+        "WHERE answer IS NOT NULL AND NOT answer GLOB '[0-9][0-9][0-9]*'",
     ),
 }
 SCHEMA_VERSION: Final = max(MIGRATIONS)
@@ -133,7 +147,6 @@ USER_TABLES: Final = (
     "blocks",
     "egress",
     "report_memos",
-    "report_schedule",
     "interactions",
     "users",
 )
@@ -220,6 +233,7 @@ class _Transaction:
             conn = store.conn
             cache = store._cache
             conn.execute("BEGIN IMMEDIATE")
+            store.check_identity()  # under the write lock: the file we write is the profile
             if self._cached:
                 # Under the write lock: no other connection can commit until we do.
                 (version,) = conn.execute("PRAGMA data_version").fetchone()
@@ -253,6 +267,8 @@ class _Transaction:
                 assert self._conn is not None
                 self._conn.execute("COMMIT")
                 committed = True
+                if store._truncate_pending:
+                    store.retry_truncate()
             elif isinstance(exc, _db.DriverError):
                 raise _db.translate(exc) from exc
         except _db.DriverError as failed:  # the COMMIT
@@ -266,17 +282,51 @@ class _Transaction:
 
 
 class Store:
-    """Row access to one open profile database. Not part of the public API."""
+    """Row access to one open profile database. Not part of the public API.
 
-    def __init__(self, conn: _db.Connection) -> None:
+    With ``path``, every transaction first checks that ``path`` is still the file this
+    connection opened (same device and inode): a profile deleted or replaced under an
+    open engine raises ProfileGoneError instead of taking writes into an unlinked file.
+    One ``stat`` per transaction, about a microsecond.
+    """
+
+    def __init__(self, conn: _db.Connection, path: Path | None = None) -> None:
         self._conn: _db.Connection | None = conn
+        self._path = path
+        self._identity: tuple[int, int] | None = None
+        if path is not None:
+            st = os.stat(path)
+            self._identity = (st.st_dev, st.st_ino)
         self._lock = threading.RLock()
         self._cache = _WriteCache()
         #: Set by each ``write(cached=True)``: whether another connection committed
         #: since this connection's previous cached write (True before the first one).
         self.changed_elsewhere = True
+        #: A TRUNCATE checkpoint that readers blocked, to be retried (see checkpoint()).
+        self._truncate_pending = False
+        (busy_ms,) = conn.execute("PRAGMA busy_timeout").fetchone()
+        self._busy_ms = int(busy_ms)
 
     # -- connection and transactions ------------------------------------------------
+
+    def check_identity(self) -> None:
+        """Raise ProfileGoneError if the profile file is gone or is another file now."""
+        if self._path is None:
+            return
+        try:
+            st = os.stat(self._path)
+        except FileNotFoundError:
+            found = None
+        except OSError as exc:
+            raise StorageError(f"cannot check the profile file: {exc.strerror}") from exc
+        else:
+            found = (st.st_dev, st.st_ino)
+        if found != self._identity:
+            log.warning("the profile file was deleted or replaced under an open engine")
+            raise ProfileGoneError(
+                "the profile's database was deleted or replaced while this engine had it "
+                "open (a wipe elsewhere?); nothing was stored: close this engine"
+            )
 
     @property
     def lock(self) -> threading.RLock:
@@ -332,23 +382,51 @@ class Store:
             with _db.translating():
                 conn.execute("BEGIN")
             try:
+                self.check_identity()
                 with _db.translating():
                     yield conn
             finally:
                 with contextlib.suppress(_db.DriverError):
                     if conn.in_transaction:
                         conn.execute("COMMIT")
+                if self._truncate_pending:
+                    self.retry_truncate()
 
-    def checkpoint(self) -> None:
+    def checkpoint(self) -> bool:
         """Move the WAL into the database and truncate it, so old page images of
-        deleted rows do not linger in the WAL file."""
+        deleted rows do not linger in the WAL file. SQLite waits (up to the busy
+        timeout) for other connections' read transactions to end first. Returns True
+        when the WAL was emptied; otherwise the store retries, without waiting, after
+        each of its later transactions until it succeeds (:meth:`retry_truncate`)."""
         with self._lock, _db.translating():
             busy, _, _ = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         if busy:
+            self._truncate_pending = True
             log.warning(
                 "WAL checkpoint could not complete (another connection is reading); deleted "
-                "rows stay in the encrypted WAL until the next checkpoint"
+                "rows stay in the encrypted WAL until that read ends and this engine's next "
+                "transaction truncates it"
             )
+            return False
+        self._truncate_pending = False
+        return True
+
+    def retry_truncate(self) -> None:
+        """After a checkpoint that readers blocked: try again now, without waiting (a
+        busy timeout of zero), and stop trying once it succeeds. The caller holds the
+        store lock, outside any transaction."""
+        conn = self.conn
+        try:
+            conn.execute("PRAGMA busy_timeout = 0")
+            try:
+                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+        except _db.DriverError:
+            return  # still blocked or busy: the next transaction tries again
+        if not busy:
+            self._truncate_pending = False
+            log.info("WAL truncated: the rows deleted earlier are gone from it")
 
     # -- schema ---------------------------------------------------------------------
 
@@ -700,7 +778,10 @@ class Store:
                 total += conn.execute(
                     "DELETE FROM budget_ledger WHERE created_at < ?", (expired,)
                 ).rowcount
-        run(f"DELETE FROM report_schedule WHERE due_at < ? {who}", now - 8 * DAY)
+        if user_id is None:
+            total += conn.execute(
+                "DELETE FROM report_schedule WHERE due_at < ?", (now - 8 * DAY,)
+            ).rowcount
         for field in policy.context if scan else ():
             if field.retention_days < policy.retention_days:
                 run(
@@ -1153,27 +1234,21 @@ class Store:
         )
 
     @staticmethod
-    def schedule(conn: _db.Connection, user_id: str) -> tuple[str, float] | None:
-        """``(epoch, due_at)`` of the user's scheduled report, or None."""
+    def schedule(conn: _db.Connection, tag: bytes) -> tuple[str, float] | None:
+        """``(epoch, due_at)`` of the scheduled report of ledger tag ``tag``, or None."""
         row = conn.execute(
-            "SELECT epoch, due_at FROM report_schedule WHERE user_id = ?", (user_id,)
+            "SELECT epoch, due_at FROM report_schedule WHERE tag = ?", (tag,)
         ).fetchone()
         return None if row is None else (str(row[0]), float(row[1]))
 
     @staticmethod
-    def set_schedule(conn: _db.Connection, user_id: str, epoch: str, due_at: float) -> None:
-        """Schedule the user's report of ``epoch`` for ``due_at``."""
+    def set_schedule(conn: _db.Connection, tag: bytes, epoch: str, due_at: float) -> None:
+        """Schedule the report of ``epoch`` of ledger tag ``tag`` for ``due_at``."""
         conn.execute(
-            "INSERT INTO report_schedule(user_id, epoch, due_at) VALUES (?, ?, ?) "
-            "ON CONFLICT(user_id) DO UPDATE SET epoch = excluded.epoch, "
-            "due_at = excluded.due_at",
-            (user_id, epoch, due_at),
+            "INSERT INTO report_schedule(tag, epoch, due_at) VALUES (?, ?, ?) "
+            "ON CONFLICT(tag) DO UPDATE SET epoch = excluded.epoch, due_at = excluded.due_at",
+            (tag, epoch, due_at),
         )
-
-    @staticmethod
-    def clear_schedule(conn: _db.Connection, user_id: str) -> None:
-        """Forget the user's schedule (its report left)."""
-        conn.execute("DELETE FROM report_schedule WHERE user_id = ?", (user_id,))
 
     @staticmethod
     def count_rows(conn: _db.Connection) -> dict[str, int]:

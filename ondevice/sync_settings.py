@@ -42,7 +42,10 @@ class SyncSettings:
         What happens when the segment changes and no new memo fits the cap:
         ``"repeat"`` (the default) keeps reporting fresh randomizations of the last
         memo, which reveals nothing new and keeps the weekly report looking like any
-        other; ``"skip"`` sends nothing for that user until a memo fits.
+        other (a user with no memo at all, after ``wipe_profile``, level ``none`` or a
+        catalog with another number of segments, sends nothing); ``"skip"`` sends
+        nothing for that user until a memo fits, so a week without a report can tell a
+        server that links the device's reports that its segment changed.
     ``schedule``
         True (the default): each report leaves at an independent random moment of its
         week, drawn when the week's report is first asked for; ``sync()`` sends only what
@@ -52,7 +55,7 @@ class SyncSettings:
         report due sooner after another is pushed back by ``min_gap`` to ``2 * min_gap``
         (default one hour), so reports of one device never leave back to back.
     ``timeout``
-        Seconds per request.
+        Seconds per request (at most 300).
     ``transport``
         A :class:`sync.client.Transport`: for example an
         :class:`sync.ohttp.OhttpTransport` (Oblivious HTTP through a relay), or an
@@ -87,6 +90,12 @@ class SyncSettings:
         for name in ("epsilon_inf", "epsilon_1"):
             if getattr(self, name) > 20.0:
                 raise InvalidInputError(f"{name} must be at most 20")
+        if self.timeout > 300:
+            raise InvalidInputError("timeout must be at most 300 seconds")
+        if self.transport is not None and not callable(getattr(self.transport, "request", None)):
+            raise InvalidInputError(
+                "transport must have a request(method, url, headers, body, timeout) method"
+            )
         if self.epsilon_inf > self.lifetime_cap:
             raise InvalidInputError("epsilon_inf must not exceed lifetime_cap")
         if self.when_spent not in ("repeat", "skip"):
@@ -119,7 +128,10 @@ class SyncOutcome:
     - ``waiting``: a failed report whose retry time has not come;
     - ``refused``: the server refused the report (not retried);
     - ``skipped``: nothing to report (level ``none``, no segment yet, or the lifetime
-      budget is spent with ``when_spent="skip"``); nothing sent.
+      budget is spent with ``when_spent="skip"``, or with ``"repeat"`` when the user
+      holds no memo to repeat); nothing sent;
+    - ``error`` (from :meth:`~ondevice.PersonalizationEngine.sync_due` only): this
+      user's report raised SyncError, given in ``reason``; the other users were served.
 
     ``body`` is the exact bytes that left (or will leave). ``epsilon_inf`` and
     ``epsilon_1`` are the two layers' epsilons; ``spent`` is the lifetime epsilon this

@@ -26,6 +26,21 @@ Response`` (:class:`Transport`): :class:`HttpTransport` speaks real HTTP(S) with
 ``http.client`` and a timeout on every request; :class:`InProcessTransport` calls the
 server's plain handler function directly (protocol tests, no sockets).
 
+Answer size
+-----------
+Every answer is read into a bounded buffer, the cap depending on the request:
+:data:`MAX_REPORT_ANSWER_SIZE` bytes for a report (its answer is a status and a short
+JSON document), :data:`~sync.protocol.MAX_CONTENT_TABLE_SIZE` for the content table
+and ``max_bundle_bytes`` (default :data:`DEFAULT_MAX_BUNDLE_SIZE`) for the bundle.
+:class:`HttpTransport` also caps the status line and header fields together at
+:data:`MAX_RESPONSE_HEAD_SIZE`, refuses an announced ``Content-Length`` over the cap
+before reading the body, and stops reading as soon as the cap is passed; a larger
+answer raises :class:`~sync.errors.TransportError` (``maybe_delivered``). Answers from
+other transports are checked after the fact. Nothing the server chose reaches
+:class:`ReportAnswer`: it holds the status and the fixed word ``"counted"``; an error
+code from the server is kept only if it is a short ``snake_case`` word (``"unknown"``
+otherwise), and its message only as printable ASCII, at most 200 characters.
+
 Retries
 -------
 :class:`Backoff` is the retry schedule the engine uses after a retryable failure
@@ -35,17 +50,20 @@ fresh random draw, which would leak more and spend budget again).
 
 from __future__ import annotations
 
+import functools
 import http.client
+import inspect
 import json
 import math
 import random
+import re
 import secrets
 import ssl
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from sync.errors import (
     ConfigurationError,
@@ -59,6 +77,7 @@ from sync.errors import (
 from sync.protocol import (
     BUNDLE_PATH,
     CONTENT_PATH,
+    MAX_CONTENT_TABLE_SIZE,
     MAX_SEGMENTS,
     MESSAGE_SIZE,
     REPORT_PATH,
@@ -72,7 +91,10 @@ from sync.protocol import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_BUNDLE_SIZE",
     "DEFAULT_MAX_RESPONSE_BYTES",
+    "MAX_REPORT_ANSWER_SIZE",
+    "MAX_RESPONSE_HEAD_SIZE",
     "Backoff",
     "HttpTransport",
     "InProcessTransport",
@@ -82,10 +104,98 @@ __all__ = [
     "Transport",
 ]
 
-DEFAULT_MAX_RESPONSE_BYTES: Final = 256 * 1024 * 1024
-"""The largest response body a transport reads (a bundle can be large)."""
+DEFAULT_MAX_RESPONSE_BYTES: Final = MAX_CONTENT_TABLE_SIZE
+"""The largest response body :class:`HttpTransport` reads unless told otherwise per
+request (:class:`SyncClient` always says, per kind of request)."""
+
+MAX_REPORT_ANSWER_SIZE: Final = 1024
+"""The largest answer body read for a report (the server's are under 300 bytes)."""
+
+DEFAULT_MAX_BUNDLE_SIZE: Final = 64 * 1024 * 1024
+"""The default cap on a fetched bundle (``SyncClient(max_bundle_bytes=...)``)."""
+
+MAX_RESPONSE_HEAD_SIZE: Final = 16 * 1024
+"""The most bytes of status line and header fields :class:`HttpTransport` reads."""
 
 _CHUNK: Final = 64 * 1024
+_CODE_RE: Final = re.compile(r"[a-z][a-z0-9_]{0,47}")
+_UNPRINTABLE_RE: Final = re.compile(r"[^\x20-\x7e]")
+
+
+def _check_cap(value: object, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{name} must be an integer >= 1")
+
+
+class _TooLarge(Exception):
+    """The answer passed the transport's byte budget."""
+
+
+class _Budget:
+    """Wraps a response's socket file; fails once more than ``limit`` bytes are read.
+
+    ``http.client`` reads the status line, the header fields, any chunk framing and
+    the body through it; the buffered reader beneath reads ahead at most its buffer.
+    """
+
+    def __init__(self, raw: Any, limit: int) -> None:
+        self._raw = raw
+        self._left = limit
+
+    def _take(self, data: bytes) -> bytes:
+        self._left -= len(data)
+        if self._left < 0:
+            raise _TooLarge
+        return data
+
+    def _size(self, size: int | None) -> int:
+        return self._left + 1 if size is None or size < 0 else min(size, self._left + 1)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        return self._take(self._raw.readline(self._size(size)))
+
+    def read(self, size: int | None = -1) -> bytes:
+        return self._take(self._raw.read(self._size(size)))
+
+    def read1(self, size: int = -1) -> bytes:
+        return self._take(self._raw.read1(self._size(size)))
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        count: int = self._raw.readinto(view[: self._left + 1])
+        self._left -= count
+        if self._left < 0:
+            raise _TooLarge
+        return count
+
+    def close(self) -> None:
+        self._raw.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+
+@functools.lru_cache(maxsize=64)
+def _takes_cap(kind: type) -> bool:
+    """Whether ``kind.request`` takes a per-request ``max_response_bytes`` (as
+    :meth:`HttpTransport.request` does); other transports are checked afterwards."""
+    try:
+        parameters = inspect.signature(getattr(kind, "request")).parameters  # noqa: B009
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return "max_response_bytes" in parameters
+
+
+@functools.lru_cache(maxsize=32)
+def _bounded_response(limit: int) -> type[http.client.HTTPResponse]:
+    """An HTTPResponse class whose reads, head included, stop after ``limit`` bytes."""
+
+    class BoundedResponse(http.client.HTTPResponse):
+        def __init__(self, sock: Any, *args: Any, **kwargs: Any) -> None:
+            super().__init__(sock, *args, **kwargs)
+            self.fp = _Budget(self.fp, limit)  # type: ignore[assignment]
+
+    return BoundedResponse
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +232,10 @@ class HttpTransport:
     Sends only the headers it is given (checked against the protocol's allowed set) plus
     ``Host``; no ``Accept-Encoding``, no ``User-Agent``, no cookies. ``timeout`` bounds
     connecting, and the rest of the exchange shares one deadline of ``timeout`` from the
-    start (a server that drips its answer cannot hold the device much longer).
+    start (a server that drips its answer cannot hold the device much longer). The
+    answer's body is capped at ``max_response_bytes`` (or at the ``max_response_bytes``
+    given to :meth:`request` for that request), its status line and header fields at
+    :data:`MAX_RESPONSE_HEAD_SIZE`; past either, :class:`~sync.errors.TransportError`.
     """
 
     def __init__(
@@ -131,14 +244,25 @@ class HttpTransport:
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        _check_cap(max_response_bytes, "max_response_bytes")
         self._max = max_response_bytes
         self._ssl_context = ssl_context
 
     def request(
-        self, method: str, url: str, headers: Mapping[str, str], body: bytes, timeout: float
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        timeout: float,
+        *,
+        max_response_bytes: int | None = None,
     ) -> Response:
-        """Send one request; see the class docstring."""
+        """Send one request; see the class docstring. ``max_response_bytes`` replaces
+        the transport's cap for this request."""
         check_request_headers(headers)
+        cap = self._max if max_response_bytes is None else max_response_bytes
+        _check_cap(cap, "max_response_bytes")
         parts = _split_url(url)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         connection: http.client.HTTPConnection
@@ -151,8 +275,10 @@ class HttpTransport:
             connection = http.client.HTTPConnection(
                 parts.hostname or "", parts.port, timeout=timeout
             )
+        connection.response_class = _bounded_response(cap + MAX_RESPONSE_HEAD_SIZE)
         deadline = time.monotonic() + timeout
         sent = False
+        answer: http.client.HTTPResponse | None = None
         try:
             connection.putrequest(method, target, skip_accept_encoding=True)
             for name, value in headers.items():
@@ -161,22 +287,28 @@ class HttpTransport:
             sent = True
             self._shrink_timeout(connection, deadline)
             answer = connection.getresponse()
+            if answer.length is not None and answer.length > cap:
+                raise _TooLarge
             data = bytearray()
             while True:
                 self._shrink_timeout(connection, deadline)
-                chunk = answer.read(_CHUNK)
+                chunk = answer.read(min(_CHUNK, cap + 1 - len(data)))
                 if not chunk:
                     break
                 data += chunk
-                if len(data) > self._max:
-                    raise TransportError(
-                        f"response larger than {self._max} bytes", maybe_delivered=True
-                    )
+                if len(data) > cap:
+                    raise _TooLarge
             return Response(
                 status=answer.status,
                 headers={name.lower(): value for name, value in answer.getheaders()},
                 body=bytes(data),
             )
+        except _TooLarge:
+            raise TransportError(
+                f"{method} {parts.path}: answer over {cap} bytes (or its head over "
+                f"{MAX_RESPONSE_HEAD_SIZE})",
+                maybe_delivered=True,
+            ) from None
         except TimeoutError as exc:
             raise TransportTimeout(
                 f"{method} {parts.path}: no answer within {timeout:g} s", maybe_delivered=sent
@@ -186,6 +318,10 @@ class HttpTransport:
                 f"{method} {parts.path}: {type(exc).__name__}: {exc}", maybe_delivered=sent
             ) from exc
         finally:
+            # The response holds the socket too (for a "Connection: close" answer it is
+            # the only holder): close both, so no error path leaves the socket open.
+            if answer is not None:
+                answer.close()
             connection.close()
 
     @staticmethod
@@ -230,10 +366,11 @@ class InProcessTransport:
 
 @dataclass(frozen=True, slots=True)
 class ReportAnswer:
-    """The server's answer to a report that was counted (what the egress log records)."""
+    """The server's answer to a report that was counted: its status and the fixed word
+    ``"counted"`` (nothing the server wrote; the egress log keeps only these)."""
 
     status: int
-    code: str
+    code: str = "counted"
 
     @property
     def summary(self) -> str:
@@ -241,14 +378,14 @@ class ReportAnswer:
         return f"{self.status} {self.code}"
 
 
-def _json_field(response: Response, name: str, default: str) -> str:
+def _json_field(response: Response, name: str) -> str | None:
     try:
         document = json.loads(response.body)
-    except ValueError:
-        return default
+    except (ValueError, RecursionError):
+        return None
     if isinstance(document, dict) and isinstance(document.get(name), str):
-        return str(document[name])[:200]
-    return default
+        return str(document[name])
+    return None
 
 
 class SyncClient:
@@ -256,7 +393,9 @@ class SyncClient:
 
     ``base_url`` is the server's or a relay's (see the module docstring); ``transport``
     defaults to :class:`HttpTransport`; ``timeout`` (seconds) bounds every request; ``k``
-    is the bundle's number of segments, so a segment ``>= k`` is refused locally.
+    is the bundle's number of segments, so a segment ``>= k`` is refused locally;
+    ``max_bundle_bytes`` caps :meth:`fetch_bundle`'s answer (the other answers have
+    fixed caps, see the module docstring).
     """
 
     def __init__(
@@ -266,8 +405,10 @@ class SyncClient:
         transport: Transport | None = None,
         timeout: float = 5.0,
         k: int = MAX_SEGMENTS,
+        max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_SIZE,
     ) -> None:
         _split_url(base_url)
+        _check_cap(max_bundle_bytes, "max_bundle_bytes")
         if not (isinstance(timeout, int | float) and math.isfinite(timeout) and timeout > 0):
             raise ConfigurationError("timeout must be a finite number of seconds > 0")
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SEGMENTS:
@@ -276,6 +417,11 @@ class SyncClient:
         self._transport: Transport = HttpTransport() if transport is None else transport
         self._timeout = float(timeout)
         self._k = k
+        self._caps: Mapping[str, int] = {
+            REPORT_PATH: MAX_REPORT_ANSWER_SIZE,
+            CONTENT_PATH: MAX_CONTENT_TABLE_SIZE,
+            BUNDLE_PATH: max_bundle_bytes,
+        }
 
     @property
     def base_url(self) -> str:
@@ -315,7 +461,7 @@ class SyncClient:
         decode_report(body, k=self._k)  # raises for anything but a canonical report
         response = self._request("POST", REPORT_PATH, body)
         if response.status == 200:
-            return ReportAnswer(status=200, code=_json_field(response, "status", "counted"))
+            return ReportAnswer(status=200)
         raise self._failure(response)
 
     def fetch_content(self) -> ContentTable:
@@ -339,12 +485,24 @@ class SyncClient:
 
     def _request(self, method: str, path: str, body: bytes) -> Response:
         headers = dict(REQUEST_HEADERS[path])
-        return self._transport.request(method, self._base + path, headers, body, self._timeout)
+        cap = self._caps[path]
+        url = self._base + path
+        if _takes_cap(type(self._transport)):
+            response = self._transport.request(  # type: ignore[call-arg]
+                method, url, headers, body, self._timeout, max_response_bytes=cap
+            )
+        else:
+            response = self._transport.request(method, url, headers, body, self._timeout)
+        if len(response.body) > cap:
+            raise TransportError(f"{method} {path}: answer over {cap} bytes", maybe_delivered=True)
+        return response
 
     @staticmethod
     def _failure(response: Response) -> ServerRejectedError | ServerUnavailableError:
-        code = _json_field(response, "error", "unknown")
-        message = _json_field(response, "message", "")
+        code = _json_field(response, "error")
+        if code is None or not _CODE_RE.fullmatch(code):
+            code = "unknown"
+        message = _UNPRINTABLE_RE.sub("", _json_field(response, "message") or "")[:200]
         text = f"server answered {response.status} ({code}){': ' + message if message else ''}"
         if response.status == 429 or response.status >= 500:
             return ServerUnavailableError(text, status=response.status, code=code)

@@ -21,7 +21,10 @@ Endpoints
     The operator's content table (featured items of every segment, and the channel
     ``epsilon_inf`` / ``epsilon_1``), the same bytes for every client.
 ``GET /v1/bundle``
-    The signed catalog bundle file, bytes as they are on disk.
+    The signed catalog bundle file, bytes as they are on disk, streamed from the file
+    in chunks (never read whole). Through the OHTTP gateway only a bundle that fits one
+    encapsulated response is served (``413`` ``too_large`` otherwise: fetch it
+    directly).
 ``GET /v1/stats``
     ``{"version": 2, "epochs": [...]}``: every *closed* epoch since the count store's
     first epoch, oldest first (each one published, see below).
@@ -89,6 +92,38 @@ The central noise hides *one report*; it is small compared to the local randomiz
 protects each device's segment. Stores migrated from version 1 keep their version 1
 (single-layer) counts aside in ``counts_v1``: never published, never mixed in.
 
+Connections, threads and deadlines
+----------------------------------
+One event-loop thread accepts connections and reads requests; a fixed pool of
+``workers`` threads runs the handler; the loop writes the answers. No thread is ever
+started per connection, so an idle or slow connection costs a socket and a bounded
+buffer (a request head is at most 16 KiB, a body at most ``max_body``), not a thread.
+
+- At most ``max_connections`` connections are open (lowered, with a warning, to what
+  the soft open-file limit leaves room for; the command line raises that limit up to
+  the hard limit first). Any more are answered ``503`` ``overloaded`` with
+  ``Retry-After`` and closed at once.
+- Each request has one deadline, ``request_timeout`` seconds (default 10) after its
+  connection was accepted or its previous answer sent, for its whole head and body:
+  trickling bytes does not extend it. Past it the connection is closed, with ``408``
+  ``request_timeout`` if part of a request had arrived.
+- An answer must be taken by the client within ``request_timeout`` plus one second per
+  64 KiB of it, and a client that takes nothing for ``request_timeout`` is dropped;
+  the bundle is read from its file 64 KiB at a time as the client takes it, and at
+  most 256 downloads run at once (``503`` ``busy`` beyond).
+- Connections are kept alive between requests (HTTP/1.1, unless ``Connection:
+  close``); requests on one connection are answered in order, one at a time.
+
+Every answer of the HTTP layer itself is a JSON error ``{"error": code, "message":
+...}`` closing the connection: ``400`` ``bad_request`` (malformed request line, header
+field or ``Content-Length``), ``408``, ``411`` ``length_required`` (a ``POST`` without
+``Content-Length``, or any ``Transfer-Encoding``), ``413`` (a ``Content-Length`` over
+``max_body``, refused unread), ``414`` ``uri_too_long`` (a request line over 8 KiB),
+``431`` ``header_fields_too_large`` (a head over 16 KiB or over 100 fields), ``503``,
+``505`` ``http_version_not_supported``. The handler's answers use the same format (the
+statuses listed with the endpoints, ``404`` / ``405`` for unknown paths or methods,
+``503`` ``store_unavailable`` when the store fails).
+
 Rate limit
 ----------
 With ``rate_limit > 0`` the server counts at most that many reports per client address
@@ -126,12 +161,17 @@ import argparse
 import collections
 import contextlib
 import datetime as _dt
-import io
+import errno
+import heapq
+import itertools
 import json
 import logging
 import math
+import os
 import queue
 import random
+import re
+import selectors
 import signal
 import socket
 import sqlite3
@@ -141,10 +181,9 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import IO, TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Final, Literal
 
 from sync.errors import (
     BadEpochError,
@@ -173,6 +212,7 @@ from sync.protocol import (
     CONTENT_TABLE_CONTENT_TYPE,
     ERROR_CONTENT_TYPE,
     MAX_BODY_SIZE,
+    MAX_CONTENT_TABLE_SIZE,
     MAX_SEGMENTS,
     REPORT_CONTENT_TYPE,
     REPORT_PATH,
@@ -194,10 +234,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_GRACE",
+    "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_RATE_LIMIT",
+    "DEFAULT_REQUEST_TIMEOUT",
     "STATS_VERSION",
     "STORE_VERSION",
     "CountStore",
+    "FileBody",
     "Publication",
     "ReportHandler",
     "ServerConfig",
@@ -224,7 +267,15 @@ DEFAULT_GRACE: Final = 24 * 3600.0
 DEFAULT_RATE_LIMIT: Final = 16
 """Reports counted per client address per epoch (0 turns the limit off)."""
 
+DEFAULT_MAX_CONNECTIONS: Final = 16_384
+"""Connections open at once; more are answered ``503`` and closed at once."""
+
+DEFAULT_REQUEST_TIMEOUT: Final = 10.0
+"""Seconds a connection has to deliver a whole request (head and body)."""
+
 _MAX_GRACE: Final = 365 * 24 * 3600.0
+_MAX_CONNECTIONS: Final = 1_000_000
+_MAX_REQUEST_TIMEOUT: Final = 300.0
 # sync.ohttp's OHTTP_PATH, OHTTP_KEYS_PATH and REPORT_ENCAPSULATED_SIZE, spelled out so
 # that the server loads pyhpke only when OHTTP is on (a test keeps them equal).
 _OHTTP_PATH: Final = "/v1/ohttp"
@@ -277,8 +328,12 @@ class ServerConfig:
     (it fails closed, :mod:`sync.ratelimit`), so size it above the number of distinct
     addresses reporting per week. ``port=0`` picks a free port. ``synchronous`` is
     SQLite's: ``"FULL"`` survives power loss, ``"NORMAL"`` survives a killed process.
-    ``workers`` pre-started threads serve connections (more are started when all are
-    busy). ``capture_raw`` is a test-only switch.
+    ``workers`` threads run the handler (a fixed pool: no thread is ever started per
+    connection); at most ``max_connections`` connections are open at once (lowered to
+    what the open-file limit allows), more are answered ``503`` and closed;
+    ``request_timeout`` is the one deadline, in seconds, for each whole request (from
+    the moment its connection is accepted or its previous answer sent), and the base
+    of the deadline for sending its answer. ``capture_raw`` is a test-only switch.
     """
 
     k: int
@@ -298,6 +353,8 @@ class ServerConfig:
     epoch_window: int = 1
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
     workers: int = 32
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     capture_raw: bool = False
     ohttp_keys_path: Path | None = None
 
@@ -345,8 +402,26 @@ class ServerConfig:
             raise ConfigurationError("port must be in 0..65535")
         if not 0 <= self.epoch_window <= 4:
             raise ConfigurationError("epoch_window must be in 0..4 weeks")
-        if not 0 <= self.workers <= 1024:
-            raise ConfigurationError("workers must be in 0..1024")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int):
+            raise ConfigurationError("workers must be an integer")
+        if not 1 <= self.workers <= 1024:
+            raise ConfigurationError("workers must be in 1..1024")
+        if (
+            isinstance(self.max_connections, bool)
+            or not isinstance(self.max_connections, int)
+            or not 1 <= self.max_connections <= _MAX_CONNECTIONS
+        ):
+            raise ConfigurationError(
+                f"max_connections must be an integer in 1..{_MAX_CONNECTIONS}"
+            )
+        if (
+            isinstance(self.request_timeout, bool)
+            or not isinstance(self.request_timeout, int | float)
+            or not 0 < self.request_timeout <= _MAX_REQUEST_TIMEOUT
+        ):
+            raise ConfigurationError(
+                f"request_timeout must be a number of seconds in (0, {_MAX_REQUEST_TIMEOUT:g}]"
+            )
         if self.synchronous not in ("FULL", "NORMAL"):
             raise ConfigurationError("synchronous must be 'FULL' or 'NORMAL'")
 
@@ -793,6 +868,42 @@ def load_content_file(path: Path, *, k: int, epsilon_inf: float, epsilon_1: floa
     return encode_content_table(table)
 
 
+@dataclass(frozen=True, slots=True)
+class FileBody:
+    """An answer body to stream from an open binary file: its first ``size`` bytes.
+
+    :meth:`ReportHandler.respond` answers ``GET /v1/bundle`` with one; whoever gets it
+    closes ``file`` (:meth:`ReportHandler.handle` reads it whole and closes it).
+    """
+
+    file: BinaryIO
+    size: int
+
+
+Answer = tuple[int, Headers, bytes | FileBody]
+
+
+def _materialize(answer: Answer, *, limit: int | None = None) -> HandlerResult:
+    status, headers, body = answer
+    if not isinstance(body, FileBody):
+        return status, headers, body
+    with body.file:
+        if limit is not None and body.size > limit:
+            return _error(
+                413, "too_large",
+                f"this answer exceeds {limit} bytes, more than an encapsulated response "
+                "carries; fetch the bundle directly (it is signed, the same for everyone)",
+            )
+        try:
+            data = body.file.read(body.size)
+        except OSError as exc:
+            _log.error("cannot read the bundle file: %s", exc.strerror)
+            data = b""
+    if len(data) != body.size:
+        return _error(503, "bundle_unavailable", "the bundle cannot be read now")
+    return status, headers, data
+
+
 def _json(status: int, document: Mapping[str, Any], extra: Headers | None = None) -> HandlerResult:
     body = json.dumps(document, separators=(",", ":"), sort_keys=True).encode()
     headers: Headers = [("Content-Type", ERROR_CONTENT_TYPE), *(extra or [])]
@@ -868,7 +979,9 @@ class ReportHandler:
         if config.ohttp_keys_path is not None:
             from sync.gateway import OhttpGateway  # lazy: pyhpke loads only with OHTTP on
 
-            self._gateway = OhttpGateway.from_key_file(config.ohttp_keys_path, self.handle)
+            self._gateway = OhttpGateway.from_key_file(
+                config.ohttp_keys_path, self._handle_encapsulated
+            )
 
     @property
     def config(self) -> ServerConfig:
@@ -897,7 +1010,22 @@ class ReportHandler:
 
         ``client`` is the address the request came from (the HTTP server passes it;
         ``None`` in process). It is used for the rate limit only, never stored or logged.
+        The answer's body is bytes: the bundle is read whole here (the HTTP server uses
+        :meth:`respond` and streams it instead).
         """
+        return _materialize(self.respond(method, path, headers, body, client=client))
+
+    def respond(
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        *,
+        client: str | None = None,
+    ) -> Answer:
+        """Like :meth:`handle`, but a file answer (the bundle) comes back as an open
+        :class:`FileBody` to stream; the caller closes it."""
         try:
             return self._route(
                 method, path, {k.lower(): v for k, v in headers.items()}, body, client
@@ -911,6 +1039,16 @@ class ReportHandler:
             _log.exception("unexpected error while handling a request")
             return _error(500, "internal", "internal error; nothing was counted")
 
+    def _handle_encapsulated(
+        self, method: str, path: str, headers: Mapping[str, str], body: bytes
+    ) -> HandlerResult:
+        # What the OHTTP gateway calls: an answer has to fit one encapsulated response
+        # (sync.ohttp caps those at the content table's size plus a margin), so a larger
+        # bundle is refused rather than read into memory and encrypted whole.
+        return _materialize(
+            self.respond(method, path, headers, body), limit=MAX_CONTENT_TABLE_SIZE
+        )
+
     def _route(
         self,
         method: str,
@@ -918,8 +1056,10 @@ class ReportHandler:
         headers: Mapping[str, str],
         body: bytes,
         client: str | None,
-    ) -> HandlerResult:
+    ) -> Answer:
         split = urllib.parse.urlsplit(target)
+        if "#" in target:  # urlsplit would drop it silently; a request never has one
+            return _error(400, "bad_request", "a request target carries no fragment")
         if self._gateway is not None and split.path in (_OHTTP_PATH, _OHTTP_KEYS_PATH):
             # The gateway decapsulates and calls handle() with no client address: every
             # request comes from the relay, which limits device addresses itself.
@@ -1001,15 +1141,23 @@ class ReportHandler:
             return _error(404, "no_content", "no content table is configured")
         return 200, [("Content-Type", CONTENT_TABLE_CONTENT_TYPE)], self._content
 
-    def _serve_bundle(self) -> HandlerResult:
+    def _serve_bundle(self) -> Answer:
         if self._config.bundle_path is None:
             return _error(404, "no_bundle", "no bundle is configured")
+        # Opened, not read: the HTTP server streams it (a file replaced meanwhile by a
+        # rename keeps serving the old bytes to this request, consistently).
         try:
-            data = self._config.bundle_path.read_bytes()
+            file = self._config.bundle_path.open("rb")
         except OSError as exc:
+            _log.error("cannot open the bundle file: %s", exc.strerror)
+            return _error(503, "bundle_unavailable", "the bundle cannot be read now")
+        try:
+            size = os.fstat(file.fileno()).st_size
+        except OSError as exc:
+            file.close()
             _log.error("cannot read the bundle file: %s", exc.strerror)
             return _error(503, "bundle_unavailable", "the bundle cannot be read now")
-        return 200, [("Content-Type", BUNDLE_CONTENT_TYPE)], data
+        return 200, [("Content-Type", BUNDLE_CONTENT_TYPE)], FileBody(file, size)
 
     def publication(self, epoch: str) -> Publication | None:
         """``epoch``'s publication, publishing it now if it is closed and not yet
@@ -1086,93 +1234,25 @@ class ReportHandler:
 
 # --------------------------------------------------------------------------- HTTP
 
-
-class _TeeReader:
-    """Wraps a request's input stream and records every byte read (test mode)."""
-
-    def __init__(self, raw: IO[bytes] | io.BufferedIOBase) -> None:
-        self._raw = raw
-        self.recorded = bytearray()
-
-    def readline(self, limit: int = -1) -> bytes:
-        data = self._raw.readline(limit)
-        self.recorded += data
-        return data
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._raw.read(size)
-        self.recorded += data
-        return data
-
-    def take(self) -> bytes:
-        data = bytes(self.recorded)
-        self.recorded.clear()
-        return data
-
-    def close(self) -> None:
-        self._raw.close()
-
-
-_Job = tuple[socket.socket, Any] | None
-
-
-class _HTTPServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer with a pool of pre-started worker threads.
-
-    Starting a thread per connection costs more than handling a report (hundreds of
-    microseconds on a busy machine), so connections go to an idle pooled worker; when
-    every worker is busy (e.g. held by keep-alive connections) a fresh thread is
-    started as ThreadingHTTPServer always does, so nothing ever waits for the pool.
-    """
-
-    daemon_threads = True
-    request_queue_size = 512
-    allow_reuse_address = True
-
-    def __init__(
-        self, address: tuple[str, int], handler: ReportHandler, capture: bool, workers: int
-    ) -> None:
-        self.report_handler = handler
-        self.capture: list[bytes] | None = [] if capture else None
-        self.capture_lock = threading.Lock()
-        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-        self._idle = 0
-        self._idle_lock = threading.Lock()
-        super().__init__(address, _HTTPRequestHandler)
-        self._workers = [
-            threading.Thread(target=self._work, name=f"sync-worker-{n}", daemon=True)
-            for n in range(workers)
-        ]
-        for worker in self._workers:
-            worker.start()
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._idle_lock:
-            pooled = self._idle > 0
-            if pooled:
-                self._idle -= 1
-        if pooled:
-            self._jobs.put((request, client_address))
-        else:
-            super().process_request(request, client_address)
-
-    def _work(self) -> None:
-        while True:
-            with self._idle_lock:
-                self._idle += 1
-            job = self._jobs.get()
-            if job is None:
-                return
-            self.process_request_thread(*job)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # The default prints the client's address to stderr; log the failure without it.
-        _log.exception("unexpected error while serving a connection")
-
-    def server_close(self) -> None:
-        super().server_close()
-        for _ in self._workers:
-            self._jobs.put(None)
+_MAX_HEAD: Final = 16 * 1024
+_MAX_HEADER_FIELDS: Final = 100
+_RECV_SIZE: Final = 64 * 1024
+_FILE_CHUNK: Final = 64 * 1024
+_JOIN_LIMIT: Final = 16 * 1024
+_MIN_SEND_RATE: Final = 64 * 1024
+_LINGER: Final = 1.0
+_LINGER_BYTES: Final = 64 * 1024
+_MAX_FILE_STREAMS: Final = 256
+_FD_RESERVE: Final = 64
+_BACKLOG: Final = 1024
+_ACCEPT_BATCH: Final = 64
+_ACCEPT_PAUSE: Final = 0.1
+_JOIN_WORKERS: Final = 5.0
+_HEAD_END: Final = re.compile(rb"\r?\n\r?\n")
+_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_VERSION: Final = re.compile(r"HTTP/([0-9])\.([0-9])")
+_CTL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 def _is_decimal(text: str) -> bool:
@@ -1198,109 +1278,672 @@ _REASONS: Final = {
 }
 
 
-class _HTTPRequestHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-    timeout = 10.0
-    server: _HTTPServer
-    _tee: _TeeReader | None = None
+def _response_head(status: int, headers: Headers, length: int, close: bool) -> bytes:
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    lines.append(f"Content-Length: {length}")
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
-    def setup(self) -> None:
-        super().setup()
-        if self.server.capture is not None:
-            self._tee = _TeeReader(self.rfile)
-            self.rfile = self._tee  # type: ignore[assignment]
 
-    # No access log: nothing with a client address is ever written.
-    def log_message(self, format: str, *args: Any) -> None:
-        return
+def _error_bytes(status: int, code: str, message: str, extra: Headers | None = None) -> bytes:
+    _, headers, body = _error(status, code, message, extra)
+    return _response_head(status, headers, len(body), True) + body
 
-    def log_error(self, format: str, *args: Any) -> None:
-        return
 
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        self.close_connection = True
-        self._write(*_error(code, "bad_request", message or _REASONS.get(code, "error")))
+@dataclass(frozen=True, slots=True)
+class _Head:
+    """A parsed request head: what the handler needs, and how to frame the body."""
 
-    def handle_one_request(self) -> None:
-        try:
-            self.raw_requestline = self.rfile.readline(_MAX_REQUEST_LINE + 1)
-            if not self.raw_requestline:
-                self.close_connection = True
-                return
-            if len(self.raw_requestline) > _MAX_REQUEST_LINE:
-                self.requestline = ""
-                self.request_version = "HTTP/1.1"
-                self.command = ""
-                self.send_error(414, "request line too long")
-                return
-            if not self.parse_request():
-                return
-            self._dispatch()
-        except (TimeoutError, ConnectionError):
-            self.close_connection = True
+    method: str
+    target: str
+    headers: dict[str, str]  # names lower case; repeated fields joined with ", "
+    length: int
+    close: bool
+    expect_continue: bool
 
-    def _dispatch(self) -> None:
-        limit = self.server.report_handler.config.max_body
-        if "transfer-encoding" in self.headers:
-            self.send_error(411, "Transfer-Encoding is not accepted; send Content-Length")
-            return
-        lengths = self.headers.get_all("Content-Length") or []
-        if self.command == "POST" and not lengths:
-            self.send_error(411, "Content-Length is required")
-            return
-        if len(lengths) > 1 or (lengths and not _is_decimal(lengths[0].strip())):
-            self.send_error(400, "bad Content-Length")
-            return
-        length = int(lengths[0]) if lengths else 0
-        if length > limit:
-            # Refused unread; the unread body makes the connection unusable.
-            self.close_connection = True
-            self._capture()
-            self._write(*_error(413, MessageSizeError.code, f"body exceeds {limit} bytes"))
-            return
-        body = self.rfile.read(length) if length else b""
-        if len(body) < length:
-            self.close_connection = True
-            return
-        self._capture()
-        headers: dict[str, str] = {}
-        for name, value in self.headers.items():
-            key = name.lower()
-            headers[key] = f"{headers[key]}, {value}" if key in headers else value
-        client = str(self.client_address[0]) if self.client_address else None
-        self._write(
-            *self.server.report_handler.handle(
-                self.command, self.path, headers, body, client=client
-            )
+
+class _Refusal(Exception):
+    """A request the HTTP layer answers itself, then closes the connection."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+def _parse_head(head: bytes, max_body: int) -> _Head:
+    """The request line and header fields (``head`` without the empty line), strict.
+
+    Raises :class:`_Refusal` for anything malformed: 400, 411 (no or chunked length),
+    413 (a length over ``max_body``), 414, 431, 505.
+    """
+    lines = head.decode("latin-1").split("\n")
+    lines = [line[:-1] if line.endswith("\r") else line for line in lines]
+    request_line = lines[0]
+    if len(request_line) > _MAX_REQUEST_LINE:
+        raise _Refusal(414, "uri_too_long", "request line too long")
+    parts = request_line.split(" ")
+    if len(parts) != 3 or not all(parts):
+        raise _Refusal(400, "bad_request", "malformed request line")
+    method, target, version = parts
+    match = _VERSION.fullmatch(version)
+    if match is None:
+        raise _Refusal(400, "bad_request", "malformed HTTP version")
+    if match.group(1) != "1":
+        raise _Refusal(505, "http_version_not_supported", "only HTTP/1.x is spoken here")
+    if not _TOKEN.fullmatch(method):
+        raise _Refusal(400, "bad_request", "malformed method")
+    if _CTL.search(target) or "\t" in target:
+        raise _Refusal(400, "bad_request", "malformed request target")
+    if len(lines) - 1 > _MAX_HEADER_FIELDS:
+        raise _Refusal(431, "header_fields_too_large", "too many header fields")
+    headers: dict[str, str] = {}
+    lengths: list[str] = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        # A token right up to the colon: no obs-fold, no space before the colon.
+        if not colon or not _TOKEN.fullmatch(name):
+            raise _Refusal(400, "bad_request", "malformed header field")
+        value = value.strip(" \t")
+        if _CTL.search(value):
+            raise _Refusal(400, "bad_request", "control character in a header field")
+        key = name.lower()
+        if key == "content-length":
+            lengths.append(value)
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    if "transfer-encoding" in headers:
+        raise _Refusal(411, "length_required",
+                       "Transfer-Encoding is not accepted; send Content-Length")
+    if method == "POST" and not lengths:
+        raise _Refusal(411, "length_required", "Content-Length is required")
+    if len(lengths) > 1 or (lengths and not _is_decimal(lengths[0])):
+        raise _Refusal(400, "bad_request", "bad Content-Length")
+    length = int(lengths[0]) if lengths else 0
+    if length > max_body:
+        raise _Refusal(413, MessageSizeError.code, f"body exceeds {max_body} bytes")
+    tokens = {token.strip().lower() for token in headers.get("connection", "").split(",")}
+    http10 = match.group(2) == "0"
+    return _Head(
+        method=method,
+        # As http.server does: "//x/y" would otherwise read as a URL with host "x".
+        target="/" + target.lstrip("/") if target.startswith("//") else target,
+        headers=headers,
+        length=length,
+        close="close" in tokens or (http10 and "keep-alive" not in tokens),
+        expect_continue=(
+            not http10 and length > 0
+            and headers.get("expect", "").strip().lower() == "100-continue"
+        ),
+    )
+
+
+_READ, _BUSY, _WRITE, _LINGERING, _CLOSED = range(5)
+
+
+class _Conn:
+    """One client connection, owned by the event loop thread (workers never touch it)."""
+
+    __slots__ = (
+        "body_end", "buf", "client", "close_after", "deadline", "drained", "events",
+        "file", "file_left", "head", "linger", "out", "scan", "send_by", "sock", "state",
+    )
+
+    def __init__(self, sock: socket.socket, client: str | None) -> None:
+        self.sock = sock
+        self.client = client
+        self.state = _READ
+        self.events = 0
+        self.buf = bytearray()
+        self.scan = 0
+        self.head: _Head | None = None
+        self.body_end = 0
+        self.deadline = 0.0
+        self.send_by = 0.0
+        self.out: collections.deque[memoryview] = collections.deque()
+        self.file: BinaryIO | None = None
+        self.file_left = 0
+        self.close_after = False
+        self.linger = False
+        self.drained = 0
+
+
+_Job = tuple[_Conn, _Head, bytes] | None
+_Done = tuple[_Conn, _Head, Answer]
+
+
+def _connection_cap(requested: int, workers: int) -> int:
+    """``requested``, lowered to what the open-file limit leaves room for."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not a Unix
+        return requested
+    try:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):  # pragma: no cover
+        return requested
+    if soft == resource.RLIM_INFINITY:
+        return requested
+    room = max(1, soft - _FD_RESERVE - _MAX_FILE_STREAMS - workers)
+    if room < requested:
+        _log.warning(
+            "serving at most %d connections, not %d: the open-file limit is %d "
+            "(raise it with ulimit -n; the command line raises it up to the hard limit)",
+            room, requested, soft,
         )
+    return min(requested, room)
 
-    def _capture(self) -> None:
-        if self._tee is None or self.server.capture is None:
+
+def _raise_open_file_limit(needed: int) -> None:
+    """Raise the soft open-file limit towards ``needed`` (never above the hard limit)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < needed:
+            target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, OSError, ValueError):  # pragma: no cover - best effort
+        return
+
+
+class _HTTPServer:
+    """HTTP/1.1 on one event-loop thread plus a fixed pool of worker threads.
+
+    The loop (:meth:`serve_forever`) accepts connections, reads each request's head and
+    body into a bounded buffer under one deadline, hands complete requests to the
+    ``workers`` threads (which only run the handler), and writes the answers back
+    without blocking, streaming files in chunks. An idle or slow connection costs a
+    socket and a few hundred bytes, never a thread. At most ``max_connections`` are
+    open (lowered to fit the open-file limit); beyond, new ones get ``503`` at once.
+    Threads: the loop plus ``workers``, whatever the number of connections.
+    """
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: ReportHandler,
+        *,
+        capture: bool,
+        workers: int,
+        max_connections: int,
+        request_timeout: float,
+    ) -> None:
+        self.report_handler = handler
+        self.capture: list[bytes] | None = [] if capture else None
+        self.capture_lock = threading.Lock()
+        self.max_connections = _connection_cap(max_connections, workers)
+        self._timeout = request_timeout
+        self._max_body = handler.config.max_body
+        self._conns: set[_Conn] = set()
+        self._heap: list[tuple[float, int, _Conn]] = []
+        self._seq = itertools.count()
+        self._streams = 0
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._done: collections.deque[_Done] = collections.deque()
+        self._shutdown_request = False
+        self._is_shut_down = threading.Event()
+        self._closed = False
+        self._accept_paused_until = 0.0
+        self._warned_at = -math.inf
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self._listener = socket.socket(family, socket.SOCK_STREAM)
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        try:
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._listener.bind(address)
+            self._listener.listen(_BACKLOG)
+            self._listener.setblocking(False)
+            self._wake_r.setblocking(False)
+            self._wake_w.setblocking(False)
+            self._selector.register(self._listener, selectors.EVENT_READ, None)
+            self._selector.register(self._wake_r, selectors.EVENT_READ, self._wake_r)
+        except BaseException:
+            self._release()
+            raise
+        self.server_address: tuple[Any, ...] = self._listener.getsockname()
+        self._workers = [
+            threading.Thread(target=self._work, name=f"sync-worker-{n}", daemon=True)
+            for n in range(workers)
+        ]
+        for worker in self._workers:
+            worker.start()
+
+    @property
+    def open_connections(self) -> int:
+        """Connections open right now (read by the loop thread; approximate elsewhere)."""
+        return len(self._conns)
+
+    # ------------------------------------------------------------------ life cycle
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Run the event loop until :meth:`shutdown` (socketserver's semantics)."""
+        self._is_shut_down.clear()
+        try:
+            while not self._shutdown_request:
+                try:
+                    self._turn(poll_interval)
+                except Exception:  # the loop must outlive any one bad connection
+                    _log.exception("unexpected error in the server's event loop")
+                    time.sleep(0.01)
+        finally:
+            self._shutdown_request = False
+            self._is_shut_down.set()
+
+    def shutdown(self) -> None:
+        """Stop :meth:`serve_forever` and wait for it (call it from another thread)."""
+        self._shutdown_request = True
+        self._wake()
+        self._is_shut_down.wait()
+
+    def server_close(self) -> None:
+        """Close the port; let the workers finish (their counts commit); drop the rest."""
+        if self._closed:
             return
-        data = self._tee.take()
-        with self.server.capture_lock:
-            self.server.capture.append(data)
+        self._closed = True
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self._selector.unregister(self._listener)
+        self._listener.close()
+        for _ in self._workers:
+            self._jobs.put(None)
+        for worker in self._workers:
+            worker.join(timeout=_JOIN_WORKERS)
+        for conn in list(self._conns):
+            self._close(conn)
+        while self._done:
+            _, _, (_, _, body) = self._done.popleft()
+            if isinstance(body, FileBody):
+                body.file.close()
+        self._release()
 
-    def _write(self, status: int, headers: Headers, body: bytes) -> None:
-        if self.close_connection:
-            headers = [*headers, ("Connection", "close")]
-        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}"]
-        lines += [f"{name}: {value}" for name, value in headers]
-        lines.append(f"Content-Length: {len(body)}")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        payload = head if self.command == "HEAD" else head + body
-        if self.command == "HEAD":
-            self.close_connection = True
+    def _release(self) -> None:
+        self._selector.close()
+        self._listener.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # full (a wake is pending anyway) or closed
+            self._wake_w.send(b"\0")
+
+    # ------------------------------------------------------------------ the loop
+
+    def _turn(self, poll_interval: float) -> None:
+        now = time.monotonic()
+        timeout = poll_interval
+        if self._heap:
+            timeout = min(timeout, self._heap[0][0] - now)
+        if self._accept_paused_until:
+            timeout = min(timeout, self._accept_paused_until - now)
+        for key, mask in self._selector.select(max(0.0, timeout)):
+            target = key.data
+            if target is None:
+                self._accept()
+            elif target is self._wake_r:
+                with contextlib.suppress(OSError):
+                    while self._wake_r.recv(4096):
+                        pass
+            else:
+                self._guarded(target, mask)
+        while self._done:
+            conn, head, answer = self._done.popleft()
+            if conn.state == _BUSY:
+                self._guarded(conn, 0, (head, answer))
+            elif isinstance(answer[2], FileBody):
+                answer[2].file.close()
+        now = time.monotonic()
+        self._expire(now)
+        if self._accept_paused_until and now >= self._accept_paused_until:
+            self._accept_paused_until = 0.0
+            self._selector.register(self._listener, selectors.EVENT_READ, None)
+
+    def _guarded(self, conn: _Conn, mask: int, answer: tuple[_Head, Answer] | None = None) -> None:
+        try:
+            if answer is not None:
+                self._answer(conn, answer[0], answer[1])
+            elif conn.state == _WRITE:
+                self._flush(conn)
+            elif conn.state == _LINGERING:
+                self._drain(conn)
+            elif conn.state == _READ:
+                self._read(conn)
+        except Exception:
+            _log.exception("unexpected error while serving a connection")
+            if answer is not None and isinstance(answer[1][2], FileBody):
+                answer[1][2].file.close()
+            self._close(conn)
+
+    def _watch(self, conn: _Conn, events: int) -> None:
+        if events == conn.events:
+            return
+        if events == 0:
+            self._selector.unregister(conn.sock)
+        elif conn.events == 0:
+            self._selector.register(conn.sock, events, conn)
+        else:
+            self._selector.modify(conn.sock, events, conn)
+        conn.events = events
+
+    def _set_deadline(self, conn: _Conn, deadline: float) -> None:
+        conn.deadline = deadline
+        heapq.heappush(self._heap, (deadline, next(self._seq), conn))
+
+    def _expire(self, now: float) -> None:
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            deadline, _, conn = heapq.heappop(heap)
+            if conn.deadline != deadline or conn.state in (_BUSY, _CLOSED):
+                continue  # a stale entry: the connection moved on
+            if conn.state == _READ and (conn.buf or conn.head is not None):
+                with contextlib.suppress(OSError):  # one try, never waits
+                    conn.sock.send(_error_bytes(
+                        408, "request_timeout",
+                        f"the request did not arrive within {self._timeout:g} s",
+                    ))
+            self._close(conn)
+
+    def _accept(self) -> None:
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, address = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._pause_accepting(exc)
+                    return
+                continue  # e.g. ECONNABORTED: that client is gone already
+            if len(self._conns) >= self.max_connections:
+                self._refuse(sock)
+                continue
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                sock.close()
+                continue
+            client = str(address[0]) if isinstance(address, tuple) and address else None
+            conn = _Conn(sock, client)
+            self._conns.add(conn)
+            self._set_deadline(conn, time.monotonic() + self._timeout)
+            self._watch(conn, selectors.EVENT_READ)
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        now = time.monotonic()
+        if now - self._warned_at > 60:
+            self._warned_at = now
+            _log.warning("cannot accept connections for now (%s); %d open",
+                         errno.errorcode.get(exc.errno or 0, "error"), len(self._conns))
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(self._listener)
+        self._accept_paused_until = now + _ACCEPT_PAUSE
+
+    @staticmethod
+    def _refuse(sock: socket.socket) -> None:
         with contextlib.suppress(OSError):
-            self.wfile.write(payload)
+            sock.setblocking(False)
+            sock.send(_error_bytes(503, "overloaded", "too many open connections; retry later",
+                                   _retry_after(1)))
+        sock.close()
+
+    def _close(self, conn: _Conn) -> None:
+        if conn.state == _CLOSED:
+            return
+        conn.state = _CLOSED
+        if conn.events:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._selector.unregister(conn.sock)
+            conn.events = 0
+        self._end_stream(conn)
+        conn.sock.close()
+        conn.buf = bytearray()
+        conn.out.clear()
+        self._conns.discard(conn)
+
+    def _end_stream(self, conn: _Conn) -> None:
+        if conn.file is not None:
+            conn.file.close()
+            conn.file = None
+            self._streams -= 1
+
+    # ------------------------------------------------------------------ reading
+
+    def _read(self, conn: _Conn) -> None:
+        # Never buffer past the head's limit or the announced body.
+        room = (_MAX_HEAD + 4 if conn.head is None else conn.body_end) - len(conn.buf)
+        try:
+            data = conn.sock.recv(max(1, min(_RECV_SIZE, room)))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        if not data:  # the client closed; a partial request is dropped unanswered
+            self._close(conn)
+            return
+        conn.buf += data
+        self._advance(conn)
+
+    def _advance(self, conn: _Conn) -> None:
+        buf = conn.buf
+        if conn.head is None:
+            if buf.startswith((b"\r", b"\n")):  # empty lines before a request line: skipped
+                stripped = len(buf) - len(buf.lstrip(b"\r\n"))
+                del buf[:stripped]
+                conn.scan = 0
+            match = _HEAD_END.search(buf, max(0, conn.scan - 3))
+            if match is None:
+                conn.scan = len(buf)
+                line_room = _MAX_REQUEST_LINE + 2  # the line and its CRLF
+                if len(buf) > line_room and buf.find(b"\n", 0, line_room) < 0:
+                    self._refuse_request(conn, _Refusal(414, "uri_too_long",
+                                                        "request line too long"))
+                elif len(buf) > _MAX_HEAD:
+                    self._refuse_request(conn, _Refusal(431, "header_fields_too_large",
+                                                        f"request head over {_MAX_HEAD} bytes"))
+                else:
+                    self._watch(conn, selectors.EVENT_READ)
+                return
+            if match.start() > _MAX_HEAD:
+                self._refuse_request(conn, _Refusal(431, "header_fields_too_large",
+                                                    f"request head over {_MAX_HEAD} bytes"))
+                return
+            try:
+                head = _parse_head(bytes(buf[: match.start()]), self._max_body)
+            except _Refusal as refusal:
+                if refusal.status == 413:  # as before: the refused head is captured
+                    self._capture(bytes(buf[: match.end()]))
+                self._refuse_request(conn, refusal)
+                return
+            conn.head = head
+            conn.body_end = match.end() + head.length
+            conn.scan = 0
+            if head.expect_continue and len(buf) < conn.body_end:
+                try:  # 25 bytes into an idle connection's empty send buffer
+                    sent = conn.sock.send(_CONTINUE)
+                except OSError:
+                    sent = 0
+                if sent != len(_CONTINUE):
+                    self._close(conn)
+                    return
+        if len(buf) < conn.body_end:
+            self._watch(conn, selectors.EVENT_READ)
+            return
+        head = conn.head
+        raw = bytes(buf[: conn.body_end])
+        del buf[: conn.body_end]
+        conn.head = None
+        self._capture(raw)
+        conn.state = _BUSY
+        self._watch(conn, 0)
+        self._jobs.put((conn, head, raw[len(raw) - head.length :] if head.length else b""))
+
+    def _capture(self, raw: bytes) -> None:
+        if self.capture is not None:
+            with self.capture_lock:
+                self.capture.append(raw)
+
+    def _refuse_request(self, conn: _Conn, refusal: _Refusal) -> None:
+        conn.buf.clear()
+        conn.head = None
+        _, headers, body = _error(refusal.status, refusal.code, str(refusal))
+        self._send(conn, "", refusal.status, headers, body, close=True, linger=True)
+
+    # ------------------------------------------------------------------ workers
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            conn, head, body = job
+            try:
+                answer = self.report_handler.respond(
+                    head.method, head.target, head.headers, body, client=conn.client
+                )
+            except Exception:  # respond() catches everything; this is a last resort
+                _log.exception("unexpected error while handling a request")
+                answer = _error(500, "internal", "internal error; nothing was counted")
+            if self._closed:
+                if isinstance(answer[2], FileBody):
+                    answer[2].file.close()
+                continue
+            self._done.append((conn, head, answer))
+            self._wake()
+
+    # ------------------------------------------------------------------ writing
+
+    def _answer(self, conn: _Conn, head: _Head, answer: Answer) -> None:
+        status, headers, body = answer
+        if isinstance(body, FileBody):
+            if self._streams >= _MAX_FILE_STREAMS:
+                body.file.close()
+                status, headers, body = _error(
+                    503, "busy", "too many downloads in progress; retry later", _retry_after(5)
+                )
+            else:
+                self._streams += 1
+                conn.file = body.file
+        self._send(conn, head.method, status, headers, body, close=head.close, linger=False)
+
+    def _send(
+        self,
+        conn: _Conn,
+        method: str,
+        status: int,
+        headers: Headers,
+        body: bytes | FileBody,
+        *,
+        close: bool,
+        linger: bool,
+    ) -> None:
+        size = body.size if isinstance(body, FileBody) else len(body)
+        if method == "HEAD":
+            close = True
+            self._end_stream(conn)
+        head = _response_head(status, headers, size, close)
+        conn.out.clear()
+        if method == "HEAD":
+            conn.out.append(memoryview(head))
+        elif isinstance(body, FileBody):
+            conn.out.append(memoryview(head))
+            conn.file_left = size
+        elif len(body) <= _JOIN_LIMIT:
+            conn.out.append(memoryview(head + body))
+        else:  # the cached content table is sent from its one copy
+            conn.out.extend((memoryview(head), memoryview(body)))
+        conn.state = _WRITE
+        conn.close_after = close
+        conn.linger = linger
+        now = time.monotonic()
+        conn.send_by = now + self._timeout + size / _MIN_SEND_RATE
+        self._set_deadline(conn, min(conn.send_by, now + self._timeout))
+        self._flush(conn)
+
+    def _flush(self, conn: _Conn) -> None:
+        while True:
+            if not conn.out:
+                if conn.file is None or conn.file_left <= 0:
+                    self._answered(conn)
+                    return
+                chunk = conn.file.read(min(_FILE_CHUNK, conn.file_left))
+                if not chunk:  # the file shrank under us: the framing is broken
+                    _log.error("the bundle file shrank while it was being sent")
+                    self._close(conn)
+                    return
+                conn.file_left -= len(chunk)
+                conn.out.append(memoryview(chunk))
+            view = conn.out[0]
+            try:
+                sent = conn.sock.send(view)
+            except (BlockingIOError, InterruptedError):
+                self._watch(conn, selectors.EVENT_WRITE)
+                return
+            except OSError:
+                self._close(conn)
+                return
+            if conn.send_by > conn.deadline:
+                # Progress: the client has request_timeout from now to take more (but
+                # the whole answer stays due by send_by). Moved at most twice a second.
+                moved = min(conn.send_by, time.monotonic() + self._timeout)
+                if moved - conn.deadline > 0.5:
+                    self._set_deadline(conn, moved)
+            if sent < len(view):
+                conn.out[0] = view[sent:]
+                self._watch(conn, selectors.EVENT_WRITE)
+                return
+            conn.out.popleft()
+
+    def _answered(self, conn: _Conn) -> None:
+        self._end_stream(conn)
+        if conn.close_after:
+            if conn.linger or conn.buf:
+                self._start_linger(conn)
+            else:
+                self._close(conn)
+            return
+        conn.state = _READ
+        self._set_deadline(conn, time.monotonic() + self._timeout)
+        if conn.buf:  # a pipelined request is waiting
+            self._advance(conn)
+        else:
+            self._watch(conn, selectors.EVENT_READ)
+
+    def _start_linger(self, conn: _Conn) -> None:
+        # Closing with unread input would reset the connection and could destroy the
+        # answer before the client reads it: half-close, drain a little, then close.
+        conn.buf = bytearray()
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+            return
+        conn.state = _LINGERING
+        conn.drained = 0
+        self._set_deadline(conn, time.monotonic() + _LINGER)
+        self._watch(conn, selectors.EVENT_READ)
+
+    def _drain(self, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(_RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        conn.drained += len(data)
+        if not data or conn.drained > _LINGER_BYTES:
+            self._close(conn)
 
 
 class SyncServer:
-    """The HTTP server stub: a :class:`ReportHandler` behind a stdlib
-    :class:`~http.server.ThreadingHTTPServer`.
+    """The HTTP server stub: a :class:`ReportHandler` behind a bounded HTTP/1.1 server.
 
-    Use :meth:`start` to serve from a background thread (tests, examples) or
+    One event-loop thread reads requests (each under one deadline of
+    ``request_timeout``) and writes answers; ``workers`` threads run the handler; at
+    most ``max_connections`` connections are open (see the module docstring). Use
+    :meth:`start` to serve from a background thread (tests, examples) or
     :meth:`serve_forever` to serve from the calling thread (the command line), then
     :meth:`close`. Also a context manager. ``clock`` is the server's time; ``rng`` a
     seeded source for the central noise, for tests only (production draws it from the
@@ -1319,7 +1962,12 @@ class SyncServer:
         try:
             self._handler = ReportHandler(config=config, store=self._store, clock=clock, rng=rng)
             self._http = _HTTPServer(
-                (config.host, config.port), self._handler, config.capture_raw, config.workers
+                (config.host, config.port),
+                self._handler,
+                capture=config.capture_raw,
+                workers=config.workers,
+                max_connections=config.max_connections,
+                request_timeout=config.request_timeout,
             )
         except (OSError, SyncError):
             self._store.close()
@@ -1337,6 +1985,7 @@ class SyncServer:
     def url(self) -> str:
         """The base URL clients use, e.g. ``http://127.0.0.1:8080``."""
         host, port = self.address
+        host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{port}"
 
     @property
@@ -1348,6 +1997,17 @@ class SyncServer:
     def store(self) -> CountStore:
         """The count store."""
         return self._store
+
+    @property
+    def max_connections(self) -> int:
+        """Connections served at once: ``config.max_connections``, or fewer if the
+        open-file limit leaves no room for that many."""
+        return self._http.max_connections
+
+    @property
+    def open_connections(self) -> int:
+        """Connections open now (approximate when read from another thread)."""
+        return self._http.open_connections
 
     def captured_requests(self) -> list[bytes]:
         """Raw bytes of every request so far (request line, headers, body); test mode."""
@@ -1444,7 +2104,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--synchronous", choices=("FULL", "NORMAL"), default="FULL",
                         help="SQLite durability (FULL survives power loss)")
     parser.add_argument("--workers", type=int, default=32,
-                        help="pre-started worker threads (default 32)")
+                        help="threads running the handler, a fixed pool (default 32)")
+    parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                        help="connections open at once; more get 503 (default "
+                             f"{DEFAULT_MAX_CONNECTIONS:,}; the soft open-file limit is "
+                             "raised up to the hard limit to fit them)")
+    parser.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT,
+                        metavar="SECONDS",
+                        help="one deadline per request for its whole head and body "
+                             f"(default {DEFAULT_REQUEST_TIMEOUT:g})")
     parser.add_argument("--capture-raw", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ohttp-keys", type=Path,
                         help="OHTTP gateway key file (python -m sync.gateway generate-key): "
@@ -1477,8 +2145,13 @@ def main(argv: list[str] | None = None) -> int:
             epoch_window=args.epoch_window,
             synchronous=args.synchronous,
             workers=args.workers,
+            max_connections=args.max_connections,
+            request_timeout=args.request_timeout,
             capture_raw=args.capture_raw,
             ohttp_keys_path=args.ohttp_keys,
+        )
+        _raise_open_file_limit(
+            config.max_connections + _FD_RESERVE + _MAX_FILE_STREAMS + config.workers
         )
         server = SyncServer(config=config)
     except (SyncError, OSError) as exc:
@@ -1493,9 +2166,9 @@ def main(argv: list[str] | None = None) -> int:
     host, port = server.address
     _log.info(
         "serving K=%d epsilon_inf=%.4f epsilon_1=%.4f central_epsilon=%.4f k_threshold=%d "
-        "rate_limit=%d on %s:%d",
+        "rate_limit=%d max_connections=%d on %s:%d",
         config.k, config.epsilon_inf, config.epsilon_1, config.central_epsilon,
-        config.k_threshold, config.rate_limit, host, port,
+        config.k_threshold, config.rate_limit, server.max_connections, host, port,
     )
     if args.ready_file is not None:
         partial = args.ready_file.with_name(args.ready_file.name + ".partial")

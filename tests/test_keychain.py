@@ -27,6 +27,7 @@ import keyring.core
 import keyring.errors
 import pytest
 
+import ondevice.keys
 from ondevice import (
     Argon2Params,
     Keychain,
@@ -220,6 +221,19 @@ class InMemoryKeyring(keyring.backend.KeyringBackend):
 getattr(keyring.backend.KeyringBackend, "_classes", set()).discard(InMemoryKeyring)
 
 
+def trust_backend(monkeypatch: pytest.MonkeyPatch, backend_class: type) -> None:
+    """Add a test backend class to the allowlist of secure keychains, for one test."""
+    name = f"{backend_class.__module__}.{backend_class.__qualname__}"
+    monkeypatch.setattr(ondevice.keys, "_SECURE_BACKENDS", ondevice.keys._SECURE_BACKENDS | {name})
+
+
+@pytest.fixture(autouse=True)
+def _in_memory_keyring_is_trusted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only allowlisted backends are ever used: the dict-backed one stands in for a
+    real OS keychain here."""
+    trust_backend(monkeypatch, InMemoryKeyring)
+
+
 @pytest.fixture
 def fail_keyring(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """keyring's default backend is its ``fail`` backend for the test; the previous
@@ -315,23 +329,27 @@ class _Crash(BaseException):
     """Stands for the process dying at that point."""
 
 
-class _DiesBeforeSwitchingKeyJson(Keychain):
-    """A provider whose process dies once the database is re-encrypted under the new
-    key, before ``key.json`` names that key (the pending key is already stored)."""
+def _crash_at(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    def hook(reached: str) -> None:
+        if reached == name:
+            raise _Crash(name)
 
-    def commit_pending(self, directory: Path) -> None:
-        raise _Crash
+    monkeypatch.setattr(ondevice.keys, "step_hook", hook)
 
 
 def test_rotation_interrupted_after_reencryption_finishes_at_open_with_one_entry(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     backend, service, markers = InMemoryKeyring(), new_service(), new_markers(2)
     profile = tmp_path / "profile"
     engine = PersonalizationEngine(profile, key=Keychain(service=service, backend=backend))
     record(engine, markers)
+    # The process dies once the database is re-encrypted under the new key, before
+    # key.json names that key (the pending key is already stored).
+    _crash_at(monkeypatch, "database:rekeyed")
     with pytest.raises(_Crash):
-        engine.rekey(_DiesBeforeSwitchingKeyJson(service=service, backend=backend))
+        engine.rekey(Keychain(service=service, backend=backend))
+    monkeypatch.setattr(ondevice.keys, "step_hook", None)
     engine.close()
 
     with PersonalizationEngine(profile, key=Keychain(service=service, backend=backend)) as engine:

@@ -326,12 +326,16 @@ def test_due_moments_are_independent_between_users_and_weeks(open_engine, clock)
         to_segment(engine, user, 1)
     offsets: dict[str, list[float]] = {"a": [], "b": []}
     for _ in range(60):
-        clock.now = epoch_start(epoch_of(clock.now))  # each week's first sync at its start
+        start = clock.now = epoch_start(epoch_of(clock.now))  # the week's first sync
+        dues = []
         for user in offsets:
             due = engine.sync(user).retry_at
             assert due is not None
-            offsets[user].append((due - clock.now) / WEEK)
-        clock.advance(days=7)
+            offsets[user].append((due - start) / WEEK)
+            dues.append(due)
+        clock.now = max(dues)  # both leave at their moments
+        assert {engine.sync(user).status for user in offsets} <= {"sent", "already_sent"}
+        clock.now = start + WEEK
     for user, values in offsets.items():
         assert min(values) < 0.15 and max(values) > 0.85, user  # spread over the week
         assert 0.35 < sum(values) / len(values) < 0.65, user
@@ -406,7 +410,7 @@ def test_an_imported_report_dated_in_the_future_is_refused(open_engine, clock):
     engine.sync("u")
     forged = json.loads(json.dumps(engine.export_profile("u")))
     forged["users"][0]["egress"][0]["created_at"] = 1e300
-    with pytest.raises(ExportError, match="future"):
+    with pytest.raises(ExportError, match=r"egress entry's time is not a time up to now"):
         engine.import_profile(forged)
 
 
@@ -429,11 +433,190 @@ def test_a_v5_profile_migrates_with_its_reporting_clock_and_spends(tmp_path: Pat
             (epoch, body, LN3, clock.now),
         )
         Store.spend(conn, Store.ledger_tag(conn, "u"), epoch, LN3, clock.now)
+        last_week = epoch_of(clock.now - WEEK)
+        conn.execute(  # 0.1 kept the server's words in `answer`, and retried v1 bytes
+            "INSERT INTO egress(user_id, epoch, body, epsilon, created_at, status, answer, "
+            "next_attempt) VALUES ('u', ?, ?, ?, ?, 'failed', ?, ?)",
+            (last_week, body.replace(epoch.encode(), last_week.encode()), LN3,
+             clock.now - WEEK, "400 bad_epoch: words the server chose", clock.now),
+        )
     store.close()
     store = Store(_db.connect(path / "profile.db", key, busy_timeout=5))
     store.migrate()
     with store.read() as conn:
         assert Store.report_clock(conn) == clock.now
-        (entry,) = Store.egress(conn, "u")
-        assert entry["epsilon_1"] is None  # a single-layer report of 0.1
+        old, new = Store.egress(conn, "u")
+        assert old["epoch"] == epoch_of(clock.now - WEEK) and new["epoch"] == epoch
+        assert new["epsilon_1"] is None  # a single-layer report of 0.1
+        # A v1 report can never be delivered now: final, with only its status code.
+        assert old["status"] == "unsent" and old["answer"] == "400"
+        assert old["next_attempt"] is None
     store.close()
+
+
+# -- what an adversarial review broke (each fails on the first version of this module) --
+
+
+class Failing(Recorder):
+    """Fails every report with ``error`` while ``failing`` is set."""
+
+    def __init__(self, clock: Clock, error: BaseException) -> None:
+        super().__init__(clock)
+        self.error = error
+        self.failing = True
+
+    def request(self, method, url, headers, body, timeout):  # type: ignore[no-untyped-def]
+        if self.failing:
+            raise self.error
+        return super().request(method, url, headers, body, timeout)
+
+
+def test_restoring_an_export_never_sends_a_week_again(open_engine, clock, tmp_path):
+    from sync.errors import TransportError
+
+    transport = Failing(clock, TransportError("offline", maybe_delivered=False))
+    engine = open_engine("segment", sync=settings(transport))
+    to_segment(engine, "u", 1)
+    failed = engine.sync("u")
+    assert failed.status == "failed"
+    backup = engine.export_profile("u")  # the app backs the user up: the row is "failed"
+    transport.failing = False
+    clock.now = failed.retry_at + 1
+    assert engine.sync("u").status == "sent"
+    for _ in range(3):  # restore the backup, again and again
+        engine.import_profile(backup)
+        assert engine.sync("u").status == "already_sent"
+    forged = json.loads(json.dumps(backup))  # "failed", with another segment
+    forged["users"][0]["egress"][0]["body"] = forged["users"][0]["egress"][0]["body"].replace(
+        '"segment":"0', '"segment":"9'
+    )
+    engine.import_profile(forged)
+    assert engine.sync("u").status == "already_sent"
+    other = open_engine("segment", sync=settings(transport))  # another profile imports it
+    other.import_profile(backup)
+    assert other.sync("u").status == "already_sent"
+    assert len(transport.sent) == 1
+    (entry,) = other.export_profile("u")["users"][0]["egress"]
+    assert entry["status"] == "unsent"
+
+
+def test_a_send_outliving_its_lease_is_not_taken_over_by_another_engine(
+    open_engine, clock, tmp_path
+):
+    path = tmp_path / "shared"
+    seen: list[str] = []
+
+    class Slow(Recorder):
+        def request(self, method, url, headers, body, timeout):  # type: ignore[no-untyped-def]
+            self.clock.advance(seconds=3600)  # the laptop slept in the middle of the send
+            if not seen:
+                seen.append(second.sync("u").status)  # another engine syncs meanwhile
+            return super().request(method, url, headers, body, timeout)
+
+    slow = Slow(clock)
+    first = open_engine("segment", path=path, sync=settings(slow))
+    second = open_engine("segment", path=path, sync=settings(Recorder(clock)))
+    to_segment(first, "u", 1)
+    assert first.sync("u").status == "sent"
+    assert seen == ["waiting"]
+    assert len(slow.sent) == 1
+
+
+def test_any_exception_from_a_host_transport_is_a_failed_send_retried_with_the_same_bytes(
+    open_engine, clock
+):
+    transport = Failing(clock, RuntimeError("secret detail from the app"))
+    engine = open_engine("segment", sync=settings(transport))
+    to_segment(engine, "u", 1)
+    failed = engine.sync("u")
+    assert failed.status == "failed" and failed.answer == "RuntimeError"
+    (entry,) = engine.export_profile("u")["users"][0]["egress"]
+    assert entry["answer"] == "RuntimeError" and "secret" not in json.dumps(entry)
+    transport.failing = False
+    clock.now = failed.retry_at + 1
+    sent = engine.sync("u")
+    assert sent.status == "sent" and sent.body == failed.body
+
+
+def test_settings_a_send_could_not_honour_are_refused():
+    from ondevice import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="timeout"):
+        SyncSettings(server_url="http://x.invalid", timeout=1e10)
+    with pytest.raises(InvalidInputError, match="request"):
+        SyncSettings(server_url="http://x.invalid", transport=object())
+
+
+def test_one_users_error_does_not_stop_sync_due_for_the_others(open_engine, clock):
+    rec = Recorder(clock)
+    engine = open_engine("segment", sync=settings(rec))
+    for user in ("a", "b"):
+        to_segment(engine, user, 1)
+    with engine._store.write() as conn:  # a report logged under another K, pending
+        conn.execute(
+            "INSERT INTO egress(user_id, epoch, body, epsilon, created_at, status) "
+            "VALUES ('a', ?, ?, 0.0, ?, 'pending')",
+            (epoch_of(clock.now), b'{"version":2,"epoch":"' + epoch_of(clock.now).encode()
+             + b'","segment":"09"}', clock.now - 3600),
+        )
+    outcomes = {o.user_id: o for o in engine.sync_due()}
+    assert outcomes["a"].status == "error" and "segment" in (outcomes["a"].reason or "")
+    assert outcomes["b"].status == "sent"
+
+
+@pytest.mark.parametrize("how", ["wipe_profile", "level", "import"])
+def test_the_weeks_moment_is_never_drawn_again(open_engine, clock, how):
+    rec = Recorder(clock)
+    engine = open_engine("segment", sync=settings(rec, schedule=True))
+    to_segment(engine, "u", 1)
+    first = engine.sync("u")
+    assert first.status == "scheduled"
+    backup = engine.export_profile("u")
+    if how == "wipe_profile":
+        engine.wipe_profile("u")
+    elif how == "level":
+        engine.set_privacy_level("none")
+        engine.set_privacy_level("segment")
+    else:
+        engine.import_profile(backup)
+    to_segment(engine, "u", 1)
+    again = engine.sync("u")
+    assert again.status == "scheduled" and again.retry_at == first.retry_at
+
+
+def test_an_imported_report_whose_week_and_time_differ_is_refused(open_engine, clock):
+    from ondevice import ExportError
+
+    rec = Recorder(clock)
+    engine = open_engine("segment", sync=settings(rec))
+    to_segment(engine, "u", 1)
+    engine.sync("u")
+    forged = json.loads(json.dumps(engine.export_profile("u")))
+    entry = forged["users"][0]["egress"][0]
+    entry["body"] = entry["body"].replace(entry["epoch"], "2099-W01")
+    entry["epoch"] = "2099-W01"
+    with pytest.raises(ExportError, match="week and time differ"):
+        engine.import_profile(forged)
+
+
+def test_a_report_pushed_past_its_weeks_end_leaves_next_week_with_its_own_week(
+    open_engine, clock
+):
+    rec = Recorder(clock)
+    gap = 3600.0
+    engine = open_engine("segment", sync=settings(rec, min_gap=gap, rng=random.Random(3)))
+    for user in ("a", "b"):
+        to_segment(engine, user, 1)
+    week = epoch_of(clock.now)
+    end = epoch_start(week) + WEEK
+    clock.now = end - 600  # ten minutes before the week ends, both are due
+    outcomes = engine.sync_due()
+    assert sorted(o.status for o in outcomes) == ["scheduled", "sent"]
+    late = next(o for o in outcomes if o.status == "scheduled")
+    assert late.retry_at is not None and late.retry_at > end  # pushed past the end
+    clock.now = late.retry_at
+    assert engine.sync(late.user_id).status == "sent"
+    assert rec.epochs() == [week, week]  # labelled with the week it belongs to
+    assert rec.sent[1][0] - rec.sent[0][0] >= gap
+    nxt = engine.sync(late.user_id)  # and then this week's report is scheduled as usual
+    assert nxt.status == "scheduled" and nxt.epoch == epoch_of(clock.now) != week

@@ -5,12 +5,13 @@ The file layout is documented in :mod:`ondevice.bundle`, which reads it. A typic
     key = generate_signing_key()          # once; keep it secret, ship public_key_bytes(key)
     write_bundle(catalog, "catalog.odb", private_key=key)
 
-:func:`write_bundle` checks the catalog with the same invariants the device checks, plus
-a few only the operator can afford (finite values, neighbours sorted by weight, Gram
-matrix equal to ``Y.T @ Y``), so that a bundle it writes is a bundle the device accepts.
+:func:`write_bundle` checks the catalog with the same invariants the device checks
+(:func:`ondevice.bundle.validate_catalog`, finite values included), plus a few only the
+operator can afford (neighbours sorted by weight, Gram matrix equal to ``Y.T @ Y``), so
+that a bundle it writes is a bundle the device accepts.
 The file is written next to its destination under a temporary name, flushed to disk,
-then renamed over the destination: a device never sees a half-written bundle, and a
-memory-mapped previous bundle stays valid.
+then renamed over the destination: a device never sees a half-written bundle (and a
+device that loaded the previous one keeps its private copy of it).
 """
 
 from __future__ import annotations
@@ -259,18 +260,9 @@ def _header(
 
 
 def _check_values(catalog: Catalog) -> None:
-    """Invariants too costly for every device load: finite values, sorted neighbour
-    weights, and a Gram matrix that really is ``Y.T @ Y``."""
-    arrays = {"popularity": catalog.popularity, "nbr_weights": catalog.nbr_weights}
-    if catalog.item_factors is not None and catalog.gram is not None:
-        arrays["item_factors"] = catalog.item_factors
-        arrays["gram"] = catalog.gram
-    for k, seg in enumerate(catalog.segments):
-        if seg.centroid is not None:
-            arrays[f"segment {k} centroid"] = seg.centroid
-    for name, array in arrays.items():
-        if not np.isfinite(array).all():
-            raise BundleError(f"{name} holds NaN or infinite values")
+    """Invariants too costly for every device load: sorted neighbour weights, and a Gram
+    matrix that really is ``Y.T @ Y``. (Finite values are checked by
+    :func:`~ondevice.bundle.validate_catalog`, on both sides.)"""
     weights, indptr = catalog.nbr_weights, catalog.nbr_indptr
     rises = np.flatnonzero(weights[1:] > weights[:-1]) + 1
     if rises.size and not np.isin(rises, indptr).all():

@@ -1,17 +1,33 @@
-"""The client: fixed headers, self-validation, transports, error mapping, backoff."""
+"""The client: fixed headers, self-validation, transports, error mapping, backoff, and
+the caps on what it reads of an answer (issue 10, item 13)."""
 
 from __future__ import annotations
 
+import json
 import random
+import re
 import socket
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 
 import pytest
 
 from sync import errors
-from sync.client import Backoff, HttpTransport, InProcessTransport, SyncClient
-from sync.protocol import ALLOWED_REQUEST_HEADER_NAMES, MESSAGE_SIZE, REQUEST_HEADERS
+from sync.client import (
+    MAX_REPORT_ANSWER_SIZE,
+    Backoff,
+    HttpTransport,
+    InProcessTransport,
+    SyncClient,
+)
+from sync.protocol import (
+    ALLOWED_REQUEST_HEADER_NAMES,
+    MAX_CONTENT_TABLE_SIZE,
+    MESSAGE_SIZE,
+    REQUEST_HEADERS,
+)
 from sync.server import SyncServer
 
 from .conftest import EPOCH, stored_counts
@@ -187,3 +203,161 @@ def test_backoff_grows_exponentially_up_to_the_cap_with_bounded_jitter() -> None
         Backoff(base=0.0)
     with pytest.raises(errors.ConfigurationError):
         exact.delay(-1)
+
+
+# --------------------------------------------------------------------------- answer caps
+
+
+class RawServer:
+    """One loopback connection answered with ``head`` and then ``body_size`` bytes (in
+    64 KiB writes, until the client hangs up); ``sent`` counts what got out."""
+
+    def __init__(self, head: bytes, body_size: int) -> None:
+        self.head = head
+        self.body_size = body_size
+        self.sent = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def serve(self) -> None:
+        sock, _ = self.listener.accept()
+        with sock:
+            sock.settimeout(10)
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += sock.recv(4096)
+            head, _, body = request.partition(b"\r\n\r\n")
+            length = re.search(rb"(?i)\r\ncontent-length: *([0-9]+)", head)
+            while length and len(body) < int(length.group(1)):  # read it all: no reset
+                body += sock.recv(4096)
+            chunk = b"x" * 65536
+            try:
+                sock.sendall(self.head)
+                self.sent += len(self.head)
+                while self.sent < len(self.head) + self.body_size:
+                    self.sent += sock.send(chunk)
+            except OSError:
+                return  # the client hung up
+
+    def close(self) -> None:
+        self.thread.join(timeout=10)
+        self.listener.close()
+
+
+@pytest.fixture
+def raw_server() -> Iterator[Callable[[bytes, int], RawServer]]:
+    made: list[RawServer] = []
+
+    def make(head: bytes, body_size: int) -> RawServer:
+        made.append(RawServer(head, body_size))
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.close()
+
+
+def test_an_endless_report_answer_is_cut_off_after_a_few_hundred_bytes(
+    raw_server: Callable[[bytes, int], RawServer],
+) -> None:
+    # No Content-Length: the body runs until the server closes, here after 512 MiB.
+    server = raw_server(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n", 512 << 20)
+    with pytest.raises(errors.TransportError) as caught:
+        SyncClient(base_url=server.url, k=8, timeout=10).send_report(1, EPOCH)
+    assert caught.value.maybe_delivered
+    server.close()
+    # Reading up to 256 MiB (the old cap) would let the server push that much; now the
+    # client stops after MAX_REPORT_ANSWER_SIZE and what sits in socket buffers is all.
+    assert server.sent < 16 << 20, f"the server got {server.sent >> 20} MiB out"
+
+
+def test_an_announced_length_over_the_cap_is_refused_before_the_body_is_read(
+    raw_server: Callable[[bytes, int], RawServer],
+) -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    server = raw_server(head % (MAX_REPORT_ANSWER_SIZE + 1), MAX_REPORT_ANSWER_SIZE + 1)
+    with pytest.raises(errors.TransportError, match="over 1024 bytes"):
+        SyncClient(base_url=server.url, k=8).send_report(1, EPOCH)
+
+
+def test_a_huge_answer_head_is_refused(raw_server: Callable[[bytes, int], RawServer]) -> None:
+    # 90 header fields of 60 KB: each within http.client's own limits, 5.4 MB in all.
+    fields = b"".join(b"X-Pad-%d: %s\r\n" % (n, b"a" * 60_000) for n in range(90))
+    server = raw_server(b"HTTP/1.1 200 OK\r\n" + fields + b"Content-Length: 2\r\n\r\n{}", 0)
+    with pytest.raises(errors.TransportError) as caught:
+        SyncClient(base_url=server.url, k=8).send_report(1, EPOCH)
+    assert caught.value.maybe_delivered
+
+
+def test_caps_are_per_request_kind_on_the_real_server(
+    start_server: Callable[..., SyncServer], tmp_path: Path
+) -> None:
+    bundle = tmp_path / "catalog.bundle"
+    bundle.write_bytes(bytes(range(256)) * 12)  # 3072 bytes
+    server = start_server(bundle_path=bundle)
+    assert SyncClient(base_url=server.url, max_bundle_bytes=3072).fetch_bundle() == (
+        bundle.read_bytes()
+    )
+    with pytest.raises(errors.TransportError, match="over 3071 bytes"):
+        SyncClient(base_url=server.url, max_bundle_bytes=3071).fetch_bundle()
+    with pytest.raises(errors.ConfigurationError):
+        SyncClient(base_url=server.url, max_bundle_bytes=0)
+
+
+@pytest.mark.parametrize(
+    ("path", "size", "kwargs"),
+    [
+        ("/v1/report", MAX_REPORT_ANSWER_SIZE + 1, {}),
+        ("/v1/content", MAX_CONTENT_TABLE_SIZE + 1, {}),
+        ("/v1/bundle", 2049, {"max_bundle_bytes": 2048}),
+    ],
+)
+def test_answers_of_any_transport_are_checked_against_their_kinds_cap(
+    path: str, size: int, kwargs: dict[str, int]
+) -> None:
+    def handler(method: str, target: str, headers: Mapping[str, str], body: bytes) -> HandlerResult:
+        assert target == path
+        return 200, [("Content-Type", "application/json")], b" " * size
+
+    client = SyncClient(base_url="http://stub.invalid", transport=InProcessTransport(handler),
+                        **kwargs)
+    call = {
+        "/v1/report": lambda: client.send_report(1, EPOCH),
+        "/v1/content": client.fetch_content,
+        "/v1/bundle": client.fetch_bundle,
+    }[path]
+    with pytest.raises(errors.TransportError) as caught:
+        call()
+    assert caught.value.maybe_delivered
+
+
+HOSTILE = "<img src=x onerror=alert(1)>\n\x1b[31mcall +1-555-0100\x00"
+
+
+def test_nothing_the_server_writes_reaches_a_report_answer_or_an_error_code() -> None:
+    answers = iter([
+        (200, json.dumps({"status": HOSTILE}).encode()),
+        (403, json.dumps({"error": HOSTILE, "message": HOSTILE}).encode()),
+        (503, json.dumps({"error": "store_unavailable", "message": "retry"}).encode()),
+    ])
+
+    def handler(method: str, target: str, headers: Mapping[str, str], body: bytes) -> HandlerResult:
+        status, answer = next(answers)
+        return status, [("Content-Type", "application/json")], answer
+
+    client = SyncClient(base_url="http://stub.invalid", transport=InProcessTransport(handler))
+    counted = client.send_report(1, EPOCH)
+    assert (counted.status, counted.code, counted.summary) == (200, "counted", "200 counted")
+    with pytest.raises(errors.ServerRejectedError) as refused:
+        client.send_report(1, EPOCH)
+    assert refused.value.code == "unknown" and refused.value.status == 403
+    assert "<img" in str(refused.value)  # printable text is kept in the message...
+    assert "\n" not in str(refused.value) and "\x1b" not in str(refused.value)  # ...no controls
+    with pytest.raises(errors.ServerUnavailableError) as unavailable:
+        client.send_report(1, EPOCH)
+    assert unavailable.value.code == "store_unavailable"  # a well-formed code is kept
