@@ -1214,6 +1214,9 @@ class PersonalizationEngine:
                     conn.execute(f"PRAGMA rekey = \"x'{data_key.hex()}'\"")
                 finally:
                     conn.execute("PRAGMA synchronous = NORMAL")
+            # Frames written under the old key must not outlive the rotation in the WAL:
+            # truncate it now (or as soon as another connection's read lets it).
+            self._store.checkpoint()
 
         def opens_with_old_key() -> bool:
             try:

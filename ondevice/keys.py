@@ -425,11 +425,7 @@ def parse_key_file(raw: bytes) -> dict[str, Any]:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise ProfileUnreadableError(UNREADABLE) from None
-    if (
-        not isinstance(data, dict)
-        or _depth(data) > _MAX_KEY_FILE_DEPTH
-        or data.get("format") != KEY_FORMAT
-    ):
+    if not isinstance(data, dict) or data.get("format") != KEY_FORMAT:
         raise ProfileUnreadableError(UNREADABLE)
     version = data.get("version")
     if not isinstance(version, int) or isinstance(version, bool):
@@ -439,6 +435,8 @@ def parse_key_file(raw: bytes) -> dict[str, Any]:
             f"the key file was written by a newer ondevice (key format {version}; this "
             f"version reads up to {KEY_VERSION}); upgrade ondevice"
         )
+    if _depth(data) > _MAX_KEY_FILE_DEPTH:
+        raise ProfileUnreadableError(UNREADABLE)
     return data
 
 

@@ -41,3 +41,19 @@ def test_a_wipe_with_no_other_reader_leaves_nothing_at_once(make_engine, profile
     assert engine.wipe_profile("u")
     assert MARKER.encode() not in plaintext_of_profile(profile_dir, raw_key)
     assert not engine._store._truncate_pending
+
+
+def test_after_rekey_nothing_in_the_files_decrypts_under_the_old_key(
+    make_engine, profile_dir, raw_key
+):
+    from ondevice import RawKey
+
+    engine = make_engine()
+    for n in range(5):
+        engine.update_profile("u", {"item_id": f"{MARKER}-{n}", "timestamp": T0 - 60 + n})
+    assert MARKER.encode() in plaintext_of_profile(profile_dir, raw_key)
+    new_key = bytes(range(32))
+    engine.rekey(RawKey(new_key))
+    assert engine.users() == ["u"]  # the engine goes on, open
+    assert MARKER.encode() not in plaintext_of_profile(profile_dir, raw_key)
+    assert MARKER.encode() in plaintext_of_profile(profile_dir, new_key)
