@@ -66,6 +66,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from sync.errors import (
+    AnswerTooLargeError,
     ConfigurationError,
     MessageSizeError,
     ProtocolError,
@@ -279,6 +280,7 @@ class HttpTransport:
         deadline = time.monotonic() + timeout
         sent = False
         answer: http.client.HTTPResponse | None = None
+        status: int | None = None
         try:
             connection.putrequest(method, target, skip_accept_encoding=True)
             for name, value in headers.items():
@@ -287,6 +289,7 @@ class HttpTransport:
             sent = True
             self._shrink_timeout(connection, deadline)
             answer = connection.getresponse()
+            status = answer.status
             if answer.length is not None and answer.length > cap:
                 raise _TooLarge
             data = bytearray()
@@ -304,10 +307,10 @@ class HttpTransport:
                 body=bytes(data),
             )
         except _TooLarge:
-            raise TransportError(
+            raise AnswerTooLargeError(
                 f"{method} {parts.path}: answer over {cap} bytes (or its head over "
                 f"{MAX_RESPONSE_HEAD_SIZE})",
-                maybe_delivered=True,
+                status=status,
             ) from None
         except TimeoutError as exc:
             raise TransportTimeout(
@@ -459,7 +462,14 @@ class SyncClient:
         The bytes are validated again; anything but a canonical report is refused.
         """
         decode_report(body, k=self._k)  # raises for anything but a canonical report
-        response = self._request("POST", REPORT_PATH, body)
+        try:
+            response = self._request("POST", REPORT_PATH, body)
+        except AnswerTooLargeError as exc:
+            if exc.status == 200:
+                # Counted: a long body (a proxy's banner) does not make it a failure,
+                # and a retry would count it again.
+                return ReportAnswer(status=200)
+            raise
         if response.status == 200:
             return ReportAnswer(status=200)
         raise self._failure(response)
@@ -494,7 +504,9 @@ class SyncClient:
         else:
             response = self._transport.request(method, url, headers, body, self._timeout)
         if len(response.body) > cap:
-            raise TransportError(f"{method} {path}: answer over {cap} bytes", maybe_delivered=True)
+            raise AnswerTooLargeError(
+                f"{method} {path}: answer over {cap} bytes", status=response.status
+            )
         return response
 
     @staticmethod

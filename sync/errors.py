@@ -48,6 +48,7 @@ and relay put in their JSON error bodies.
 from __future__ import annotations
 
 __all__ = [
+    "AnswerTooLargeError",
     "BadEpochError",
     "BinaryHttpError",
     "BudgetExhausted",
@@ -197,6 +198,20 @@ class TransportError(SyncError):
     def __init__(self, message: str, *, maybe_delivered: bool = False) -> None:
         super().__init__(message)
         self.maybe_delivered = maybe_delivered
+
+
+class AnswerTooLargeError(TransportError):
+    """The answer was larger than the client reads for that kind of request.
+
+    ``status`` is the answer's HTTP status when its status line was read (None when the
+    head itself was too large). A report answered with a 2xx status was counted, however
+    long the body: :meth:`sync.client.SyncClient.send_report_bytes` treats it as sent,
+    never as a failure to retry (which would count it again).
+    """
+
+    def __init__(self, message: str, *, status: int | None) -> None:
+        super().__init__(message, maybe_delivered=True)
+        self.status = status
 
 
 class TransportTimeout(TransportError):

@@ -32,18 +32,56 @@ file (mode 0600, never overwritten) and prints the configuration and its pin;
 add a key with a new id, publish its configuration and pin in a new app release, and
 drop the old key once devices have moved: a device still using the old configuration
 then gets :class:`~sync.errors.UnknownKeyIdError`.
+
+Replays
+-------
+The relay holds every encapsulated request it forwards and could post one again and
+again: without a check, each copy would be counted, and a relay that replays one
+device's report a thousand times would see which cell of the published statistics
+grew by a thousand, that is, the device's report. The gateway therefore keeps a
+:class:`ReplayCache` of the requests it has opened, keyed by a (keyed) hash of the HPKE
+``enc`` (the ephemeral public key, fresh for every request, so it names one request and
+nothing about the device). A request whose ``enc`` was already seen is refused *before*
+the handler sees it, with a plain ``400`` and code ``replayed_request``: the answer is the
+same whatever the request holds and whatever its first copy was answered, so it tells the
+relay only what it already knows (that it sent the request twice).
+
+Entries are kept for ``replay_retention`` seconds (default three weeks: a report is
+accepted while the server's week is within ``epoch_window`` weeks of its epoch, so a
+request captured at the start of that span can still be counted ``2 * epoch_window + 1``
+weeks later; with the default window of 1 that is three weeks; a server with a wider
+window must pass ``(2 * epoch_window + 1) * WEEK_SECONDS``). They are dropped in slices
+of one twenty-first of the retention, so each is kept at least the retention and at most
+one slice more. Only requests that decrypt are recorded (nobody else can produce a valid
+request for someone else's ``enc``).
+
+Memory is bounded by ``replay_capacity`` entries (default 1,000,000, roughly 100 MB;
+size it to the requests of one retention period). When it is full the gateway fails
+*closed*: new requests are answered ``503`` (code ``replay_cache_full``, with
+``Retry-After`` until the oldest slice expires) and nothing is counted, because evicting
+entries early would let a replay through. A warning is logged once per slice. The cache
+lives in memory only: a restarted gateway has forgotten what it saw, so rotate the key
+(or keep the gateway running) if replays across a restart matter.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import hashlib
+import hmac
+import ipaddress
 import json
 import logging
+import math
+import secrets
 import sys
+import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from sync.errors import (
     BinaryHttpError,
@@ -73,8 +111,18 @@ from sync.ohttp import (
     load_gateway_keys,
     save_gateway_keys,
 )
+from sync.protocol import WEEK_SECONDS
 
-__all__ = ["HandlerFunction", "HandlerResult", "OhttpGateway", "main"]
+__all__ = [
+    "DEFAULT_REPLAY_CAPACITY",
+    "DEFAULT_REPLAY_RETENTION",
+    "REPLAYED_CODE",
+    "HandlerFunction",
+    "HandlerResult",
+    "OhttpGateway",
+    "ReplayCache",
+    "main",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -84,11 +132,124 @@ HandlerResult = tuple[int, list[tuple[str, str]], bytes]
 HandlerFunction = Callable[[str, str, Mapping[str, str], bytes], tuple[int, Any, bytes]]
 """``(method, path_and_query, headers, body) -> (status, headers, body)``."""
 
+REPLAYED_CODE: Final = "replayed_request"
+"""The error code of the answer to a request the gateway has already received."""
 _ERROR_CONTENT_TYPE: Final = "application/json"
 _PROBLEM_CONTENT_TYPE: Final = "application/problem+json"
 _DROPPED_ANSWER_HEADERS: Final = frozenset(
     {"connection", "content-length", "keep-alive", "transfer-encoding", "upgrade"}
 )
+
+
+DEFAULT_REPLAY_RETENTION: Final = 3 * WEEK_SECONDS
+"""How long the gateway remembers a request (seconds): the span over which a report can
+be accepted with the server's default ``epoch_window`` of 1 week (3 weeks)."""
+DEFAULT_REPLAY_CAPACITY: Final = 1_000_000
+"""How many requests the gateway remembers at most (about 100 MB)."""
+_REPLAY_SLICES: Final = 21
+_REPLAY_TAG_SIZE: Final = 16
+
+ReplayVerdict = Literal["fresh", "replayed", "full"]
+
+
+class ReplayCache:
+    """The ``enc`` values of recently opened requests: refuses a second copy of one.
+
+    ``retention`` (seconds) is how long an entry is kept at least, ``capacity`` how many
+    entries are kept at most; ``clock`` gives unix seconds. Thread-safe. The module
+    docstring explains the policy (fail closed when full).
+    """
+
+    def __init__(
+        self,
+        retention: float = DEFAULT_REPLAY_RETENTION,
+        capacity: int = DEFAULT_REPLAY_CAPACITY,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if (
+            isinstance(retention, bool)
+            or not isinstance(retention, int | float)
+            or not math.isfinite(retention)
+            or not 0 < retention <= 52 * WEEK_SECONDS
+        ):
+            raise ConfigurationError("replay retention must be in (0, 52 weeks] seconds")
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ConfigurationError("replay capacity must be an integer >= 1")
+        self._retention = float(retention)
+        self._capacity = capacity
+        self._clock = clock
+        self._slice = self._retention / _REPLAY_SLICES
+        self._key = secrets.token_bytes(32)
+        self._lock = threading.Lock()
+        self._slices: collections.deque[tuple[int, set[bytes]]] = collections.deque()
+        self._size = 0
+        self._warned_slice: int | None = None
+
+    @property
+    def retention(self) -> float:
+        """Seconds an entry is kept at least."""
+        return self._retention
+
+    @property
+    def capacity(self) -> int:
+        """Entries kept at most."""
+        return self._capacity
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._expire(self._now())
+            return self._size
+
+    def _now(self) -> float:
+        now = float(self._clock())
+        if not math.isfinite(now):
+            raise ConfigurationError("the replay cache's clock is not finite")
+        return now
+
+    def _expire(self, now: float) -> None:
+        horizon = now - self._retention
+        while self._slices and (self._slices[0][0] + 1) * self._slice <= horizon:
+            _, entries = self._slices.popleft()
+            self._size -= len(entries)
+
+    def _tag(self, enc: bytes) -> bytes:
+        return hmac.digest(self._key, enc, hashlib.sha256)[:_REPLAY_TAG_SIZE]
+
+    def admit(self, enc: bytes) -> ReplayVerdict:
+        """Record ``enc``: ``"fresh"`` (recorded now), ``"replayed"`` (seen within the
+        retention, not recorded again) or ``"full"`` (not seen, but no room: refuse)."""
+        tag = self._tag(bytes(enc))
+        with self._lock:
+            now = self._now()
+            self._expire(now)
+            if any(tag in entries for _, entries in self._slices):
+                return "replayed"
+            if self._size >= self._capacity:
+                index = math.floor(now / self._slice)
+                if self._warned_slice != index:
+                    self._warned_slice = index
+                    _log.warning(
+                        "the replay cache holds %d requests, its capacity: new requests "
+                        "are refused until its oldest entries expire", self._capacity,
+                    )
+                return "full"
+            index = math.floor(now / self._slice)
+            if self._slices and self._slices[-1][0] >= index:  # same slice, or clock went back
+                self._slices[-1][1].add(tag)
+            else:
+                self._slices.append((index, {tag}))
+            self._size += 1
+            return "fresh"
+
+    def seconds_until_room(self) -> float:
+        """Seconds until the oldest entries expire (0 when there is room now)."""
+        with self._lock:
+            now = self._now()
+            self._expire(now)
+            if self._size < self._capacity or not self._slices:
+                return 0.0
+            return max(0.0, (self._slices[0][0] + 1) * self._slice + self._retention - now)
 
 
 def _document(document: Mapping[str, Any]) -> bytes:
@@ -105,8 +266,14 @@ class OhttpGateway:
 
     ``keys`` is one :class:`~sync.ohttp.GatewayKey` or several (distinct key ids, e.g.
     during a rotation); ``inner`` is the handler function the decrypted requests go to.
-    ``pad_to`` is the multiple answers are padded to. Thread-safe (holds no per-request
-    state).
+    ``pad_to`` is the multiple answers are padded to. ``replay_cache`` remembers opened
+    requests (default: a :class:`ReplayCache` of ``replay_retention`` seconds and
+    ``replay_capacity`` entries on ``clock``); a second copy of a request is refused (see
+    the module docstring). ``relays`` (addresses or networks, e.g. ``"192.0.2.7"``,
+    ``"2001:db8::/64"``), when given, are the only sources whose encapsulated requests
+    are opened: :meth:`handle` refuses any other ``client`` (and a missing one) with
+    ``403``, so nobody can skip the relay, whose per-address limit is then the only
+    one. Thread-safe.
     """
 
     def __init__(
@@ -115,6 +282,11 @@ class OhttpGateway:
         inner: HandlerFunction,
         *,
         pad_to: int = RESPONSE_PAD_SIZE,
+        replay_retention: float = DEFAULT_REPLAY_RETENTION,
+        replay_capacity: int = DEFAULT_REPLAY_CAPACITY,
+        clock: Callable[[], float] = time.time,
+        replay_cache: ReplayCache | None = None,
+        relays: Iterable[str] | None = None,
     ) -> None:
         key_list: Sequence[GatewayKey] = (
             (keys,) if isinstance(keys, GatewayKey) else tuple(keys)
@@ -130,25 +302,76 @@ class OhttpGateway:
         self._inner = inner
         self._pad_to = pad_to
         self._key_document = encode_key_configs(key.config for key in key_list)
+        self._replays = (
+            ReplayCache(replay_retention, replay_capacity, clock=clock)
+            if replay_cache is None
+            else replay_cache
+        )
+        self._relays: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
+        if relays is not None:
+            if isinstance(relays, str):
+                raise ConfigurationError("relays is a list of addresses or networks")
+            try:
+                self._relays = tuple(ipaddress.ip_network(r, strict=False) for r in relays)
+            except (TypeError, ValueError) as exc:
+                raise ConfigurationError(f"a relay address is not an IP address: {exc}") from None
+            if not self._relays:
+                raise ConfigurationError("relays, when given, lists at least one address")
 
     @classmethod
-    def from_key_file(cls, path: Path, inner: HandlerFunction) -> OhttpGateway:
-        """A gateway with the keys of a file written by ``save_gateway_keys``."""
-        return cls(load_gateway_keys(path), inner)
+    def from_key_file(
+        cls, path: Path, inner: HandlerFunction, **options: Any
+    ) -> OhttpGateway:
+        """A gateway with the keys of a file written by ``save_gateway_keys``;
+        ``options`` are the keyword arguments of the constructor."""
+        return cls(load_gateway_keys(path), inner, **options)
+
+    @property
+    def replay_cache(self) -> ReplayCache:
+        """The requests this gateway has opened recently."""
+        return self._replays
 
     @property
     def key_configs_document(self) -> bytes:
         """The ``application/ohttp-keys`` bytes :meth:`key_config_response` serves."""
         return self._key_document
 
+    def _from_relay(self, client: str | None) -> bool:
+        if self._relays is None:
+            return True
+        if client is None:
+            return False
+        try:
+            address = ipaddress.ip_address(client.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self._relays)
+
     def handle(
-        self, method: str, path: str, headers: Mapping[str, str], body: bytes
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        *,
+        client: str | None = None,
     ) -> HandlerResult:
-        """Route ``POST /v1/ohttp`` and ``GET /v1/ohttp-keys``; 404/405 for the rest."""
+        """Route ``POST /v1/ohttp`` and ``GET /v1/ohttp-keys``; 404/405 for the rest.
+
+        ``client`` is the address the request came from (the relay's), checked against
+        ``relays`` when those are configured; never stored or logged.
+        """
         split = urllib.parse.urlsplit(path)
         if split.path == OHTTP_PATH:
             if method != "POST":
                 return self._with(_plain_error(405, "method_not_allowed", "use POST"), "POST")
+            if not self._from_relay(client):
+                return _plain_error(
+                    403, "not_a_relay",
+                    "encapsulated requests are accepted only through the configured relays",
+                )
             if split.query:
                 return _plain_error(400, "bad_query", "this endpoint takes no query string")
             content_type = next(
@@ -200,6 +423,20 @@ class OhttpGateway:
         except DecapsulationError as exc:
             _log.debug("encapsulated request refused: %s", exc)
             return _plain_error(400, DecapsulationError.code, str(exc))
+        verdict = self._replays.admit(context.enc)
+        if verdict == "replayed":
+            return _plain_error(
+                400, REPLAYED_CODE,
+                "this encapsulated request was already received; a copy is never processed "
+                "again (nothing was counted)",
+            )
+        if verdict == "full":
+            wait = max(1, math.ceil(self._replays.seconds_until_room()))
+            status, headers, body = _plain_error(
+                503, "replay_cache_full",
+                "the gateway cannot take new requests now; nothing was counted, retry later",
+            )
+            return status, [*headers, ("Retry-After", str(wait))], body
         try:
             answer = self._answer(plaintext)
         except Exception:

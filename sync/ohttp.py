@@ -947,6 +947,12 @@ class GatewayContext:
         self._enc = enc
         self._secret = context.export(_RESPONSE_EXPORT, _RESPONSE_NONCE_SIZE)
 
+    @property
+    def enc(self) -> bytes:
+        """The request's HPKE encapsulated key: fresh for every request, so it names one
+        request (the gateway's replay cache is keyed by it) and nothing about its sender."""
+        return self._enc
+
     def seal_response(
         self, response: bytes, *, _test_response_nonce: bytes | None = None
     ) -> bytes:

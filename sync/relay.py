@@ -24,6 +24,14 @@ wait for a worker, reading the request and the round trip to the gateway; past i
 client gets ``408`` (still reading) or ``504`` (gateway too slow). Writing the answer
 gets its own short timeout, so a client that does not read cannot hold a worker.
 
+One address (IPv6: one /64, as for the rate limit) holds at most
+``connections_per_address`` connections at a time, waiting or served; a further one is
+answered ``429`` (code ``too_many_connections``) at once and closed. Without this, a
+single client that opens ``workers + backlog`` connections and sends nothing (slowloris)
+would lock every other device out, again every ``deadline`` seconds. The open
+connections are counted in memory under a keyed hash of the address (never the address)
+and forgotten when the connection closes.
+
 Rate limit
 ----------
 At most ``per_epoch`` requests per client address per epoch (ISO week, UTC; an
@@ -41,10 +49,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import math
 import queue
+import secrets
 import signal
 import socket
 import socketserver
@@ -67,7 +78,12 @@ from sync.ohttp import (
     REQUEST_CONTENT_TYPE,
     RESPONSE_CONTENT_TYPE,
 )
-from sync.ratelimit import DEFAULT_MAX_TRACKED, DEFAULT_PER_EPOCH, AddressLimiter
+from sync.ratelimit import (
+    DEFAULT_MAX_TRACKED,
+    DEFAULT_PER_EPOCH,
+    AddressLimiter,
+    address_bucket,
+)
 
 __all__ = ["OhttpRelay", "RelayConfig", "main"]
 
@@ -113,6 +129,7 @@ class RelayConfig:
     max_tracked: int = DEFAULT_MAX_TRACKED
     workers: int = 16
     backlog: int = 64
+    connections_per_address: int = 4
     deadline: float = 10.0
     max_request: int = MAX_ENCAPSULATED_REQUEST_SIZE
     max_response: int = MAX_ENCAPSULATED_RESPONSE_SIZE
@@ -130,6 +147,7 @@ class RelayConfig:
         for name, low, high in (
             ("workers", 1, 1024),
             ("backlog", 1, 65535),
+            ("connections_per_address", 1, 65535),
             ("per_epoch", 1, 10**9),
             ("max_tracked", 1, 10**8),
             ("max_request", 1, MAX_ENCAPSULATED_REQUEST_SIZE),
@@ -156,7 +174,7 @@ class _Refused(Exception):
         self.extra = extra or []
 
 
-_Job = tuple[socket.socket, Any, float] | None
+_Job = tuple[socket.socket, Any, float, bytes] | None
 
 
 class _RelayServer(socketserver.TCPServer):
@@ -169,6 +187,10 @@ class _RelayServer(socketserver.TCPServer):
         self.request_queue_size = config.backlog
         self.relay = relay
         self._jobs: queue.Queue[_Job] = queue.Queue(maxsize=config.backlog)
+        self._per_address = config.connections_per_address
+        self._open: dict[bytes, int] = {}  # keyed hash of an address bucket -> connections
+        self._open_lock = threading.Lock()
+        self._open_key = secrets.token_bytes(32)
         super().__init__((config.host, config.port), socketserver.BaseRequestHandler)
         self._workers = [
             threading.Thread(target=self._work, name=f"ohttp-relay-{n}", daemon=True)
@@ -177,17 +199,50 @@ class _RelayServer(socketserver.TCPServer):
         for worker in self._workers:
             worker.start()
 
+    def _tag(self, client_address: Any) -> bytes:
+        address = str(client_address[0]) if isinstance(client_address, tuple) else "?"
+        bucket = address_bucket(address).encode("utf-8", "surrogatepass")
+        return hmac.digest(self._open_key, bucket, hashlib.sha256)[:16]
+
+    def _release(self, tag: bytes) -> None:
+        with self._open_lock:
+            count = self._open.get(tag, 0) - 1
+            if count > 0:
+                self._open[tag] = count
+            else:
+                self._open.pop(tag, None)
+
     def process_request(self, request: Any, client_address: Any) -> None:
+        tag = self._tag(client_address)
+        with self._open_lock:
+            count = self._open.get(tag, 0)
+            if count >= self._per_address:
+                refused = True
+            else:
+                refused = False
+                self._open[tag] = count + 1
+        if refused:
+            self._overloaded(
+                request, 429, "too_many_connections",
+                "too many connections from this address at once; retry later",
+            )
+            return
         try:
-            self._jobs.put_nowait((request, client_address, time.monotonic()))
+            self._jobs.put_nowait((request, client_address, time.monotonic(), tag))
         except queue.Full:
+            self._release(tag)
             self._overloaded(request)
 
     @staticmethod
-    def _overloaded(sock: socket.socket) -> None:
+    def _overloaded(
+        sock: socket.socket,
+        status: int = 503,
+        code: str = "overloaded",
+        message: str = "the relay is busy; retry later",
+    ) -> None:
         with contextlib.suppress(OSError):
             sock.setblocking(False)
-            sock.send(_answer(503, "overloaded", "the relay is busy; retry later"))
+            sock.send(_answer(status, code, message))
         with contextlib.suppress(OSError):
             sock.close()
 
@@ -196,7 +251,7 @@ class _RelayServer(socketserver.TCPServer):
             job = self._jobs.get()
             if job is None:
                 return
-            sock, client_address, accepted = job
+            sock, client_address, accepted, tag = job
             try:
                 self.relay._serve(sock, client_address, accepted)
             except Exception:
@@ -206,6 +261,7 @@ class _RelayServer(socketserver.TCPServer):
                     sock.shutdown(socket.SHUT_RDWR)
                 with contextlib.suppress(OSError):
                     sock.close()
+                self._release(tag)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # The default prints the client's address to stderr; log without it.
@@ -220,6 +276,7 @@ class _RelayServer(socketserver.TCPServer):
                 break
             if job is not None:
                 self._overloaded(job[0])
+                self._release(job[3])
         for _ in self._workers:
             self._jobs.put(None)
         for worker in self._workers:
@@ -473,6 +530,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=16, help="worker threads (default 16)")
     parser.add_argument("--backlog", type=int, default=64,
                         help="connections waiting for a worker before 503 (default 64)")
+    parser.add_argument("--connections-per-address", type=int, default=4,
+                        help="open connections one address (IPv6: /64) may hold (default 4)")
     parser.add_argument("--deadline", type=float, default=10.0,
                         help="seconds per request, end to end (default 10)")
     parser.add_argument("--ready-file", type=Path,
@@ -494,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
             max_tracked=args.max_tracked,
             workers=args.workers,
             backlog=args.backlog,
+            connections_per_address=args.connections_per_address,
             deadline=args.deadline,
         )
         relay = OhttpRelay(config)

@@ -265,11 +265,12 @@ def raw_server() -> Iterator[Callable[[bytes, int], RawServer]]:
 def test_an_endless_report_answer_is_cut_off_after_a_few_hundred_bytes(
     raw_server: Callable[[bytes, int], RawServer],
 ) -> None:
-    # No Content-Length: the body runs until the server closes, here after 512 MiB.
-    server = raw_server(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n", 512 << 20)
-    with pytest.raises(errors.TransportError) as caught:
+    # No Content-Length: the body runs until the server closes, here after 512 MiB. A 503
+    # is a failure to retry; a 200 was counted, so it is an answer however long.
+    server = raw_server(b"HTTP/1.1 503 Busy\r\nContent-Type: application/json\r\n\r\n", 512 << 20)
+    with pytest.raises(errors.AnswerTooLargeError) as caught:
         SyncClient(base_url=server.url, k=8, timeout=10).send_report(1, EPOCH)
-    assert caught.value.maybe_delivered
+    assert caught.value.maybe_delivered and caught.value.status == 503
     server.close()
     # Reading up to 256 MiB (the old cap) would let the server push that much; now the
     # client stops after MAX_REPORT_ANSWER_SIZE and what sits in socket buffers is all.
@@ -279,7 +280,7 @@ def test_an_endless_report_answer_is_cut_off_after_a_few_hundred_bytes(
 def test_an_announced_length_over_the_cap_is_refused_before_the_body_is_read(
     raw_server: Callable[[bytes, int], RawServer],
 ) -> None:
-    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    head = b"HTTP/1.1 502 Bad\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
     server = raw_server(head % (MAX_REPORT_ANSWER_SIZE + 1), MAX_REPORT_ANSWER_SIZE + 1)
     with pytest.raises(errors.TransportError, match="over 1024 bytes"):
         SyncClient(base_url=server.url, k=8).send_report(1, EPOCH)
@@ -320,9 +321,12 @@ def test_caps_are_per_request_kind_on_the_real_server(
 def test_answers_of_any_transport_are_checked_against_their_kinds_cap(
     path: str, size: int, kwargs: dict[str, int]
 ) -> None:
+    # A report's 200 is an answer however long (it was counted): a 502 shows the cap.
+    status = 502 if path == "/v1/report" else 200
+
     def handler(method: str, target: str, headers: Mapping[str, str], body: bytes) -> HandlerResult:
         assert target == path
-        return 200, [("Content-Type", "application/json")], b" " * size
+        return status, [("Content-Type", "application/json")], b" " * size
 
     client = SyncClient(base_url="http://stub.invalid", transport=InProcessTransport(handler),
                         **kwargs)
@@ -361,3 +365,43 @@ def test_nothing_the_server_writes_reaches_a_report_answer_or_an_error_code() ->
     with pytest.raises(errors.ServerUnavailableError) as unavailable:
         client.send_report(1, EPOCH)
     assert unavailable.value.code == "store_unavailable"  # a well-formed code is kept
+
+
+def test_a_counted_report_with_an_oversized_body_over_http_is_sent_not_failed() -> None:
+    """A 200 whose body passes the report answer's cap (a proxy's banner) was counted:
+    resending it would count it again, so it is an answer, not a failure."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from sync.client import MAX_REPORT_ANSWER_SIZE, HttpTransport, SyncClient
+    from sync.protocol import Report, encode_report
+
+    hits: list[bytes] = []
+
+    class Banner(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            hits.append(self.rfile.read(int(self.headers["Content-Length"])))
+            body = b"<html>" + b"x" * (4 * MAX_REPORT_ANSWER_SIZE) + b"</html>"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            return
+
+    server = HTTPServer(("127.0.0.1", 0), Banner)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        client = SyncClient(
+            base_url=f"http://127.0.0.1:{server.server_address[1]}",
+            transport=HttpTransport(),
+            k=8,
+        )
+        answer = client.send_report_bytes(encode_report(Report(epoch="2026-W48", segment=3)))
+        assert answer.status == 200
+        assert len(hits) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
