@@ -32,6 +32,7 @@ from .errors import (
     OndeviceError,
     PolicyViolationError,
     ProfileClosedError,
+    ProfileGoneError,
     ProfileNotFoundError,
     ProfileUnreadableError,
     StorageError,
@@ -824,15 +825,17 @@ class PersonalizationEngine:
         sends those that are due, never two of them back to back (a report due less
         than ``SyncSettings.min_gap`` after another is pushed back). Call it from a
         timer (every few minutes) while the app runs. Returns one outcome per user; a
-        user whose report raised SyncError gets status ``error`` with the reason, and
-        the others are still served."""
+        user whose report raised an OndeviceError gets status ``error`` with the
+        reason, and the others are still served."""
         with self._store.read() as conn:
             users = Store.user_ids(conn)
         outcomes = []
         for user_id in users:
             try:
                 outcomes.append(self.sync(user_id))
-            except SyncError as exc:  # one user's trouble never blocks the others
+            except (ProfileClosedError, ProfileGoneError):
+                raise  # the whole profile is gone: nobody can be served
+            except OndeviceError as exc:  # one user's trouble never blocks the others
                 outcomes.append(SyncOutcome(user_id, "error", reason=str(exc)))
         return outcomes
 

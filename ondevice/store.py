@@ -40,6 +40,7 @@ import bisect
 import contextlib
 import json
 import logging
+import math
 import operator
 import os
 import threading
@@ -48,7 +49,13 @@ from pathlib import Path
 from typing import Any, Final
 
 from . import _db
-from .errors import ProfileClosedError, ProfileGoneError, ProfileVersionError, StorageError
+from .errors import (
+    ProfileClosedError,
+    ProfileError,
+    ProfileGoneError,
+    ProfileVersionError,
+    StorageError,
+)
 from .policy import Interaction, Policy, PrivacyLevel, SignalValue
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Store"]
@@ -163,6 +170,39 @@ SEGMENT_DERIVED: Final = "taste_aggregates"
 EGRESS_RETENTION_DAYS: Final = 365.0
 
 
+def _damaged(what: str) -> ProfileError:
+    """The error for a stored value that cannot be what this version wrote (only code
+    holding the key can write one): clear, and never the driver's or Python's own."""
+    log.error("the profile holds a damaged %s", what)
+    return ProfileError(f"the profile holds a damaged {what}; run 'ondevice verify', or "
+                        "restore an export")
+
+
+def _int(value: Any, what: str, low: int = 0, high: int = 2**62) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _damaged(what)
+    return value
+
+
+def _finite(value: Any, what: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise _damaged(what) from None
+    if not math.isfinite(number):
+        raise _damaged(what)
+    return number
+
+
+def _ascii(value: Any, what: str) -> str:
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise _damaged(what)
+    try:
+        return bytes(value).decode("ascii")
+    except UnicodeDecodeError:
+        raise _damaged(what) from None
+
+
 #: Window order of ``(id, item_id, event, ts, value)`` rows: by timestamp, then id.
 _WINDOW_ORDER: Final = operator.itemgetter(3, 0)
 
@@ -212,6 +252,16 @@ class _WriteCache:
         self.users.clear()
         self.windows.clear()
         self.bound_known = False
+
+
+def _secret(text: str) -> bytes:
+    try:
+        secret = bytes.fromhex(text)
+    except (TypeError, ValueError):
+        raise _damaged("ledger secret") from None
+    if len(secret) != 32:
+        raise _damaged("ledger secret")
+    return secret
 
 
 class _Transaction:
@@ -1000,7 +1050,7 @@ class Store:
         out = []
         for row in rows:
             entry = dict(zip(names, row, strict=True))
-            entry["body"] = bytes(entry["body"]).decode("ascii")
+            entry["body"] = _ascii(entry["body"], "report in the egress log")
             out.append(entry)
         return out
 
@@ -1016,7 +1066,7 @@ class Store:
             return None
         names = ("body", "epsilon", "epsilon_1", "status", "answer", "attempts", "next_attempt")
         entry = dict(zip(names, row, strict=True))
-        entry["body"] = bytes(entry["body"]).decode("ascii")
+        entry["body"] = _ascii(entry["body"], "report in the egress log")
         entry["epoch"] = epoch
         return entry
 
@@ -1070,7 +1120,7 @@ class Store:
         if secret is None:
             secret = secrets.token_hex(32)
             Store.set_meta(conn, "ledger_secret", secret)
-        return hmac.new(bytes.fromhex(secret), user_id.encode(), hashlib.sha256).digest()
+        return hmac.new(_secret(secret), user_id.encode(), hashlib.sha256).digest()
 
     @staticmethod
     def ledger_tag_if_any(conn: _db.Connection, user_id: str) -> bytes:
@@ -1082,7 +1132,7 @@ class Store:
         secret = Store.get_meta(conn, "ledger_secret")
         if secret is None:
             return b""
-        return hmac.new(bytes.fromhex(secret), user_id.encode(), hashlib.sha256).digest()
+        return hmac.new(_secret(secret), user_id.encode(), hashlib.sha256).digest()
 
     @staticmethod
     def ledger(conn: _db.Connection, tag: bytes) -> list[tuple[str, float, float]]:
@@ -1156,7 +1206,7 @@ class Store:
     def report_clock(conn: _db.Connection) -> float | None:
         """The reporting path's high-water mark of time, or None before any sync."""
         value = Store.get_meta(conn, "report_clock")
-        return float(value) if value is not None else None
+        return _finite(value, "reporting clock") if value is not None else None
 
     @staticmethod
     def advance_report_clock(conn: _db.Connection, now: float) -> float:
@@ -1177,7 +1227,12 @@ class Store:
             (user_id,),
         ).fetchall()
         names = ("k", "epsilon_inf", "segment", "memo", "created_at", "used_at")
-        return [dict(zip(names, row, strict=True)) for row in rows]
+        memos = [dict(zip(names, row, strict=True)) for row in rows]
+        for memo in memos:
+            k = _int(memo["k"], "memo", 1, 64)
+            _int(memo["segment"], "memo", 0, k - 1)
+            _int(memo["memo"], "memo", 0, k - 1)
+        return memos
 
     @staticmethod
     def memo(
@@ -1189,7 +1244,7 @@ class Store:
             "AND segment = ?",
             (user_id, k, epsilon_inf, segment),
         ).fetchone()
-        return None if row is None else int(row[0])
+        return None if row is None else _int(row[0], "memo", 0, k - 1)
 
     @staticmethod
     def last_used_memo(
@@ -1201,7 +1256,7 @@ class Store:
             "ORDER BY used_at DESC, created_at DESC LIMIT 1",
             (user_id, k, epsilon_inf),
         ).fetchone()
-        return None if row is None else int(row[0])
+        return None if row is None else _int(row[0], "memo", 0, k - 1)
 
     @staticmethod
     def save_memo(
@@ -1239,7 +1294,9 @@ class Store:
         row = conn.execute(
             "SELECT epoch, due_at FROM report_schedule WHERE tag = ?", (tag,)
         ).fetchone()
-        return None if row is None else (str(row[0]), float(row[1]))
+        if row is None:
+            return None
+        return str(row[0]), _finite(row[1], "report schedule")
 
     @staticmethod
     def set_schedule(conn: _db.Connection, tag: bytes, epoch: str, due_at: float) -> None:

@@ -620,3 +620,26 @@ def test_a_report_pushed_past_its_weeks_end_leaves_next_week_with_its_own_week(
     assert rec.sent[1][0] - rec.sent[0][0] >= gap
     nxt = engine.sync(late.user_id)  # and then this week's report is scheduled as usual
     assert nxt.status == "scheduled" and nxt.epoch == epoch_of(clock.now) != week
+
+
+def test_a_damaged_memo_or_clock_is_a_clear_error_and_other_users_are_served(
+    open_engine, clock
+):
+    from ondevice import ProfileError
+
+    rec = Recorder(clock)
+    engine = open_engine("segment", sync=settings(rec))
+    for user in ("a", "b"):
+        to_segment(engine, user, 1)
+    engine.sync("a")
+    clock.advance(days=7)
+    with engine._store.write() as conn:  # only code holding the key could do this
+        conn.execute("UPDATE report_memos SET memo = 'x' WHERE user_id = 'a'")
+    with pytest.raises(ProfileError, match="damaged memo"):
+        engine.sync("a")
+    outcomes = {o.user_id: o for o in engine.sync_due()}
+    assert outcomes["a"].status == "error" and outcomes["b"].status == "sent"
+    with engine._store.write() as conn:
+        conn.execute("UPDATE meta SET value = 'yesterday' WHERE key = 'report_clock'")
+    with pytest.raises(ProfileError, match="damaged reporting clock"):
+        engine.report("a")

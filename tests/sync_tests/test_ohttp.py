@@ -921,7 +921,9 @@ def test_the_ohttp_modules_never_import_ondevice_or_numpy() -> None:
 
 
 def test_gateway_module_exports_its_public_names() -> None:
-    assert set(gateway_module.__all__) == {"HandlerFunction", "HandlerResult", "OhttpGateway",
-                                           "main"}
+    assert set(gateway_module.__all__) == {
+        "DEFAULT_REPLAY_CAPACITY", "DEFAULT_REPLAY_RETENTION", "REPLAYED_CODE",
+        "HandlerFunction", "HandlerResult", "OhttpGateway", "ReplayCache", "main",
+    }
     for name in ohttp.__all__:
         assert hasattr(ohttp, name)
