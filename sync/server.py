@@ -163,6 +163,7 @@ import contextlib
 import datetime as _dt
 import errno
 import heapq
+import ipaddress
 import itertools
 import json
 import logging
@@ -357,6 +358,7 @@ class ServerConfig:
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     capture_raw: bool = False
     ohttp_keys_path: Path | None = None
+    ohttp_relays: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int):
@@ -394,6 +396,17 @@ class ServerConfig:
             raise ConfigurationError("rate_limit_tracked must be an integer >= 1")
         if not 1 <= self.max_body <= MAX_BODY_SIZE:
             raise ConfigurationError(f"max_body must be in 1..{MAX_BODY_SIZE}")
+        if self.ohttp_relays is not None:
+            if not isinstance(self.ohttp_relays, tuple) or not self.ohttp_relays:
+                raise ConfigurationError("ohttp_relays must be a non-empty tuple of addresses")
+            for relay in self.ohttp_relays:
+                try:
+                    ipaddress.ip_network(relay, strict=False)
+                except (TypeError, ValueError):
+                    raise ConfigurationError(
+                        "ohttp_relays holds addresses or networks like 192.0.2.7 or "
+                        "2001:db8::/64"
+                    ) from None
         if self.ohttp_keys_path is not None and self.max_body < _OHTTP_REQUEST_SIZE:
             raise ConfigurationError(
                 f"with OHTTP, max_body must be >= {_OHTTP_REQUEST_SIZE} (one encapsulated report)"
@@ -979,9 +992,20 @@ class ReportHandler:
         if config.ohttp_keys_path is not None:
             from sync.gateway import OhttpGateway  # lazy: pyhpke loads only with OHTTP on
 
+            # A replayed request is refused for as long as its report could be counted.
+            retention = (2 * config.epoch_window + 1) * WEEK_SECONDS + config.grace
             self._gateway = OhttpGateway.from_key_file(
-                config.ohttp_keys_path, self._handle_encapsulated
+                config.ohttp_keys_path,
+                self._handle_encapsulated,
+                replay_retention=retention,
+                clock=clock,
+                relays=config.ohttp_relays,
             )
+            if config.ohttp_relays is None:
+                _log.warning(
+                    "the OHTTP gateway takes encapsulated reports from any address, around "
+                    "the relay's rate limit: name the relays with --ohttp-relay"
+                )
 
     @property
     def config(self) -> ServerConfig:
@@ -1063,7 +1087,7 @@ class ReportHandler:
         if self._gateway is not None and split.path in (_OHTTP_PATH, _OHTTP_KEYS_PATH):
             # The gateway decapsulates and calls handle() with no client address: every
             # request comes from the relay, which limits device addresses itself.
-            return self._gateway.handle(method, target, headers, body)
+            return self._gateway.handle(method, target, headers, body, client=client)
         allowed = _ROUTES.get(split.path)
         if allowed is None:
             return _error(404, "not_found", "unknown path")
@@ -2117,6 +2141,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--ohttp-keys", type=Path,
                         help="OHTTP gateway key file (python -m sync.gateway generate-key): "
                              "serve POST /v1/ohttp and GET /v1/ohttp-keys")
+    parser.add_argument("--ohttp-relay", action="append", metavar="ADDRESS",
+                        help="an address or network of a relay allowed to post encapsulated "
+                             "reports (repeatable; default: any, with a warning)")
     parser.add_argument("--ready-file", type=Path,
                         help="write the bound port to this file once listening")
     return parser
@@ -2149,6 +2176,7 @@ def main(argv: list[str] | None = None) -> int:
             request_timeout=args.request_timeout,
             capture_raw=args.capture_raw,
             ohttp_keys_path=args.ohttp_keys,
+            ohttp_relays=tuple(args.ohttp_relay) if args.ohttp_relay else None,
         )
         _raise_open_file_limit(
             config.max_connections + _FD_RESERVE + _MAX_FILE_STREAMS + config.workers

@@ -65,6 +65,7 @@ def path(tmp_path: Path, clock) -> Iterator[Path_]:
             port=0,
             k_threshold=1,
             ohttp_keys_path=keys_file,
+            ohttp_relays=("127.0.0.1",),  # the relay's own address (via proxy B)
             rate_limit=1,  # per address: through the relay it must not apply
             capture_raw=True,
         ),
@@ -186,3 +187,25 @@ def test_the_key_document_is_served_with_its_media_type(path):
         assert answer.headers["Content-Type"] == ohttp.KEYS_CONTENT_TYPE
         configs = ohttp.decode_key_configs(answer.read())
     assert [c.digest() for c in configs] == [path.pin]
+
+
+def test_only_a_named_relay_may_post_encapsulated_reports_to_the_server(path, clock):
+    from sync.client import SyncClient
+    from sync.errors import OhttpRejectedError
+
+    # A client that skips the relay and posts straight to the gateway from its own
+    # address would go around the relay's per-address limit: refused, nothing counted.
+    direct = RecordingProxy(path.server.address, source=DEVICE_ADDRESS)
+    try:
+        transport = OhttpTransport(
+            relay_url=direct.url(ohttp.OHTTP_PATH),
+            key_config=path.key.config.encode(),
+            key_config_pin=path.pin,
+        )
+        client = SyncClient(base_url="https://sync.example", transport=transport, k=K)
+        with pytest.raises(OhttpRejectedError) as refused:
+            client.send_report(1, epoch_of(clock.now))
+        assert refused.value.status == 403 and refused.value.code == "not_a_relay"
+    finally:
+        direct.close()
+    assert sum(path.server.store.counts(epoch_of(clock.now), k=K)) == 0
