@@ -56,7 +56,6 @@ import logging
 import math
 import queue
 import secrets
-import signal
 import socket
 import socketserver
 import sys
@@ -66,9 +65,9 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType, TracebackType
 from typing import Any, Final
 
+from sync._serving import Serving, serve_until_signalled
 from sync.client import HttpTransport
 from sync.errors import ConfigurationError, SyncError, TransportError, TransportTimeout
 from sync.ohttp import (
@@ -301,7 +300,7 @@ def _response_bytes(
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-class OhttpRelay:
+class OhttpRelay(Serving):
     """The relay server: :meth:`start` (background thread) or :meth:`serve_forever`,
     then :meth:`close`; also a context manager.
 
@@ -350,43 +349,10 @@ class OhttpRelay:
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{port}{self._config.path}"
 
-    def start(self) -> OhttpRelay:
-        """Serve from a background daemon thread; returns ``self``."""
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-            name="ohttp-relay", daemon=True,
-        )
-        self._thread.start()
-        return self
+    _thread_name = "ohttp-relay"
 
-    def serve_forever(self) -> None:
-        """Serve from the calling thread until :meth:`shutdown` is called elsewhere."""
-        self._server.serve_forever()
-
-    def shutdown(self) -> None:
-        """Stop accepting connections (call from another thread than serve_forever)."""
-        self._server.shutdown()
-
-    def close(self) -> None:
-        """Stop serving, stop the workers and release the port."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join()
-        self._server.server_close()
-
-    def __enter__(self) -> OhttpRelay:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+    def _loop(self) -> Any:
+        return self._server
 
     # ----------------------------------------------------------------------- serving
 
@@ -561,22 +527,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"ondevice-ohttp-relay: error: {exc}\n")
         return 2
 
-    def _stop(signum: int, frame: FrameType | None) -> None:
-        threading.Thread(target=relay.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
     host, port = relay.address
     _log.info("relaying POST %s on %s:%d to the configured gateway (%d per address per week)",
               config.path, host, port, config.per_epoch)
-    if args.ready_file is not None:
-        partial = args.ready_file.with_name(args.ready_file.name + ".partial")
-        partial.write_text(f"{port}\n")
-        partial.replace(args.ready_file)
-    try:
-        relay.serve_forever()
-    finally:
-        relay.close()
+    serve_until_signalled(relay, port=port, ready_file=args.ready_file)
     _log.info("stopped")
     return 0
 

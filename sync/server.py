@@ -173,7 +173,6 @@ import queue
 import random
 import re
 import selectors
-import signal
 import socket
 import sqlite3
 import sys
@@ -183,9 +182,9 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO, Final, Literal
 
+from sync._serving import Serving, serve_until_signalled
 from sync.errors import (
     BadEpochError,
     ConfigurationError,
@@ -1961,7 +1960,7 @@ class _HTTPServer:
             self._close(conn)
 
 
-class SyncServer:
+class SyncServer(Serving):
     """The HTTP server stub: a :class:`ReportHandler` behind a bounded HTTP/1.1 server.
 
     One event-loop thread reads requests (each under one deadline of
@@ -2040,44 +2039,13 @@ class SyncServer:
         with self._http.capture_lock:
             return list(self._http.capture)
 
-    def start(self) -> SyncServer:
-        """Serve from a background daemon thread; returns ``self``."""
-        self._thread = threading.Thread(
-            target=self._http.serve_forever, kwargs={"poll_interval": 0.05},
-            name="sync-server", daemon=True,
-        )
-        self._thread.start()
-        return self
+    _thread_name = "sync-server"
 
-    def serve_forever(self) -> None:
-        """Serve from the calling thread until :meth:`shutdown` is called elsewhere."""
-        self._http.serve_forever()
+    def _loop(self) -> Any:
+        return self._http
 
-    def shutdown(self) -> None:
-        """Stop accepting requests (call from another thread than ``serve_forever``)."""
-        self._http.shutdown()
-
-    def close(self) -> None:
-        """Stop serving, commit pending counts and release the port and the store."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._thread is not None:
-            self._http.shutdown()
-            self._thread.join()
-        self._http.server_close()
+    def _release(self) -> None:
         self._store.close()
-
-    def __enter__(self) -> SyncServer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 # --------------------------------------------------------------------------- CLI
@@ -2186,11 +2154,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"ondevice-sync-server: error: {exc}\n")
         return 2
 
-    def _stop(signum: int, frame: FrameType | None) -> None:
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
     host, port = server.address
     _log.info(
         "serving K=%d epsilon_inf=%.4f epsilon_1=%.4f central_epsilon=%.4f k_threshold=%d "
@@ -2198,14 +2161,7 @@ def main(argv: list[str] | None = None) -> int:
         config.k, config.epsilon_inf, config.epsilon_1, config.central_epsilon,
         config.k_threshold, config.rate_limit, server.max_connections, host, port,
     )
-    if args.ready_file is not None:
-        partial = args.ready_file.with_name(args.ready_file.name + ".partial")
-        partial.write_text(f"{port}\n")
-        partial.replace(args.ready_file)
-    try:
-        server.serve_forever()
-    finally:
-        server.close()
+    serve_until_signalled(server, port=port, ready_file=args.ready_file)
     _log.info("stopped")
     return 0
 
