@@ -3,7 +3,12 @@
 Every profile, interaction and recommendation lives in one encrypted SQLCipher file on
 the user's machine; the only thing that may ever leave it is a randomized segment ID.
 Start with :class:`PersonalizationEngine`.
+
+As a library should, the package attaches a ``NullHandler`` to its logger (``ondevice``):
+nothing is printed unless the application configures logging.
 """
+
+import logging as _logging
 
 from .engine import PersonalizationEngine, ProfileReport, UserReport
 from .errors import (
@@ -71,3 +76,5 @@ __all__ = [
     "UserReport",
     "ValidationError",
 ]
+
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())

@@ -641,6 +641,11 @@ class PersonalizationEngine:
 
     # -- recommendations ----------------------------------------------------------------
 
+    def _bundle_fallback(self) -> str:
+        """What stays in use after a refused bundle, in words for the log."""
+        runtime = getattr(self, "_runtime", None)
+        return "keeping the previous one" if runtime is not None else "no catalog is loaded"
+
     def load_bundle(
         self, path: str | os.PathLike[str], *, allow_downgrade: bool = False
     ) -> BundleInfo:
@@ -676,7 +681,7 @@ class PersonalizationEngine:
         try:
             catalog, info = load_bundle_with_info(path, public_key=self._bundle_key)
         except BundleError as exc:
-            log.warning("catalog bundle refused, keeping the previous one: %s", exc)
+            log.warning("catalog bundle refused, %s: %s", self._bundle_fallback(), exc)
             raise
         return CatalogRuntime(catalog, info.sha256), info
 
@@ -702,7 +707,7 @@ class PersonalizationEngine:
                     if newest != record:
                         Store.set_meta(conn, VERSION_META_KEY, record)
             except BundleError as exc:
-                log.warning("catalog bundle refused, keeping the previous one: %s", exc)
+                log.warning("catalog bundle refused, %s: %s", self._bundle_fallback(), exc)
                 raise
             self._runtime = runtime
         log.info("catalog bundle %r loaded: %d items", info.name, info.n_items)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
+import pytest
+
 import ondevice
 from ondevice import errors
 
@@ -60,3 +62,59 @@ print(sorted(m for m in sys.modules if m.startswith(("ondevice.operator", "ondev
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_the_library_prints_nothing_unless_the_app_configures_logging(tmp_path):
+    """A refused bundle with no catalog loaded raises; the library's own warning goes to
+    its logger, which has a NullHandler: nothing reaches stderr by itself."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import os
+        from ondevice import BundleError, PersonalizationEngine, RawKey
+        try:
+            PersonalizationEngine({str(tmp_path / "p")!r}, key=RawKey(os.urandom(32)),
+                                  bundle={str(tmp_path / "missing.bundle")!r},
+                                  bundle_public_key=bytes(32))
+        except BundleError:
+            print("refused")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, "refused\n", "")
+
+
+def test_a_refused_bundle_is_logged_truthfully(tmp_path, caplog):
+    import logging
+    import os
+
+    from ondevice import BundleError, PersonalizationEngine, RawKey
+
+    with caplog.at_level(logging.WARNING, logger="ondevice"), pytest.raises(BundleError):
+        PersonalizationEngine(
+            tmp_path / "p",
+            key=RawKey(os.urandom(32)),
+            bundle=tmp_path / "missing.bundle",
+            bundle_public_key=bytes(32),
+        )
+    (record,) = [r for r in caplog.records if "catalog bundle refused" in r.getMessage()]
+    assert "no catalog is loaded" in record.getMessage()
+    assert "keeping the previous one" not in record.getMessage()
+
+
+def test_the_license_is_declared_and_shipped():
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0"
+    assert project["license-files"] == ["LICENSE"]
+    text = (root / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text
