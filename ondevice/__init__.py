@@ -36,7 +36,7 @@ from .policy import ContextField, FieldPurpose, Interaction, Policy, PrivacyLeve
 from .results import Recommendation, Recommendations
 from .sync_settings import SyncOutcome, SyncSettings
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Argon2Params",
