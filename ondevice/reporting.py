@@ -16,10 +16,10 @@ What one ``sync(user_id)`` does, in one write transaction and then one request:
    then returns ``scheduled``. A report that did not leave within its week (its
    moment was pushed past the end, or the app was closed) leaves at the next sync,
    labelled with its week (the server accepts the previous week), before the new
-   week's. Two reports of this profile (several local users) are at
-   least ``min_gap`` apart: one due sooner after the last send is pushed back by a
-   random ``min_gap`` to ``2 * min_gap``. Each report is one request on its own
-   connection (``Connection: close``).
+   week's. Two reports of this profile (several local users) are at least
+   ``min_gap`` apart: one due sooner after the last send is pushed back to a random
+   moment ``min_gap`` to ``2 * min_gap`` after that send. Each report is one request on
+   its own connection (``Connection: close``).
 4. **Memo.** The true segment (chosen locally from the catalog's segment definitions)
    selects its memo; a segment without one draws it now at ``epsilon_inf`` if the
    lifetime budget (``lifetime_cap`` over 365 days of the reporting clock) allows, and
@@ -28,9 +28,10 @@ What one ``sync(user_id)`` does, in one write transaction and then one request:
 5. **Report.** A fresh randomization of the memo at ``epsilon_1`` becomes the one
    allowed 47-byte message, which is written to the egress log before it is sent.
 
-Memos, the schedule and the egress log are a user's data (declared purposes, exported,
-deleted by ``wipe_profile`` and at level ``none``); the ledger and the reporting clock
-are the profile's, destroyed only by ``wipe()``.
+Memos and the egress log are a user's data (declared purposes, exported, deleted by
+``wipe_profile`` and at level ``none``). The schedule, the ledger and the reporting clock
+are the profile's (keyed tags, no user id): kept through ``wipe_profile``, level changes
+and imports, expired on the reporting clock, destroyed by ``wipe()``.
 
 What a restored backup can still do
 -----------------------------------

@@ -829,8 +829,11 @@ class Store:
                     "DELETE FROM budget_ledger WHERE created_at < ?", (expired,)
                 ).rowcount
         if user_id is None:
+            # On the reporting clock too: an open under a clock far ahead must not let
+            # the week's moment be drawn again.
+            seen = now if clock is None else min(now, clock)
             total += conn.execute(
-                "DELETE FROM report_schedule WHERE due_at < ?", (now - 8 * DAY,)
+                "DELETE FROM report_schedule WHERE due_at < ?", (seen - 8 * DAY,)
             ).rowcount
         for field in policy.context if scan else ():
             if field.retention_days < policy.retention_days:

@@ -51,9 +51,10 @@ class SyncSettings:
         week, drawn when the week's report is first asked for; ``sync()`` sends only what
         is due. False sends at the first ``sync()`` of the week (demos, tests).
     ``min_gap``
-        Seconds that separate two reports of this profile (several local users): a
-        report due sooner after another is pushed back by ``min_gap`` to ``2 * min_gap``
-        (default one hour), so reports of one device never leave back to back.
+        Seconds that separate two reports of this profile (several local users), with or
+        without ``schedule``: a report due sooner after another is pushed back to a
+        random moment ``min_gap`` to ``2 * min_gap`` after it (default one hour), so
+        reports of one device never leave back to back.
     ``timeout``
         Seconds per request (at most 300).
     ``transport``
@@ -125,7 +126,8 @@ class SyncOutcome:
       reported (the clock went back): nothing sent now;
     - ``failed``: logged, not delivered; resent (the same bytes) by a ``sync`` after
       ``retry_at``;
-    - ``waiting``: a failed report whose retry time has not come;
+    - ``waiting``: a failed report whose retry time has not come, or another engine on
+      this profile is sending right now;
     - ``refused``: the server refused the report (not retried);
     - ``skipped``: nothing to report (level ``none``, no segment yet, or the lifetime
       budget is spent with ``when_spent="skip"``, or with ``"repeat"`` when the user

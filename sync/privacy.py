@@ -45,9 +45,10 @@ Defaults, and why
   composed per-report epsilon about the true segment is 0.64 at K = 8 and 0.80 at K = 3,
   below ``epsilon_inf`` either way.
 - ``DEFAULT_LIFETIME_CAP = 4 ln 3`` over ``LIFETIME_PERIOD = 365`` days: each *new* memo
-  (the true segment changed to a value without a memo) spends ``epsilon_inf``. By basic
-  composition a device's reports over any 365 days reveal at most the cap about its
-  segments: at most four distinct segment values a year get a fresh memo; beyond that
+  (the true segment changed to a value without a memo) spends ``epsilon_inf``: at most four
+  distinct segment values a year get a fresh memo (over its whole life a device reveals
+  at most ``epsilon_inf`` about each distinct segment it ever held, so the total grows
+  by at most the cap per year); beyond that
   the device keeps reporting randomizations of a memo it already has (or nothing, as
   configured). Changing back to a value with a memo reuses it and spends nothing.
 
@@ -144,7 +145,7 @@ DEFAULT_CENTRAL_EPSILON: Final = 0.5
 standard deviation of 2.8 reports per cell. It hides one report's contribution to a
 published cell (the local layers already protect each device's segment); at ln 3 the
 noise would be zero half the time, so an attacker subtracting injected reports would
-read the exact honest count in about half the epochs. At 0.5 the noise adds about 0.7%
+read the exact honest count in about half the epochs. At 0.5 the noise adds about 0.6%
 to the variance of a K = 8 operator's estimates with 10,000 devices."""
 
 _TOLERANCE: Final = 1e-9

@@ -132,10 +132,11 @@ in memory only (addresses are never stored or logged; IPv6 is counted per /64); 
 get ``429`` with ``Retry-After`` pointing at the next epoch. The limiter counts at most
 ``rate_limit_tracked`` distinct addresses per epoch and then refuses new ones until the
 epoch ends (it fails closed rather than open): size it above the number of distinct
-addresses that report in a week. Behind an Oblivious HTTP relay (or any
-proxy) every report arrives from the relay's address: set ``rate_limit=0`` there (the
-relay, which sees device addresses, limits them instead). The in-process handler has no
-address and is never limited.
+addresses that report in a week. Reports that arrive through the mounted OHTTP gateway
+are never limited here (the relay, which sees device addresses, limits them), so keep
+the limit on with the gateway: it still guards plain ``POST /v1/report``. Behind a plain
+forwarding proxy (not the gateway) every report arrives from the proxy's address: set
+``rate_limit=0`` there. The in-process handler has no address and is never limited.
 
 What is stored and logged
 -------------------------
@@ -150,9 +151,13 @@ A test mode (``capture_raw=True``) keeps the exact raw bytes of every request in
 so end-to-end tests can check every byte a client sent, and tests may inject a seeded
 ``rng`` for the central noise. Never use either in production.
 
-The network still shows the server an address. To hide it from the operator, put an
-Oblivious HTTP relay (RFC 9458, as Firefox does) or any forwarding proxy run by a third
-party in front: clients take any base URL, so only their configuration changes.
+The network still shows the server an address. To hide it from the operator, mount the
+Oblivious HTTP gateway (RFC 9458) with ``--ohttp-keys`` (``POST /v1/ohttp``,
+``GET /v1/ohttp-keys``; see :mod:`sync.gateway`), name the relays with ``--ohttp-relay``
+(anyone else gets ``403 not_a_relay``), and give devices an
+:class:`sync.ohttp.OhttpTransport` pinned to the key configuration. A replayed
+encapsulated request gets ``400 replayed_request``; a full replay cache
+``503 replay_cache_full``.
 """
 
 from __future__ import annotations
@@ -322,8 +327,9 @@ class ServerConfig:
     count or estimate ever published (>= 1, default 50). ``grace`` is the number of
     seconds between the last moment an epoch can receive reports and the publication of
     its statistics. ``rate_limit`` caps the reports counted per client address per
-    epoch (0 = off: use 0 behind an OHTTP relay or proxy, where every report arrives
-    from the relay's address); the limiter counts at most ``rate_limit_tracked``
+    epoch (0 = off: only behind a plain forwarding proxy, where every report arrives
+    from the proxy's address; the OHTTP gateway's reports are never limited here); the
+    limiter counts at most ``rate_limit_tracked``
     distinct addresses per epoch and then refuses *new* addresses until the epoch ends
     (it fails closed, :mod:`sync.ratelimit`), so size it above the number of distinct
     addresses reporting per week. ``port=0`` picks a free port. ``synchronous`` is
@@ -2076,8 +2082,8 @@ def _parser() -> argparse.ArgumentParser:
                              "statistics are published (default 86400, one day)")
     parser.add_argument("--rate-limit", type=int, default=DEFAULT_RATE_LIMIT, metavar="N",
                         help="reports counted per client address per epoch (default 16; "
-                             "0 = off, which is right behind an OHTTP relay or proxy: "
-                             "there every report comes from the relay's address)")
+                             "0 = off, only behind a plain forwarding proxy; reports "
+                             "through the OHTTP gateway are never limited here)")
     parser.add_argument("--rate-limit-tracked", type=int, default=DEFAULT_MAX_TRACKED,
                         metavar="N",
                         help="most distinct client addresses the rate limit counts per epoch; "

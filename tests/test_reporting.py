@@ -643,3 +643,21 @@ def test_a_damaged_memo_or_clock_is_a_clear_error_and_other_users_are_served(
         conn.execute("UPDATE meta SET value = 'yesterday' WHERE key = 'report_clock'")
     with pytest.raises(ProfileError, match="damaged reporting clock"):
         engine.report("a")
+
+
+def test_an_open_with_a_clock_far_ahead_does_not_redraw_the_weeks_moment(
+    open_engine, clock, tmp_path
+):
+    rec = Recorder(clock)
+    path = tmp_path / "p"
+    engine = open_engine("segment", path=path, sync=settings(rec, schedule=True))
+    to_segment(engine, "u", 1)
+    first = engine.sync("u")  # draws this week's moment and sets the reporting clock
+    assert first.status == "scheduled"
+    engine.close()
+    today = clock.now
+    clock.now = today + 40 * 86400  # an open (and its retention pass) far ahead
+    open_engine("segment", path=path, sync=settings(rec, schedule=True)).purge_expired()
+    clock.now = today + 60
+    again = open_engine("segment", path=path, sync=settings(rec, schedule=True)).sync("u")
+    assert again.status == "scheduled" and again.retry_at == first.retry_at
