@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ondevice import Passphrase, PersonalizationEngine, Policy, Signal
 
-workdir = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp())
+workdir = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp())  # README: mkdtemp()
 policy = Policy(
     signals=[Signal("plan", "str", "show features of your plan", 365, choices=("free", "pro"))]
 )
