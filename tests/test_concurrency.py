@@ -137,6 +137,12 @@ def test_sigkill_mid_write_loses_no_committed_interaction(tmp_path, raw_key):
                 break
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
+    # The child may have committed (and said so) a few more while the signal was on its
+    # way: every line it printed before it died counts as acknowledged too.
+    printed = acknowledged
+    for line in proc.stdout:
+        if line.startswith("committed"):
+            printed = int(line.split()[1])
     proc.stdout.close()
     assert proc.stderr is not None
     proc.stderr.close()
@@ -146,8 +152,8 @@ def test_sigkill_mid_write_loses_no_committed_interaction(tmp_path, raw_key):
     with PersonalizationEngine(path, key=RawKey(raw_key)) as engine:
         with engine._store.read() as conn:
             stored = Store.count_rows(conn)["interactions"]
-        assert stored >= acknowledged
-        assert stored <= acknowledged + 1  # at most the one in flight when killed
+        assert stored >= printed  # nothing acknowledged is lost
+        assert stored <= printed + 1  # at most the one in flight when killed
         assert _integrity(engine) == ([], ["ok"])
 
 

@@ -150,7 +150,9 @@ def test_server_help_lists_the_channel_publication_and_rate_limit_options() -> N
                  "--epoch-window"):
         assert flag in result.stdout, flag
     assert "--epsilon " not in result.stdout  # the single-layer option is gone
-    assert "OHTTP relay" in result.stdout
+    for flag in ("--ohttp-keys", "--ohttp-relay"):  # the Oblivious HTTP gateway
+        assert flag in result.stdout, flag
+    assert "OHTTP gateway are never limited here" in " ".join(result.stdout.split())
 
 
 @pytest.mark.parametrize(
