@@ -481,7 +481,10 @@ class PersonalizationEngine:
         cutoff = now - policy.retention_seconds
         stored = 0
         store = self._store
-        with self._write(cached=True) as conn:
+        # The hot path: _write() spelled out (no generator per call).
+        with store.write(cached=True) as conn:
+            if store.changed_elsewhere:
+                self._follow_lowered_level(conn)
             # Read under the store lock: set_privacy_level changes it under the same lock.
             level: PrivacyLevel = self._level
             if level is PrivacyLevel.NONE:
