@@ -381,6 +381,15 @@ BUILTIN_FIELDS: Final = (
         PrivacyLevel.NONE,
     ),
     FieldPurpose(
+        "report_clock.times",
+        "two times for the whole profile (no user): the latest time the reporting path "
+        "has seen, so that a clock set back never reopens a reported week, and when this "
+        "device last sent a report, so that two reports never leave back to back; kept "
+        "until the profile is wiped",
+        None,
+        PrivacyLevel.NONE,
+    ),
+    FieldPurpose(
         "budget_ledger.spend",
         "keep the lifetime privacy budget and the one-report-a-week rule even after a "
         "user is forgotten or the level lowered: a keyed tag (no user id), the week of "

@@ -27,7 +27,9 @@ forward steps):
 - ``report_schedule(tag, epoch, due_at)``: when the week's report may leave, keyed and
   kept like the ledger (v6).
 
-``meta`` also holds ``report_clock``, the reporting path's high-water mark of time:
+``meta`` also holds ``last_report_at`` (when this profile last sent a report, for
+``min_gap``) and ``report_clock``, the reporting path's high-water mark of time (both
+declared as ``report_clock.times``):
 the largest clock reading any ``sync`` has seen. Reporting uses
 ``max(clock, report_clock)``, so setting the clock back never reopens a reported week,
 and the ledger and the egress log expire on this clock, never on a wall clock read at

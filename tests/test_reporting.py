@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ondevice import PersonalizationEngine, RawKey, SyncSettings
+from ondevice import PersonalizationEngine, PrivacyLevel, RawKey, SyncSettings
 from ondevice.store import Store
 from sync.client import Response
 from sync.protocol import decode_report, epoch_of, epoch_start
@@ -661,3 +661,20 @@ def test_an_open_with_a_clock_far_ahead_does_not_redraw_the_weeks_moment(
     clock.now = today + 60
     again = open_engine("segment", path=path, sync=settings(rec, schedule=True)).sync("u")
     assert again.status == "scheduled" and again.retry_at == first.retry_at
+
+
+def test_every_piece_of_reporting_state_is_declared_with_its_purpose(open_engine, clock):
+    rec = Recorder(clock)
+    engine = open_engine("segment", sync=settings(rec))
+    to_segment(engine, "u", 1)
+    engine.sync("u")
+    with engine._store.read() as conn:
+        meta = {k for (k,) in conn.execute("SELECT key FROM meta")}
+        tables = {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"report_clock", "last_report_at"} <= meta
+    declared = {f.name.split(".")[0] for f in engine.policy.purposes()}
+    assert {"report_clock", "report_memos", "report_schedule", "budget_ledger",
+            "egress"} <= declared
+    assert {"report_memos", "report_schedule", "budget_ledger", "egress"} <= tables
+    none = {f.name for f in engine.policy.purposes() if f.collected_at(PrivacyLevel.NONE)}
+    assert {"report_clock.times", "budget_ledger.spend", "report_schedule.due_at"} <= none
