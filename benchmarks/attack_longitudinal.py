@@ -1,5 +1,5 @@
 """Longitudinal linking attack on weekly segment reports: today's fresh randomized
-response against the two-layer (memo + report) scheme of ``sync.privacy``.
+response against the two-layer (memo + report) scheme of ``ondevice_sync.privacy``.
 
 What it simulates
 -----------------
@@ -19,7 +19,7 @@ from the shares of the other segments. "Stable" devices never change within the 
   randomization of the most recently used memo, ``--policy skip`` sends nothing.
 
 The randomization is re-implemented vectorized here (numpy); before anything else the
-script checks that this sampler, and ``sync.privacy.randomize`` itself, match the
+script checks that this sampler, and ``ondevice_sync.privacy.randomize`` itself, match the
 library's ``Channel`` transition probabilities, and that the vectorized policy makes the
 same memo draws and budget refusals as a scalar run of ``draw_memo`` +
 ``BudgetAccountant``. It exits with an error if either check fails.
@@ -53,7 +53,7 @@ of the main run are shown beside it.
 
 Also printed: how often the lifetime budget refused a new memo (a device wanted a 5th
 memo within 365 days), and the operator's cost: RMSE of the debiased per-segment counts
-(``sync.privacy.debias``) for ``--cost-devices`` (10,000) devices in one epoch over
+(``ondevice_sync.privacy.debias``) for ``--cost-devices`` (10,000) devices in one epoch over
 ``--cost-reps`` (3,000) repetitions, two-layer channel against one layer at ln 3, with
 the ratio, the ratio predicted by the binomial variance, and ``1 / (p1 - q1)``.
 
@@ -76,8 +76,8 @@ from typing import Final
 import numpy as np
 from numpy.typing import NDArray
 
-from sync import privacy
-from sync.errors import BudgetExhausted
+from ondevice_sync import privacy
+from ondevice_sync.errors import BudgetExhausted
 
 IntArray = NDArray[np.int64]
 FloatArray = NDArray[np.float64]
@@ -171,7 +171,7 @@ def check_sampler(seed: int) -> list[str]:
             if max(z_vec, z_lib) > Z_LIMIT:
                 failed.append(f"K={k} {name}")
     if failed:
-        raise SystemExit("sampler does not match sync.privacy: " + ", ".join(failed))
+        raise SystemExit("sampler does not match ondevice_sync.privacy: " + ", ".join(failed))
     return lines
 
 
@@ -457,7 +457,7 @@ def main() -> None:
         f"epsilon_1 {EPS_1:.4f}, lifetime cap {CAP:.4f} per {PERIOD / 86400:g} days "
         f"({CAP / EPS_INF:g} memos); policy when spent: {args.policy}; seed {args.seed}"
     )
-    print("checks (vectorized sampler and policy against sync.privacy):")
+    print("checks (vectorized sampler and policy against ondevice_sync.privacy):")
     for line in check_sampler(args.seed):
         print(line)
     print(check_policy(args.seed, args.policy))

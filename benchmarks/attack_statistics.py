@@ -9,10 +9,10 @@ k threshold (50): K = 2 ``[0.995, 0.005]``, K = 3 ``[0.6, 0.395, 0.005]``, K = 8
 ``[0.3, 0.25, 0.2, 0.12, 0.08, 0.04, 0.01, 0]``. Each device reports once per epoch
 through the default two-layer channel (memo at ``epsilon_inf = ln 3``, report at
 ``epsilon_1 = ln 9``); with one report per device in an epoch the reported counts are a
-sum of multinomials over the composed channel (``sync.privacy.Channel.two_layer``).
+sum of multinomials over the composed channel (``ondevice_sync.privacy.Channel.two_layer``).
 
 The new publication runs through the real server code in process: a
-``sync.server.ReportHandler`` on a ``CountStore`` in a temporary directory, with a
+``ondevice_sync.server.ReportHandler`` on a ``CountStore`` in a temporary directory, with a
 settable clock. The honest reports' counts are written into the store's ``counts``
 table directly (standing in for 10,000 POSTs per epoch, which the handler would count
 identically); the victim's and the attacker's reports are real ``POST /v1/report``
@@ -20,7 +20,7 @@ requests through ``ReportHandler.handle``; every statistic is a real
 ``GET /v1/stats?epoch=`` answer. The central noise comes from a ``random.Random`` seeded
 from ``--seed`` (the production server draws it from the OS CSPRNG), so runs repeat.
 
-The old publication is ``sync.privacy.estimate`` of the same exact counts with the exact
+The old publication is ``ondevice_sync.privacy.estimate`` of the same exact counts with the exact
 total, which is what the version 1 server published at any time.
 
 The attacks
@@ -76,9 +76,15 @@ from typing import Any, Final
 
 import numpy as np
 
-from sync import privacy
-from sync.protocol import REPORT_CONTENT_TYPE, Report, encode_report, epoch_start, shift_epoch
-from sync.server import CountStore, ReportHandler, ServerConfig
+from ondevice_sync import privacy
+from ondevice_sync.protocol import (
+    REPORT_CONTENT_TYPE,
+    Report,
+    encode_report,
+    epoch_start,
+    shift_epoch,
+)
+from ondevice_sync.server import CountStore, ReportHandler, ServerConfig
 
 SHARES: Final = {
     2: [0.995, 0.005],

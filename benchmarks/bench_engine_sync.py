@@ -23,9 +23,9 @@ from pathlib import Path
 
 from ondevice import PersonalizationEngine, RawKey, SyncSettings
 from ondevice.sample import SAMPLE_BUNDLE, SAMPLE_PUBLIC_KEY, sample_policy
-from sync.client import SyncClient
-from sync.protocol import epoch_of
-from sync.server import ServerConfig, SyncServer
+from ondevice_sync.client import SyncClient
+from ondevice_sync.protocol import epoch_of
+from ondevice_sync.server import ServerConfig, SyncServer
 
 
 def pct(values: list[float], q: float) -> float:

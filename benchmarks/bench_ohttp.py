@@ -3,9 +3,9 @@
 Compares, in the same run, against the same server process and count store:
 
 - ``plain``: ``SyncClient.send_report`` straight to the server (``POST /v1/report``);
-- ``ohttp``: ``SyncClient.send_report`` through :class:`sync.ohttp.OhttpTransport`: HPKE
-  encapsulation on the device, ``python -m sync.relay`` (its own process), the gateway
-  (:class:`sync.gateway.OhttpGateway`, in the server process, in front of the same
+- ``ohttp``: ``SyncClient.send_report`` through :class:`ondevice_sync.ohttp.OhttpTransport`: HPKE
+  encapsulation on the device, ``python -m ondevice_sync.relay`` (its own process), the gateway
+  (:class:`ondevice_sync.gateway.OhttpGateway`, in the server process, in front of the same
   ``ReportHandler``), and the encapsulated answer back.
 
 Three processes: the server (``SyncServer`` with the gateway mounted, per-address rate
@@ -38,16 +38,16 @@ import threading
 import time
 from pathlib import Path
 
-from sync.client import SyncClient
-from sync.ohttp import (
+from ondevice_sync.client import SyncClient
+from ondevice_sync.ohttp import (
     OHTTP_PATH,
     GatewayKey,
     KeyConfig,
     OhttpTransport,
     save_gateway_keys,
 )
-from sync.protocol import epoch_of
-from sync.server import ServerConfig, SyncServer
+from ondevice_sync.protocol import epoch_of
+from ondevice_sync.server import ServerConfig, SyncServer
 
 
 # --------------------------------------------------------------------------- server
@@ -228,7 +228,7 @@ def main() -> None:
     try:
         server_port = _wait_port(server, directory / "server.port", "the server")
         relay = subprocess.Popen(
-            [sys.executable, "-m", "sync.relay", "--gateway",
+            [sys.executable, "-m", "ondevice_sync.relay", "--gateway",
              f"http://127.0.0.1:{server_port}{OHTTP_PATH}", "--port", "0",
              "--per-epoch", str(10**9), "--workers", "32", "--backlog", "512",
              "--connections-per-address", "512",

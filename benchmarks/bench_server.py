@@ -2,7 +2,7 @@
 
 Compares, in the same run and under the same load:
 
-- ``real``: ``python -m sync.server`` (strict validation, group commit, SQLite WAL,
+- ``real``: ``python -m ondevice_sync.server`` (strict validation, group commit, SQLite WAL,
   ``synchronous=FULL``, answer only after the commit);
 - ``floor``: a bare :class:`http.server.ThreadingHTTPServer` that parses the body and
   upserts the count with one commit per request (same pragmas, same durability: commit
@@ -45,7 +45,7 @@ the server: the benchmark raises its soft ``RLIMIT_NOFILE`` to the hard limit (c
 inherit it; the server's command line raises its own too) and stops with a message if
 the hard limit is too low (``ulimit -Hn``; raise it in limits.conf or as root). It
 closes every socket it opened, stops both processes and deletes its directory.
-``--server-tree DIR`` runs ``python -m sync.server`` from another source tree (an older
+``--server-tree DIR`` runs ``python -m ondevice_sync.server`` from another source tree (an older
 checkout, say) to compare.
 """
 
@@ -74,7 +74,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from sync.protocol import REPORT_CONTENT_TYPE, Report, encode_report, epoch_of
+from ondevice_sync.protocol import REPORT_CONTENT_TYPE, Report, encode_report, epoch_of
 
 
 # --------------------------------------------------------------------------- floor server
@@ -218,7 +218,7 @@ def start(
         command = [
             sys.executable,
             "-m",
-            "sync.server",
+            "ondevice_sync.server",
             "--k",
             "8",
             "--db",
@@ -460,7 +460,8 @@ def slow_main(args: argparse.Namespace) -> None:
                 out.write(os.urandom(1024 * 1024))
         tree = None if args.server_tree is None else Path(args.server_tree).resolve()
         help_text = subprocess.run(
-            [sys.executable, "-m", "sync.server", "--help"], capture_output=True, text=True,
+            [sys.executable, "-m", "ondevice_sync.server", "--help"],
+            capture_output=True, text=True,
             cwd=tree, check=True,
         ).stdout
         extra = ["--bundle", str(bundle)]
@@ -574,7 +575,7 @@ def main() -> None:
     parser.add_argument("--slow", action="store_true",
                         help="the slow-connection phases instead of the comparison")
     parser.add_argument("--slow-connections", type=int, default=10_000)
-    parser.add_argument("--server-tree", help="run python -m sync.server from this tree")
+    parser.add_argument("--server-tree", help="run python -m ondevice_sync.server from this tree")
     args = parser.parse_args()
     if args.slow:
         args.duration = 15.0 if args.duration is None else args.duration

@@ -1,7 +1,7 @@
 """Client ``send_report`` latency on loopback, against a bare ``http.client`` POST.
 
 Both send the same bytes (the same fixed headers and body, one connection per request)
-to the same real server stub (``python -m sync.server``, ``synchronous=FULL``, in its own
+to the same real server stub (``python -m ondevice_sync.server``, ``synchronous=FULL``, in its own
 process), in interleaved blocks, so the difference is the client's own cost: building
 and re-validating the report, the header check and the response handling.
 
@@ -23,8 +23,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sync.client import SyncClient
-from sync.protocol import REPORT_PATH, REQUEST_HEADERS, Report, encode_report, epoch_of
+from ondevice_sync.client import SyncClient
+from ondevice_sync.protocol import REPORT_PATH, REQUEST_HEADERS, Report, encode_report, epoch_of
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -43,7 +43,7 @@ def main() -> None:
         [
             sys.executable,
             "-m",
-            "sync.server",
+            "ondevice_sync.server",
             "--k",
             "8",
             "--db",

@@ -4,7 +4,7 @@ In production the operator runs the command line::
 
     ondevice-sync-server --k 4 --db /var/lib/ondevice/counts.db \\
         --content featured.json --bundle catalog.bundle --port 8080
-    # same as: python -m sync.server ...; --help lists every option
+    # same as: python -m ondevice_sync.server ...; --help lists every option
 
 and reads ``GET /v1/stats`` (the closed, published epochs) and
 ``GET /v1/stats?epoch=2026-W48`` (that week's noisy, debiased counts). A week's
@@ -37,10 +37,10 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sync.client import SyncClient
-from sync.privacy import draw_memo, report_from_memo
-from sync.protocol import epoch_of
-from sync.server import ServerConfig, SyncServer
+from ondevice_sync.client import SyncClient
+from ondevice_sync.privacy import draw_memo, report_from_memo
+from ondevice_sync.protocol import epoch_of
+from ondevice_sync.server import ServerConfig, SyncServer
 
 K = 4
 # Segment 3 has almost nobody: its estimate is usually under the k threshold and then

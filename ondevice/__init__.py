@@ -31,7 +31,15 @@ from .errors import (
     SyncError,
     ValidationError,
 )
-from .keys import Argon2Params, Keychain, KeyProvider, Passphrase, RawKey
+from .keys import (
+    Argon2Params,
+    Keychain,
+    KeyProvider,
+    KeyProviderKind,
+    Passphrase,
+    RawKey,
+    profile_key_provider,
+)
 from .policy import ContextField, FieldPurpose, Interaction, Policy, PrivacyLevel, Signal
 from .results import Recommendation, Recommendations
 from .sync_settings import SyncOutcome, SyncSettings
@@ -49,6 +57,7 @@ __all__ = [
     "InvalidInputError",
     "KeyProvider",
     "KeyProviderError",
+    "KeyProviderKind",
     "Keychain",
     "KeychainUnavailableError",
     "OndeviceError",
@@ -75,6 +84,7 @@ __all__ = [
     "SyncSettings",
     "UserReport",
     "ValidationError",
+    "profile_key_provider",
 ]
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())

@@ -42,7 +42,7 @@ from . import __version__
 from .engine import DB_FILE, PersonalizationEngine, ProfileReport
 from .errors import OndeviceError, ProfileNotFoundError
 from .export import MAX_EXPORT_BYTES
-from .keys import KEY_FILE, Keychain, KeyProvider, Passphrase, RawKey
+from .keys import Keychain, KeyProvider, Passphrase, RawKey, profile_key_provider
 
 __all__ = [
     "CliError",
@@ -241,10 +241,9 @@ def _hint_key_option(directory: Path) -> None:
     """No key option was given: if the key file says the profile is not protected by the
     keychain, say which option is missing instead of trying the keychain."""
     try:
-        descriptor = json.loads((directory / KEY_FILE).read_bytes())
-    except (OSError, ValueError):
+        kind = profile_key_provider(directory)
+    except OndeviceError:
         return  # no readable key file: let the engine report what is wrong
-    kind = descriptor.get("provider") if isinstance(descriptor, dict) else None
     if kind == "passphrase":
         raise CliError(
             "this profile is protected by a passphrase: put it in an environment variable "

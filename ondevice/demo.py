@@ -72,8 +72,8 @@ def _when(ts: float) -> str:
 
 def run_demo(out: TextIO, *, directory: Path | None = None) -> int:
     """Run the demo, writing a human-readable account to ``out``; return an exit code."""
-    from sync.protocol import WEEK_SECONDS, epoch_of, epoch_start
-    from sync.server import ServerConfig, SyncServer
+    from ondevice_sync.protocol import WEEK_SECONDS, epoch_of, epoch_start
+    from ondevice_sync.server import ServerConfig, SyncServer
 
     def say(text: str = "") -> None:
         out.write(text + "\n")

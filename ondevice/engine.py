@@ -859,8 +859,8 @@ class PersonalizationEngine:
         segment row into the ``segment`` level, chosen locally. Returns how many
         segments have featured items. Raises SyncError on failure; recommendations keep
         working without it."""
-        from sync import client as sync_client
-        from sync import errors as sync_errors
+        from ondevice_sync import client as sync_client
+        from ondevice_sync import errors as sync_errors
 
         settings = self._sync_settings
         if settings is None:
@@ -1420,7 +1420,7 @@ _MAX_ACTIVITY_COUNT: Final = 2**31 - 1
 
 def _plan_user(data: Any, policy: Policy, now: float) -> _UserPlan:
     """Validate one exported user completely, before any write."""
-    from sync.protocol import epoch_of, shift_epoch
+    from ondevice_sync.protocol import epoch_of, shift_epoch
 
     if not isinstance(data, Mapping):
         raise ExportError("malformed export: each user must be an object")
@@ -1493,7 +1493,7 @@ _LOGGED_REPORT: Final = re.compile(
 
 def _egress_entry(e: Mapping[str, Any]) -> dict[str, Any]:
     """Validate one exported egress-log entry (raises KeyError/TypeError/ValueError)."""
-    from sync.protocol import parse_epoch
+    from ondevice_sync.protocol import parse_epoch
 
     body = e["body"]
     if not isinstance(body, str):
@@ -1525,7 +1525,7 @@ def _egress_entry(e: Mapping[str, Any]) -> dict[str, Any]:
     if answer is not None and not _LOGGED_ANSWER.match(answer):
         answer = None  # only a status code or an error class name is ever kept
     epsilon = _num(e["epsilon"], "epsilon")
-    if not 0.0 <= epsilon <= 20.0:  # finite, and within what sync.privacy accepts
+    if not 0.0 <= epsilon <= 20.0:  # finite, and within what ondevice_sync.privacy accepts
         raise ValueError("egress epsilon out of range")
     if e["epoch"] != epoch:
         raise ValueError("egress epoch does not match its report")

@@ -50,7 +50,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal, cast
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -452,6 +452,44 @@ def read_key_file(directory: Path, name: str = KEY_FILE) -> dict[str, Any] | Non
     except OSError as exc:
         raise KeyProviderError(f"cannot read {path}: {exc.strerror}") from exc
     return parse_key_file(raw)
+
+
+#: The key provider kinds a ``key.json`` may name, as :func:`profile_key_provider` returns.
+KeyProviderKind = Literal["raw", "passphrase", "keychain"]
+_KINDS: Final[tuple[str, ...]] = ("raw", "passphrase", "keychain")
+
+
+def profile_key_provider(directory: str | os.PathLike[str]) -> KeyProviderKind | None:
+    """Which kind of key protects the profile in ``directory``: ``"raw"``
+    (:class:`RawKey`), ``"passphrase"`` (:class:`Passphrase`) or ``"keychain"``
+    (:class:`Keychain`); None if there is no profile there (no key file and no database).
+
+    It reads only the key file (no key is derived, nothing is decrypted, nothing is
+    written), so an app can decide what to ask the user for before it opens the profile::
+
+        kind = profile_key_provider(path)
+        key = Keychain() if kind in (None, "keychain") else Passphrase(ask_user())
+
+    During a key rotation the committed ``key.json`` answers. Raises
+    :class:`~ondevice.errors.KeyProviderError` if the database exists but the key file
+    does not (the key was destroyed), if the key file cannot be read or if it names an
+    unknown provider; :class:`~ondevice.errors.ProfileUnreadableError` if it is not a
+    well-formed key file (tampered); :class:`~ondevice.errors.ProfileVersionError` if a
+    newer ondevice wrote it.
+    """
+    path = Path(directory)
+    descriptor = read_key_file(path)
+    if descriptor is None:
+        if (path / "profile.db").exists():
+            raise KeyProviderError(
+                f"{path} has a database but no {KEY_FILE}: the key material was destroyed "
+                "or never copied; the profile cannot be opened"
+            )
+        return None
+    kind = descriptor.get("provider")
+    if kind not in _KINDS:
+        raise KeyProviderError(f"{path / KEY_FILE} names an unknown key provider {kind!r}")
+    return cast(KeyProviderKind, kind)
 
 
 def read_key_file_quietly(path: Path) -> dict[str, Any] | None:

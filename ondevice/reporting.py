@@ -174,8 +174,8 @@ class Reporter:
         retention_days: float,
         k: int,
     ) -> SyncOutcome:
-        from sync import client as sync_client
-        from sync import errors as sync_errors
+        from ondevice_sync import client as sync_client
+        from ondevice_sync import errors as sync_errors
 
         settings = self._settings
         try:
@@ -252,7 +252,7 @@ class Reporter:
     ) -> SyncOutcome | _Send:
         """Decide, inside the write transaction, whether a report leaves now; if so log
         it (and spend) and return what to send."""
-        from sync import protocol
+        from ondevice_sync import protocol
 
         settings = self._settings
         epoch = protocol.epoch_of(now)
@@ -296,7 +296,7 @@ class Reporter:
         if isinstance(picked, str):
             return SyncOutcome(user_id, "skipped", epoch, reason=picked)
         memo, spent, reason = picked
-        from sync.privacy import report_from_memo
+        from ondevice_sync.privacy import report_from_memo
 
         reported = report_from_memo(memo, k=k, epsilon_1=settings.epsilon_1, rng=self._rng)
         body = client.build_report(reported, epoch)
@@ -384,7 +384,7 @@ class Reporter:
     def _due(self, conn: _db.Connection, tag: bytes, epoch: str, now: float) -> float | None:
         """None if the user's report for ``epoch`` may leave now, else when it is due
         (drawing and storing the week's random moment on first use)."""
-        from sync import protocol
+        from ondevice_sync import protocol
 
         due: float | None = None
         if self._settings.schedule:
@@ -438,8 +438,8 @@ class Reporter:
     ) -> tuple[int, float, str | None] | str:
         """``(memo, lifetime epsilon spent, reason)`` for true ``segment``, or the reason
         nothing can be sent."""
-        from sync import errors as sync_errors
-        from sync.privacy import BudgetAccountant, draw_memo
+        from ondevice_sync import errors as sync_errors
+        from ondevice_sync.privacy import BudgetAccountant, draw_memo
 
         settings = self._settings
         eps_inf = settings.epsilon_inf

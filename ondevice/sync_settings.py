@@ -3,7 +3,7 @@
 Reporting is opt-in: an engine without :class:`SyncSettings` never touches the network.
 What leaves the device is at most one message per local user and epoch (ISO week): the
 protocol version, the epoch, and a segment ID randomized on the device in two layers
-(:mod:`sync.privacy`): a memo drawn once per true segment at ``epsilon_inf``, then a
+(:mod:`ondevice_sync.privacy`): a memo drawn once per true segment at ``epsilon_inf``, then a
 fresh randomization of the memo at ``epsilon_1`` for every report. Each report leaves
 at its own random moment of the week, on its own connection (:mod:`ondevice.reporting`).
 """
@@ -58,8 +58,8 @@ class SyncSettings:
     ``timeout``
         Seconds per request (at most 300).
     ``transport``
-        A :class:`sync.client.Transport`: for example an
-        :class:`sync.ohttp.OhttpTransport` (Oblivious HTTP through a relay), or an
+        A :class:`ondevice_sync.client.Transport`: for example an
+        :class:`ondevice_sync.ohttp.OhttpTransport` (Oblivious HTTP through a relay), or an
         in-process one in tests. None means plain HTTP(S) to ``server_url``.
     ``rng``
         A :class:`random.Random` for the memo, report and schedule draws: tests only.

@@ -1,5 +1,5 @@
-"""``python -m sync``: the same as ``python -m sync.server`` (the server stub)."""
+"""``python -m ondevice_sync``: the same as ``python -m ondevice_sync.server`` (the server stub)."""
 
-from sync.server import main
+from ondevice_sync.server import main
 
 raise SystemExit(main())

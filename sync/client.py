@@ -1,13 +1,13 @@
 """The device side of sync: builds the one allowed report and sends it through a transport.
 
 :class:`SyncClient` knows three requests and nothing else: ``POST /v1/report`` with one
-canonical report (``sync.protocol``), ``GET /v1/content`` (the content table of every
+canonical report (``ondevice_sync.protocol``), ``GET /v1/content`` (the content table of every
 segment, the same bytes for every device) and ``GET /v1/bundle``. Before sending a report
 it re-validates its own bytes against the schema and refuses to send anything else.
-Every request carries only the fixed headers of :data:`sync.protocol.REQUEST_HEADERS`
+Every request carries only the fixed headers of :data:`ondevice_sync.protocol.REQUEST_HEADERS`
 (plus ``Host``): no cookies, no ``User-Agent``, ``Connection: close``.
 
-The client does *not* randomize (``sync.privacy.randomize`` does, in the engine, before
+The client does *not* randomize (``ondevice_sync.privacy.randomize`` does, in the engine, before
 the segment reaches :meth:`SyncClient.send_report`), keep a budget or remember epochs:
 that state lives in the engine's encrypted profile.
 
@@ -30,12 +30,12 @@ Answer size
 -----------
 Every answer is read into a bounded buffer, the cap depending on the request:
 :data:`MAX_REPORT_ANSWER_SIZE` bytes for a report (its answer is a status and a short
-JSON document), :data:`~sync.protocol.MAX_CONTENT_TABLE_SIZE` for the content table
+JSON document), :data:`~ondevice_sync.protocol.MAX_CONTENT_TABLE_SIZE` for the content table
 and ``max_bundle_bytes`` (default :data:`DEFAULT_MAX_BUNDLE_SIZE`) for the bundle.
 :class:`HttpTransport` also caps the status line and header fields together at
 :data:`MAX_RESPONSE_HEAD_SIZE`, refuses an announced ``Content-Length`` over the cap
 before reading the body, and stops reading as soon as the cap is passed; a larger
-answer raises :class:`~sync.errors.TransportError` (``maybe_delivered``). Answers from
+answer raises :class:`~ondevice_sync.errors.TransportError` (``maybe_delivered``). Answers from
 other transports are checked after the fact. Nothing the server chose reaches
 :class:`ReportAnswer`: it holds the status and the fixed word ``"counted"``; an error
 code from the server is kept only if it is a short ``snake_case`` word (``"unknown"``
@@ -65,7 +65,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from sync.errors import (
+from ondevice_sync.errors import (
     AnswerTooLargeError,
     ConfigurationError,
     MessageSizeError,
@@ -75,7 +75,7 @@ from sync.errors import (
     TransportError,
     TransportTimeout,
 )
-from sync.protocol import (
+from ondevice_sync.protocol import (
     BUNDLE_PATH,
     CONTENT_PATH,
     MAX_CONTENT_TABLE_SIZE,
@@ -236,7 +236,7 @@ class HttpTransport:
     start (a server that drips its answer cannot hold the device much longer). The
     answer's body is capped at ``max_response_bytes`` (or at the ``max_response_bytes``
     given to :meth:`request` for that request), its status line and header fields at
-    :data:`MAX_RESPONSE_HEAD_SIZE`; past either, :class:`~sync.errors.TransportError`.
+    :data:`MAX_RESPONSE_HEAD_SIZE`; past either, :class:`~ondevice_sync.errors.TransportError`.
     """
 
     def __init__(
@@ -344,7 +344,7 @@ HandlerFunction = Callable[
 class InProcessTransport:
     """Calls a server handler function directly: no sockets, same bytes in and out.
 
-    ``handler`` is ``sync.server.ReportHandler(...).handle`` or any function with its
+    ``handler`` is ``ondevice_sync.server.ReportHandler(...).handle`` or any function with its
     signature ``(method, path_and_query, headers, body) -> (status, headers, body)``.
     """
 
@@ -435,7 +435,7 @@ class SyncClient:
         """The exact bytes :meth:`send_report` would send, validated against the schema.
 
         The engine logs these bytes in its egress log *before* sending them. Raises a
-        :class:`~sync.errors.ProtocolError` for anything the schema does not allow.
+        :class:`~ondevice_sync.errors.ProtocolError` for anything the schema does not allow.
         """
         body = encode_report(Report(epoch=epoch, segment=segment_reported), k=self._k)
         if len(body) != MESSAGE_SIZE or decode_report(body, k=self._k) != Report(
@@ -448,10 +448,11 @@ class SyncClient:
         """Send one (already randomized) segment for ``epoch``.
 
         Returns the answer once the server has counted it. Raises
-        :class:`~sync.errors.ProtocolError` (nothing sent),
-        :class:`~sync.errors.TransportError` / :class:`~sync.errors.ServerUnavailableError`
+        :class:`~ondevice_sync.errors.ProtocolError` (nothing sent),
+        :class:`~ondevice_sync.errors.TransportError` /
+        :class:`~ondevice_sync.errors.ServerUnavailableError`
         (retry later with :class:`Backoff`, same bytes) or
-        :class:`~sync.errors.ServerRejectedError` (do not retry).
+        :class:`~ondevice_sync.errors.ServerRejectedError` (do not retry).
         """
         body = self.build_report(segment_reported, epoch)
         return self.send_report_bytes(body)

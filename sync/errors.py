@@ -28,7 +28,7 @@
     ├── ServerError                      the server answered with an error status
     │   ├── ServerRejectedError          4xx: the request was refused; do not retry it
     │   └── ServerUnavailableError       5xx or 429: try again later, with backoff
-    └── OhttpError                       Oblivious HTTP (sync.ohttp, sync.gateway, sync.relay)
+    └── OhttpError                       Oblivious HTTP (ohttp, gateway, relay)
         ├── KeyConfigError (ValueError)  a gateway key configuration is malformed or unusable
         │   └── KeyConfigPinError        ...or is not the one the device pinned (refused locally)
         ├── BinaryHttpError (ValueError) a binary HTTP message (RFC 9292) is malformed or too big
@@ -40,7 +40,7 @@
 Every class carries a class-level ``retryable`` flag: ``True`` only for
 :class:`TransportError` (and so :class:`ResponseDecryptionError`) and
 :class:`ServerUnavailableError`, the failures a later retry (of the *same* randomized
-report, see ``sync.client``) can fix. Every :class:`ProtocolError` and every
+report, see ``ondevice_sync.client``) can fix. Every :class:`ProtocolError` and every
 :class:`OhttpError` carries a short machine-readable ``code`` that the server, gateway
 and relay put in their JSON error bodies.
 """
@@ -205,7 +205,7 @@ class AnswerTooLargeError(TransportError):
 
     ``status`` is the answer's HTTP status when its status line was read (None when the
     head itself was too large). A report answered with a 2xx status was counted, however
-    long the body: :meth:`sync.client.SyncClient.send_report_bytes` treats it as sent,
+    long the body: :meth:`ondevice_sync.client.SyncClient.send_report_bytes` treats it as sent,
     never as a failure to retry (which would count it again).
     """
 

@@ -1,11 +1,11 @@
 """The Oblivious HTTP gateway (RFC 9458): opens encapsulated requests for the server.
 
 :class:`OhttpGateway` sits in front of a plain handler function with the signature of
-``sync.server.ReportHandler.handle`` (``(method, path, headers, body) -> (status,
+``ondevice_sync.server.ReportHandler.handle`` (``(method, path, headers, body) -> (status,
 headers, body)``). For each ``POST /v1/ohttp`` it decrypts the ``message/ohttp-req``
 body with its private key, decodes the binary HTTP request inside, calls the handler
 with it, and returns the handler's answer encoded as binary HTTP, zero-padded to a
-multiple of :data:`~sync.ohttp.RESPONSE_PAD_SIZE` and encrypted to the device
+multiple of :data:`~ondevice_sync.ohttp.RESPONSE_PAD_SIZE` and encrypted to the device
 (``200``, ``message/ohttp-res``). ``GET /v1/ohttp-keys`` serves the public key
 configurations (``application/ohttp-keys``).
 
@@ -26,12 +26,12 @@ ever answered with a traceback.
 
 Key management
 --------------
-``python -m sync.gateway generate-key keys.json --key-id 1`` writes a new private key
+``python -m ondevice_sync.gateway generate-key keys.json --key-id 1`` writes a new private key
 file (mode 0600, never overwritten) and prints the configuration and its pin;
-``python -m sync.gateway show-config keys.json`` prints them again. To rotate keys,
+``python -m ondevice_sync.gateway show-config keys.json`` prints them again. To rotate keys,
 add a key with a new id, publish its configuration and pin in a new app release, and
 drop the old key once devices have moved: a device still using the old configuration
-then gets :class:`~sync.errors.UnknownKeyIdError`.
+then gets :class:`~ondevice_sync.errors.UnknownKeyIdError`.
 
 Replays
 -------
@@ -83,7 +83,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from sync.errors import (
+from ondevice_sync.errors import (
     BinaryHttpError,
     ConfigurationError,
     DecapsulationError,
@@ -91,7 +91,7 @@ from sync.errors import (
     SyncError,
     UnknownKeyIdError,
 )
-from sync.ohttp import (
+from ondevice_sync.ohttp import (
     KEY_PROBLEM_TYPE,
     KEYS_CONTENT_TYPE,
     MAX_BHTTP_REQUEST_SIZE,
@@ -111,7 +111,7 @@ from sync.ohttp import (
     load_gateway_keys,
     save_gateway_keys,
 )
-from sync.protocol import WEEK_SECONDS
+from ondevice_sync.protocol import WEEK_SECONDS
 
 __all__ = [
     "DEFAULT_REPLAY_CAPACITY",
@@ -127,7 +127,7 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 HandlerResult = tuple[int, list[tuple[str, str]], bytes]
-"""``(status, headers, body)``, as ``sync.server.ReportHandler.handle`` returns."""
+"""``(status, headers, body)``, as ``ondevice_sync.server.ReportHandler.handle`` returns."""
 
 HandlerFunction = Callable[[str, str, Mapping[str, str], bytes], tuple[int, Any, bytes]]
 """``(method, path_and_query, headers, body) -> (status, headers, body)``."""
@@ -264,7 +264,7 @@ def _plain_error(status: int, code: str, message: str) -> HandlerResult:
 class OhttpGateway:
     """Decapsulates requests for ``inner`` and encapsulates its answers.
 
-    ``keys`` is one :class:`~sync.ohttp.GatewayKey` or several (distinct key ids, e.g.
+    ``keys`` is one :class:`~ondevice_sync.ohttp.GatewayKey` or several (distinct key ids, e.g.
     during a rotation); ``inner`` is the handler function the decrypted requests go to.
     ``pad_to`` is the multiple answers are padded to. ``replay_cache`` remembers opened
     requests (default: a :class:`ReplayCache` of ``replay_retention`` seconds and
@@ -483,7 +483,7 @@ class OhttpGateway:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m sync.gateway",
+        prog="python -m ondevice_sync.gateway",
         description="Manage the Oblivious HTTP gateway's key file.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -507,7 +507,7 @@ def _describe(keys: Sequence[GatewayKey]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point (``python -m sync.gateway``)."""
+    """Command-line entry point (``python -m ondevice_sync.gateway``)."""
     args = _parser().parse_args(argv)
     try:
         if args.command == "generate-key":
@@ -517,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             keys = load_gateway_keys(args.path)
     except SyncError as exc:
-        sys.stderr.write(f"sync.gateway: error: {exc}\n")
+        sys.stderr.write(f"ondevice_sync.gateway: error: {exc}\n")
         return 2
     sys.stdout.write(_describe(keys))
     return 0

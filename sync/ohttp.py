@@ -26,7 +26,7 @@ This module holds everything the device needs and the pieces the gateway shares:
 - encapsulation (RFC 9458 sections 4.3 and 4.4): :func:`encapsulate_request` /
   :func:`decapsulate_request` and the response halves on :class:`ClientContext` and
   :class:`GatewayContext`;
-- :class:`OhttpTransport`, a drop-in transport for ``sync.client.SyncClient``, and
+- :class:`OhttpTransport`, a drop-in transport for ``ondevice_sync.client.SyncClient``, and
   :func:`fetch_key_config`.
 
 Suite
@@ -41,7 +41,7 @@ A key configuration must be authenticated (RFC 9458 section 3): whoever hands th
 a key of their own reads its reports. The device is therefore configured with the
 SHA-256 digest of the gateway's encoded key configuration (:func:`key_config_digest`),
 exactly as the app pins the bundle's signing key, and refuses any configuration that
-does not match (:class:`~sync.errors.KeyConfigPinError`) before encrypting anything
+does not match (:class:`~ondevice_sync.errors.KeyConfigPinError`) before encrypting anything
 with it. The configuration itself can then come from anywhere: shipped with the app,
 from a CDN, or fetched with :func:`fetch_key_config`.
 
@@ -93,8 +93,8 @@ from pyhpke import (
     PyHPKEError,
 )
 
-from sync.client import HttpTransport, Response, Transport
-from sync.errors import (
+from ondevice_sync.client import HttpTransport, Response, Transport
+from ondevice_sync.errors import (
     BinaryHttpError,
     ConfigurationError,
     DecapsulationError,
@@ -105,7 +105,7 @@ from sync.errors import (
     ServerUnavailableError,
     UnknownKeyIdError,
 )
-from sync.protocol import MAX_BODY_SIZE, MAX_CONTENT_TABLE_SIZE, check_request_headers
+from ondevice_sync.protocol import MAX_BODY_SIZE, MAX_CONTENT_TABLE_SIZE, check_request_headers
 
 __all__ = [
     "AEAD_AES_128_GCM",
@@ -521,7 +521,7 @@ def decode_bhttp_request(
     (RFC 9292 section 3.1) and zero padding; refuses indeterminate-length framing,
     non-zero padding, pseudo-fields, upper-case or invalid field names, field values
     with NUL/CR/LF, more than 64 fields per section and anything over ``max_size``
-    bytes. Raises :class:`~sync.errors.BinaryHttpError`.
+    bytes. Raises :class:`~ondevice_sync.errors.BinaryHttpError`.
     """
     data = _check_input(data, max_size, "request")
     reader = _Reader(data)
@@ -610,7 +610,7 @@ class KeyConfig:
     def decode(cls, data: bytes) -> KeyConfig:
         """Parse exactly one encoded key configuration; strict (no trailing bytes).
 
-        Raises :class:`~sync.errors.KeyConfigError` for a malformed configuration or a
+        Raises :class:`~ondevice_sync.errors.KeyConfigError` for a malformed configuration or a
         KEM other than X25519 (whose public key length this code cannot know).
         """
         if not isinstance(data, bytes | bytearray | memoryview):
@@ -674,9 +674,9 @@ def _normalize_pin(pin: str) -> str:
 def check_key_config_pin(config: KeyConfig | bytes, pin: str) -> KeyConfig:
     """Return ``config`` (parsed) if its digest is ``pin``; else raise.
 
-    Raises :class:`~sync.errors.KeyConfigPinError` on a mismatch,
-    :class:`~sync.errors.KeyConfigError` for a malformed configuration and
-    :class:`~sync.errors.ConfigurationError` for a malformed pin.
+    Raises :class:`~ondevice_sync.errors.KeyConfigPinError` on a mismatch,
+    :class:`~ondevice_sync.errors.KeyConfigError` for a malformed configuration and
+    :class:`~ondevice_sync.errors.ConfigurationError` for a malformed pin.
     """
     expected = _normalize_pin(pin)
     parsed = config if isinstance(config, KeyConfig) else KeyConfig.decode(config)
@@ -707,7 +707,7 @@ def decode_key_configs(data: bytes) -> tuple[KeyConfig, ...]:
     RFC 9458 section 3.2 requires discarding a list with any encoding error (partial
     recovery could segregate clients), so one malformed entry, a truncated length, an
     unsupported KEM, more than 16 entries or trailing bytes refuse the whole document
-    with :class:`~sync.errors.KeyConfigError`.
+    with :class:`~ondevice_sync.errors.KeyConfigError`.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise KeyConfigError("an application/ohttp-keys document must be bytes")
@@ -798,7 +798,7 @@ def save_gateway_keys(path: Path, keys: Sequence[GatewayKey]) -> None:
     """Write ``keys`` to a new private file (mode 0600); never overwrites.
 
     The file is JSON (format ``ondevice-ohttp-gateway-keys``, version 1) holding each
-    key id and private key in hex. Raises :class:`~sync.errors.ConfigurationError` if
+    key id and private key in hex. Raises :class:`~ondevice_sync.errors.ConfigurationError` if
     ``path`` exists or cannot be written.
     """
     _check_key_set(keys)
@@ -843,8 +843,8 @@ def _check_key_set(keys: Sequence[GatewayKey]) -> None:
 def load_gateway_keys(path: Path) -> tuple[GatewayKey, ...]:
     """Read a key file written by :func:`save_gateway_keys`; strict.
 
-    Refuses (:class:`~sync.errors.ConfigurationError`) a file that others than its owner
-    may read or write, and (:class:`~sync.errors.KeyConfigError`) any content that is
+    Refuses (:class:`~ondevice_sync.errors.ConfigurationError`) a file that others than its owner
+    may read or write, and (:class:`~ondevice_sync.errors.KeyConfigError`) any content that is
     not exactly the expected document.
     """
     path = Path(path)
@@ -920,7 +920,7 @@ class ClientContext:
     def open_response(self, enc_response: bytes) -> bytes:
         """Decrypt an encapsulated response (RFC 9458 section 4.4) to binary HTTP.
 
-        Raises :class:`~sync.errors.ResponseDecryptionError` if it is too short or fails
+        Raises :class:`~ondevice_sync.errors.ResponseDecryptionError` if it is too short or fails
         authentication (tampered, truncated, or meant for another request).
         """
         if len(enc_response) < _RESPONSE_NONCE_SIZE + _NT:
@@ -978,7 +978,7 @@ def encapsulate_request(
 
     Returns the encapsulated request (``hdr || enc || ct``) and the context that opens
     the answer. ``config`` must list HKDF-SHA256 with AES-128-GCM
-    (:class:`~sync.errors.KeyConfigError` otherwise). ``_test_ephemeral_key`` (32 raw
+    (:class:`~ondevice_sync.errors.KeyConfigError` otherwise). ``_test_ephemeral_key`` (32 raw
     X25519 private bytes) is a test-only seam for the RFC example; production code
     never passes it, so every request gets a fresh ephemeral key.
     """
@@ -1013,9 +1013,9 @@ def decapsulate_request(
     """Open an encapsulated request with the gateway's keys (RFC 9458 section 4.3).
 
     ``keys`` maps key ids to keys. Returns the binary HTTP request and the context that
-    seals the answer. Raises :class:`~sync.errors.UnknownKeyIdError` when the key id,
+    seals the answer. Raises :class:`~ondevice_sync.errors.UnknownKeyIdError` when the key id,
     KEM, KDF or AEAD is not one of the gateway's (a stale client configuration) and
-    :class:`~sync.errors.DecapsulationError` when the request is malformed or does not
+    :class:`~ondevice_sync.errors.DecapsulationError` when the request is malformed or does not
     decrypt.
     """
     data = bytes(enc_request)
@@ -1078,7 +1078,7 @@ def _content_type(headers: Mapping[str, str]) -> str:
 
 
 class OhttpTransport:
-    """A ``sync.client`` transport that sends every request through an OHTTP relay.
+    """A ``ondevice_sync.client`` transport that sends every request through an OHTTP relay.
 
     Use it in place of the plain transport; the client's ``base_url`` names the target
     (the server behind the gateway), ``relay_url`` the relay's resource::
@@ -1096,16 +1096,16 @@ class OhttpTransport:
     gateway key and posted to the relay as ``message/ohttp-req`` with only
     ``Content-Type``, ``Content-Length``, ``Accept`` and ``Connection: close``. The
     answer must be a ``message/ohttp-res`` of at most ``max_response_bytes``; it is
-    decrypted and returned as the inner :class:`~sync.client.Response`.
+    decrypted and returned as the inner :class:`~ondevice_sync.client.Response`.
 
     Errors: a configuration that does not match the pin is refused here, at
-    construction (:class:`~sync.errors.KeyConfigPinError`); the gateway's "unknown key"
-    answer raises :class:`~sync.errors.UnknownKeyIdError` (the configuration is stale),
-    its "cannot decrypt" answer :class:`~sync.errors.DecapsulationError`, any other
-    plain 4xx :class:`~sync.errors.OhttpRejectedError`; an answer that does not decrypt
-    :class:`~sync.errors.ResponseDecryptionError`. A plain 429 or 5xx from the relay is
+    construction (:class:`~ondevice_sync.errors.KeyConfigPinError`); the gateway's "unknown key"
+    answer raises :class:`~ondevice_sync.errors.UnknownKeyIdError` (the configuration is stale),
+    its "cannot decrypt" answer :class:`~ondevice_sync.errors.DecapsulationError`, any other
+    plain 4xx :class:`~ondevice_sync.errors.OhttpRejectedError`; an answer that does not decrypt
+    :class:`~ondevice_sync.errors.ResponseDecryptionError`. A plain 429 or 5xx from the relay is
     returned as is, so the client reports it as "unavailable, retry later".
-    ``inner_transport`` (default: :class:`~sync.client.HttpTransport` capped at
+    ``inner_transport`` (default: :class:`~ondevice_sync.client.HttpTransport` capped at
     ``max_response_bytes``) carries the encapsulated request to the relay.
 
     Reports and the content table fit the cap; the catalog bundle generally does not:
@@ -1249,10 +1249,10 @@ def fetch_key_config(
 
     The list is parsed whole (any encoding error refuses it, :class:`KeyConfigError`);
     the configuration whose digest is ``pin`` is returned, and if none matches,
-    :class:`~sync.errors.KeyConfigPinError` is raised: nothing fetched is trusted
+    :class:`~ondevice_sync.errors.KeyConfigPinError` is raised: nothing fetched is trusted
     unless it is the pinned key. A 4xx answer raises
-    :class:`~sync.errors.OhttpRejectedError`, a 429/5xx
-    :class:`~sync.errors.ServerUnavailableError`. Fetching from the gateway itself
+    :class:`~ondevice_sync.errors.OhttpRejectedError`, a 429/5xx
+    :class:`~ondevice_sync.errors.ServerUnavailableError`. Fetching from the gateway itself
     shows it the device's address once; the configuration is the same for every
     device and can equally come from a CDN or ship with the app.
     """

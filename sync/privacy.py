@@ -90,7 +90,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from sync.errors import BudgetExhausted, ConfigurationError
+from ondevice_sync.errors import BudgetExhausted, ConfigurationError
 
 __all__ = [
     "DEFAULT_CENTRAL_EPSILON",
@@ -533,7 +533,7 @@ class BudgetAccountant:
         return math.inf  # pragma: no cover - the last candidate empties the window
 
     def check(self, now: float, epsilon: float) -> None:
-        """Raise :class:`~sync.errors.BudgetExhausted` unless ``epsilon`` fits at ``now``."""
+        """Raise :class:`~ondevice_sync.errors.BudgetExhausted` unless ``epsilon`` fits."""
         check_epsilon(epsilon)
         remaining = self.remaining(now)
         if epsilon > remaining + _TOLERANCE:

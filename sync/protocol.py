@@ -4,7 +4,7 @@ The report
 ----------
 A report holds exactly three fields and nothing else: the protocol version, the epoch
 (an ISO week such as ``"2026-W48"``) and the segment ID (``0..K-1``, ``K <= 64``), already
-randomized on the device (``sync.privacy``). Its one canonical encoding is compact JSON
+randomized on the device (``ondevice_sync.privacy``). Its one canonical encoding is compact JSON
 with the keys in this order and fixed-width values::
 
     {"version":2,"epoch":"2026-W48","segment":"07"}
@@ -18,15 +18,15 @@ Every valid report is therefore exactly :data:`MESSAGE_SIZE` (47) bytes, so the 
 a request reveals nothing. :func:`decode_report` is strict: it accepts the canonical
 bytes and nothing else (no whitespace, other key order, escapes, duplicate or unknown
 keys, wrong types, unknown version, invalid week or segment), raising a
-:class:`sync.errors.ProtocolError` subclass that says what was wrong.
+:class:`ondevice_sync.errors.ProtocolError` subclass that says what was wrong.
 
 Versions
 ~~~~~~~~
 Version 2 reports carry a segment randomized by *two-layer* randomized response (a
-permanent memo, then a fresh randomization of it per report: ``sync.privacy``).
+permanent memo, then a fresh randomization of it per report: ``ondevice_sync.privacy``).
 Version 1 reports were randomized by one layer: the two channels have different keep
 probabilities, so a count that mixes them cannot be debiased. Version 1 is therefore
-refused with :class:`~sync.errors.UnsupportedVersionError` (whose message says why),
+refused with :class:`~ondevice_sync.errors.UnsupportedVersionError` (whose message says why),
 never counted alongside version 2. The encoding is otherwise unchanged (47 bytes).
 
 Requests
@@ -50,7 +50,7 @@ segment ``s``'s featured item IDs, best first; ``k`` is the number of segments;
 memo) are the two layers of the channel the operator's estimator assumes. A device
 compares them with its own settings: one configured with another channel would bias the
 published statistics, so it must not report. Version 1 tables (a single ``epsilon``)
-are refused with :class:`~sync.errors.UnsupportedVersionError`.
+are refused with :class:`~ondevice_sync.errors.UnsupportedVersionError`.
 
 Clock
 -----
@@ -68,7 +68,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from sync.errors import (
+from ondevice_sync.errors import (
     BadEpochError,
     ContentTableError,
     EpochOutOfWindowError,
@@ -228,7 +228,7 @@ MESSAGE_SIZE: Final = len(_canonical_report_bytes(PROTOCOL_VERSION, "2026-W48", 
 def encode_report(report: Report, *, k: int = MAX_SEGMENTS) -> bytes:
     """The one canonical encoding of ``report``: exactly :data:`MESSAGE_SIZE` bytes.
 
-    Raises :class:`~sync.errors.SegmentOutOfRangeError` when the segment is not below
+    Raises :class:`~ondevice_sync.errors.SegmentOutOfRangeError` when the segment is not below
     ``k`` (the number of segments of the bundle in use).
     """
     _check_k(k)
@@ -289,7 +289,7 @@ def _check_fields(obj: Mapping[str, Any], fields: Sequence[str]) -> None:
 def decode_report(body: bytes, *, k: int = MAX_SEGMENTS) -> Report:
     """Parse and validate ``body``; only the canonical encoding is accepted.
 
-    Raises a :class:`~sync.errors.ProtocolError` subclass naming the first problem:
+    Raises a :class:`~ondevice_sync.errors.ProtocolError` subclass naming the first problem:
     size, malformed JSON, unknown or missing field, wrong type, version, epoch, segment
     out of ``0..k-1``, or non-canonical bytes (a valid message written differently).
     """
@@ -336,7 +336,7 @@ def decode_report(body: bytes, *, k: int = MAX_SEGMENTS) -> Report:
 def parse_epoch(epoch: str) -> tuple[int, int]:
     """``(iso_year, iso_week)`` of an epoch string ``YYYY-Www``; strict.
 
-    Raises :class:`~sync.errors.BadEpochError` for any other string, and for week 53 of
+    Raises :class:`~ondevice_sync.errors.BadEpochError` for any other string, and for week 53 of
     a year that has only 52 ISO weeks.
     """
     if not isinstance(epoch, str):
@@ -383,8 +383,8 @@ def shift_epoch(epoch: str, weeks: int) -> str:
 def check_epoch_window(epoch: str, *, now: float, window: int = 1) -> None:
     """Refuse ``epoch`` unless it is within ``window`` weeks of the week of ``now``.
 
-    Raises :class:`~sync.errors.BadEpochError` for a malformed epoch and
-    :class:`~sync.errors.EpochOutOfWindowError` for one too far in the past or future.
+    Raises :class:`~ondevice_sync.errors.BadEpochError` for a malformed epoch and
+    :class:`~ondevice_sync.errors.EpochOutOfWindowError` for one too far in the past or future.
     """
     distance = epoch_distance(epoch, epoch_of(now))
     if abs(distance) > window:
@@ -516,8 +516,8 @@ def decode_content_table(body: bytes, *, require_canonical: bool = True) -> Cont
     be exactly :func:`encode_content_table` of the result; the server loads the
     operator's file with ``require_canonical=False`` and re-encodes it. A version 1
     table (one ``epsilon``, single-layer) raises
-    :class:`~sync.errors.UnsupportedVersionError`; otherwise raises a
-    :class:`~sync.errors.ProtocolError` subclass naming the problem.
+    :class:`~ondevice_sync.errors.UnsupportedVersionError`; otherwise raises a
+    :class:`~ondevice_sync.errors.ProtocolError` subclass naming the problem.
     """
     if len(body) > MAX_CONTENT_TABLE_SIZE:
         raise ContentTableError(

@@ -2,7 +2,7 @@
 
 :class:`AddressLimiter` lets each client address make at most ``per_epoch`` requests per
 epoch (an ISO week, UTC, as everywhere in ``sync``), for the OHTTP relay
-(``sync.relay``) and for any plain server that wants the same limit.
+(``ondevice_sync.relay``) and for any plain server that wants the same limit.
 
 What it keeps
 -------------
@@ -44,8 +44,8 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-from sync.errors import ConfigurationError
-from sync.protocol import WEEK_SECONDS, epoch_of, epoch_start
+from ondevice_sync.errors import ConfigurationError
+from ondevice_sync.protocol import WEEK_SECONDS, epoch_of, epoch_start
 
 __all__ = ["DEFAULT_MAX_TRACKED", "DEFAULT_PER_EPOCH", "AddressLimiter", "address_bucket"]
 

@@ -1,7 +1,7 @@
 """A small Oblivious HTTP relay (RFC 9458): forwards opaque bytes, forgets who sent them.
 
 Run it with ``ondevice-ohttp-relay --gateway https://ondevice.example/v1/ohttp`` (or
-``python -m sync.relay``); ``--help`` lists every option. The relay is meant to be run
+``python -m ondevice_sync.relay``); ``--help`` lists every option. The relay is meant to be run
 by someone other than the operator of the gateway: it learns device addresses but can
 only see encrypted requests; the gateway sees contents but only the relay's address.
 
@@ -35,7 +35,7 @@ and forgotten when the connection closes.
 Rate limit
 ----------
 At most ``per_epoch`` requests per client address per epoch (ISO week, UTC; an
-injectable clock), counted by :class:`sync.ratelimit.AddressLimiter` in memory only,
+injectable clock), counted by :class:`ondevice_sync.ratelimit.AddressLimiter` in memory only,
 keyed by an HMAC under a key replaced every epoch; beyond it the answer is ``429`` with
 ``Retry-After``. Only well-formed requests that would be forwarded are counted.
 
@@ -67,17 +67,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from sync._serving import Serving, serve_until_signalled
-from sync.client import HttpTransport
-from sync.errors import ConfigurationError, SyncError, TransportError, TransportTimeout
-from sync.ohttp import (
+from ondevice_sync._serving import Serving, serve_until_signalled
+from ondevice_sync.client import HttpTransport
+from ondevice_sync.errors import ConfigurationError, SyncError, TransportError, TransportTimeout
+from ondevice_sync.ohttp import (
     MAX_ENCAPSULATED_REQUEST_SIZE,
     MAX_ENCAPSULATED_RESPONSE_SIZE,
     OHTTP_PATH,
     REQUEST_CONTENT_TYPE,
     RESPONSE_CONTENT_TYPE,
 )
-from sync.ratelimit import (
+from ondevice_sync.ratelimit import (
     DEFAULT_MAX_TRACKED,
     DEFAULT_PER_EPOCH,
     AddressLimiter,
@@ -305,7 +305,7 @@ class OhttpRelay(Serving):
     then :meth:`close`; also a context manager.
 
     ``clock`` (unix seconds) drives the rate limit's epochs; ``limiter`` replaces the
-    default :class:`~sync.ratelimit.AddressLimiter` built from the config.
+    default :class:`~ondevice_sync.ratelimit.AddressLimiter` built from the config.
     """
 
     def __init__(
@@ -506,7 +506,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point (``ondevice-ohttp-relay`` / ``python -m sync.relay``)."""
+    """Command-line entry point (``ondevice-ohttp-relay`` / ``python -m ondevice_sync.relay``)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:

@@ -1,16 +1,16 @@
 """The server stub: counts randomized segment reports, publishes noisy statistics.
 
-Run it with ``python -m sync.server --k 8 --db counts.db`` (or the console script
+Run it with ``python -m ondevice_sync.server --k 8 --db counts.db`` (or the console script
 ``ondevice-sync-server``); ``--help`` lists every option. It depends on the standard
-library, ``sync.protocol``, ``sync.privacy``, ``sync.ratelimit`` and ``sync.errors``
+library and ``ondevice_sync``'s ``protocol``, ``privacy``, ``ratelimit`` and ``errors``
 only, and never imports ``ondevice``.
 
 Endpoints
 ---------
 ``POST /v1/report``
-    Body: one canonical version 2 report (``sync.protocol``; version 1, single-layer
+    Body: one canonical version 2 report (``ondevice_sync.protocol``; version 1, single-layer
     randomized response, is refused and never mixed into the counts), content type
-    :data:`~sync.protocol.REPORT_CONTENT_TYPE`, at most ``max_body`` bytes (a larger
+    :data:`~ondevice_sync.protocol.REPORT_CONTENT_TYPE`, at most ``max_body`` bytes (a larger
     ``Content-Length`` is refused before the body is read), a segment below ``K`` and an
     epoch within ``epoch_window`` weeks of the server's clock whose statistics are not
     published yet. ``200`` once the count is committed to disk; ``429`` (with
@@ -41,7 +41,7 @@ last moment a report for ``E`` can be accepted (the report window follows the se
 week, so ``E`` is accepted until the week ``epoch_window`` weeks after it ends) plus
 ``grace``. Nothing about ``E`` is published before. At the first request after it
 closes, the server draws two-sided geometric noise at ``central_epsilon``
-(:func:`sync.privacy.geometric_noise`) *once* per cell, stores the noisy counts (and the
+(:func:`ondevice_sync.privacy.geometric_noise`) *once* per cell, stores the noisy counts (and the
 parameters used) in the count store, and from then on serves the same bytes for ``E``
 forever; the exact counts are never published again. Reports for a published epoch are
 never counted: the count store's insert refuses them in the same transaction (so even a
@@ -52,13 +52,13 @@ The statistics document (version :data:`STATS_VERSION`), compact JSON, keys sort
 - ``version`` (2), ``epoch``, ``k``;
 - ``epsilon_inf``, ``epsilon_1``: the two layers of the devices' channel the estimator
   assumes; ``report_epsilon``: the composed per-report local epsilon about the true
-  segment (:attr:`sync.privacy.Channel.epsilon`; ``null`` for K = 1);
+  segment (:attr:`ondevice_sync.privacy.Channel.epsilon`; ``null`` for K = 1);
 - ``central_epsilon``: the epsilon of the central noise; ``noise_standard_deviation``:
   its standard deviation in reports, ``sqrt(2 a) / (1 - a)`` with ``a = e^-central_epsilon``
   (2.8 at the default 0.5);
 - ``k_threshold``; ``closed_at``: the unix time at which the epoch closed;
 - ``segments``: one ``{"segment", "estimate", "standard_error"}`` per published cell:
-  :func:`sync.privacy.estimate_noisy` of the noisy counts (the standard error includes
+  :func:`ondevice_sync.privacy.estimate_noisy` of the noisy counts (the standard error includes
   the central noise); a cell is published only when its noisy count and its estimate
   are both at least ``k_threshold``;
 - ``suppressed``: the IDs of the other cells, with no numbers;
@@ -127,7 +127,7 @@ statuses listed with the endpoints, ``404`` / ``405`` for unknown paths or metho
 Rate limit
 ----------
 With ``rate_limit > 0`` the server counts at most that many reports per client address
-per epoch (the server's current ISO week), using :class:`sync.ratelimit.AddressLimiter`
+per epoch (the server's current ISO week), using :class:`ondevice_sync.ratelimit.AddressLimiter`
 in memory only (addresses are never stored or logged; IPv6 is counted per /64); more
 get ``429`` with ``Retry-After`` pointing at the next epoch. The limiter counts at most
 ``rate_limit_tracked`` distinct addresses per epoch and then refuses new ones until the
@@ -153,9 +153,9 @@ so end-to-end tests can check every byte a client sent, and tests may inject a s
 
 The network still shows the server an address. To hide it from the operator, mount the
 Oblivious HTTP gateway (RFC 9458) with ``--ohttp-keys`` (``POST /v1/ohttp``,
-``GET /v1/ohttp-keys``; see :mod:`sync.gateway`), name the relays with ``--ohttp-relay``
+``GET /v1/ohttp-keys``; see :mod:`ondevice_sync.gateway`), name the relays with ``--ohttp-relay``
 (anyone else gets ``403 not_a_relay``), and give devices an
-:class:`sync.ohttp.OhttpTransport` pinned to the key configuration. A replayed
+:class:`ondevice_sync.ohttp.OhttpTransport` pinned to the key configuration. A replayed
 encapsulated request gets ``400 replayed_request``; a full replay cache
 ``503 replay_cache_full``.
 """
@@ -189,8 +189,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Final, Literal
 
-from sync._serving import Serving, serve_until_signalled
-from sync.errors import (
+from ondevice_sync._serving import Serving, serve_until_signalled
+from ondevice_sync.errors import (
     BadEpochError,
     ConfigurationError,
     EpochOutOfWindowError,
@@ -199,7 +199,7 @@ from sync.errors import (
     StoreError,
     SyncError,
 )
-from sync.privacy import (
+from ondevice_sync.privacy import (
     DEFAULT_CENTRAL_EPSILON,
     DEFAULT_EPSILON_1,
     DEFAULT_EPSILON_INF,
@@ -210,7 +210,7 @@ from sync.privacy import (
     geometric_noise,
     geometric_variance,
 )
-from sync.protocol import (
+from ondevice_sync.protocol import (
     BUNDLE_CONTENT_TYPE,
     BUNDLE_PATH,
     CONTENT_PATH,
@@ -232,10 +232,10 @@ from sync.protocol import (
     parse_epoch,
     shift_epoch,
 )
-from sync.ratelimit import DEFAULT_MAX_TRACKED, AddressLimiter
+from ondevice_sync.ratelimit import DEFAULT_MAX_TRACKED, AddressLimiter
 
 if TYPE_CHECKING:
-    from sync.gateway import OhttpGateway
+    from ondevice_sync.gateway import OhttpGateway
 
 __all__ = [
     "DEFAULT_GRACE",
@@ -281,7 +281,7 @@ DEFAULT_REQUEST_TIMEOUT: Final = 10.0
 _MAX_GRACE: Final = 365 * 24 * 3600.0
 _MAX_CONNECTIONS: Final = 1_000_000
 _MAX_REQUEST_TIMEOUT: Final = 300.0
-# sync.ohttp's OHTTP_PATH, OHTTP_KEYS_PATH and REPORT_ENCAPSULATED_SIZE, spelled out so
+# ondevice_sync.ohttp's OHTTP_PATH, OHTTP_KEYS_PATH and REPORT_ENCAPSULATED_SIZE, spelled out so
 # that the server loads pyhpke only when OHTTP is on (a test keeps them equal).
 _OHTTP_PATH: Final = "/v1/ohttp"
 _OHTTP_KEYS_PATH: Final = "/v1/ohttp-keys"
@@ -331,7 +331,7 @@ class ServerConfig:
     from the proxy's address; the OHTTP gateway's reports are never limited here); the
     limiter counts at most ``rate_limit_tracked``
     distinct addresses per epoch and then refuses *new* addresses until the epoch ends
-    (it fails closed, :mod:`sync.ratelimit`), so size it above the number of distinct
+    (it fails closed, :mod:`ondevice_sync.ratelimit`), so size it above the number of distinct
     addresses reporting per week. ``port=0`` picks a free port. ``synchronous`` is
     SQLite's: ``"FULL"`` survives power loss, ``"NORMAL"`` survives a killed process.
     ``workers`` threads run the handler (a fixed pool: no thread is ever started per
@@ -489,7 +489,7 @@ def draw_noisy_counts(
 ) -> list[int]:
     """``counts`` with one independent draw of geometric noise added to every cell.
 
-    The noise is :func:`sync.privacy.geometric_noise` at ``central_epsilon``, from the
+    The noise is :func:`ondevice_sync.privacy.geometric_noise` at ``central_epsilon``, from the
     OS CSPRNG unless a (test-only) ``rng`` is given.
     """
     return [int(n) + geometric_noise(central_epsilon, rng=rng) for n in counts]
@@ -995,7 +995,7 @@ class ReportHandler:
         )
         self._gateway: OhttpGateway | None = None
         if config.ohttp_keys_path is not None:
-            from sync.gateway import OhttpGateway  # lazy: pyhpke loads only with OHTTP on
+            from ondevice_sync.gateway import OhttpGateway  # lazy: pyhpke loads only with OHTTP on
 
             # A replayed request is refused for as long as its report could be counted.
             retention = (2 * config.epoch_window + 1) * WEEK_SECONDS + config.grace
@@ -1072,7 +1072,7 @@ class ReportHandler:
         self, method: str, path: str, headers: Mapping[str, str], body: bytes
     ) -> HandlerResult:
         # What the OHTTP gateway calls: an answer has to fit one encapsulated response
-        # (sync.ohttp caps those at the content table's size plus a margin), so a larger
+        # (ondevice_sync.ohttp caps those at the content table's size plus a margin), so a larger
         # bundle is refused rather than read into memory and encrypted whole.
         return _materialize(
             self.respond(method, path, headers, body), limit=MAX_CONTENT_TABLE_SIZE
@@ -2113,7 +2113,8 @@ def _parser() -> argparse.ArgumentParser:
                              f"(default {DEFAULT_REQUEST_TIMEOUT:g})")
     parser.add_argument("--capture-raw", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ohttp-keys", type=Path,
-                        help="OHTTP gateway key file (python -m sync.gateway generate-key): "
+                        help="OHTTP gateway key file "
+                             "(python -m ondevice_sync.gateway generate-key): "
                              "serve POST /v1/ohttp and GET /v1/ohttp-keys")
     parser.add_argument("--ohttp-relay", action="append", metavar="ADDRESS",
                         help="an address or network of a relay allowed to post encapsulated "
@@ -2124,7 +2125,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point (``ondevice-sync-server`` / ``python -m sync.server``)."""
+    """Command-line entry point (``ondevice-sync-server`` / ``python -m ondevice_sync.server``)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:

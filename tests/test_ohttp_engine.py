@@ -1,7 +1,7 @@
 """The engine reports through Oblivious HTTP, end to end on loopback, with real parts:
 
-    engine (OhttpTransport) -> proxy A -> relay (sync.relay) -> proxy B -> sync.server
-                                                                   (its /v1/ohttp gateway)
+    engine (OhttpTransport) -> proxy A -> relay (ondevice_sync.relay) -> proxy B
+        -> ondevice_sync.server (its /v1/ohttp gateway)
 
 Proxy A connects to the relay from 127.0.0.3, "the device's address"; each proxy records
 every byte. The server is the real stub with its gateway mounted (``ohttp_keys_path``).
@@ -18,12 +18,12 @@ import pytest
 from sync_tests.test_ohttp_e2e import RecordingProxy, split_http
 
 from ondevice import SyncError, SyncSettings
-from sync import ohttp
-from sync import server as server_module
-from sync.ohttp import GatewayKey, OhttpTransport, fetch_key_config, save_gateway_keys
-from sync.protocol import REPORT_PATH, decode_report, epoch_of
-from sync.relay import OhttpRelay, RelayConfig
-from sync.server import ServerConfig, SyncServer
+from ondevice_sync import ohttp
+from ondevice_sync import server as server_module
+from ondevice_sync.ohttp import GatewayKey, OhttpTransport, fetch_key_config, save_gateway_keys
+from ondevice_sync.protocol import REPORT_PATH, decode_report, epoch_of
+from ondevice_sync.relay import OhttpRelay, RelayConfig
+from ondevice_sync.server import ServerConfig, SyncServer
 
 from planted import HISTORY
 
@@ -155,7 +155,7 @@ def test_reports_go_through_the_relay_and_neither_side_sees_who_and_what(
 
 
 def test_a_wrong_pin_or_a_rotated_gateway_key_is_refused_clearly(open_engine, path, clock):
-    from sync.errors import KeyConfigPinError
+    from ondevice_sync.errors import KeyConfigPinError
 
     config = path.key.config.encode()
     with pytest.raises(KeyConfigPinError):
@@ -190,8 +190,8 @@ def test_the_key_document_is_served_with_its_media_type(path):
 
 
 def test_only_a_named_relay_may_post_encapsulated_reports_to_the_server(path, clock):
-    from sync.client import SyncClient
-    from sync.errors import OhttpRejectedError
+    from ondevice_sync.client import SyncClient
+    from ondevice_sync.errors import OhttpRejectedError
 
     # A client that skips the relay and posts straight to the gateway from its own
     # address would go around the relay's per-address limit: refused, nothing counted.

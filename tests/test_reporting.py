@@ -20,8 +20,8 @@ import pytest
 
 from ondevice import PersonalizationEngine, PrivacyLevel, RawKey, SyncSettings
 from ondevice.store import Store
-from sync.client import Response
-from sync.protocol import decode_report, epoch_of, epoch_start
+from ondevice_sync.client import Response
+from ondevice_sync.protocol import decode_report, epoch_of, epoch_start
 
 from conftest import Clock
 
@@ -472,7 +472,7 @@ class Failing(Recorder):
 
 
 def test_restoring_an_export_never_sends_a_week_again(open_engine, clock, tmp_path):
-    from sync.errors import TransportError
+    from ondevice_sync.errors import TransportError
 
     transport = Failing(clock, TransportError("offline", maybe_delivered=False))
     engine = open_engine("segment", sync=settings(transport))

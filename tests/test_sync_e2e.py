@@ -15,8 +15,8 @@ from ondevice import (
     SyncError,
     SyncSettings,
 )
-from sync.protocol import MESSAGE_SIZE, REPORT_PATH, decode_report, epoch_of
-from sync.server import ServerConfig, SyncServer
+from ondevice_sync.protocol import MESSAGE_SIZE, REPORT_PATH, decode_report, epoch_of
+from ondevice_sync.server import ServerConfig, SyncServer
 
 from planted import HISTORY, PLANTED
 
@@ -234,7 +234,7 @@ def test_forgetting_a_user_does_not_reset_the_weekly_report_or_the_budget(open_e
 
 def test_a_report_in_flight_is_not_sent_twice(open_engine, server):
     """A second sync() while the first is still sending waits for it."""
-    from sync.client import HttpTransport
+    from ondevice_sync.client import HttpTransport
 
     seen: list[str] = []
 

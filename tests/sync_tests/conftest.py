@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from sync.protocol import REPORT_CONTENT_TYPE, Report, encode_report, epoch_of
-from sync.server import DEFAULT_GRACE, ServerConfig, SyncServer, closes_at
+from ondevice_sync.protocol import REPORT_CONTENT_TYPE, Report, encode_report, epoch_of
+from ondevice_sync.server import DEFAULT_GRACE, ServerConfig, SyncServer, closes_at
 
 #: A fixed server "now": 2026-11-25T12:00:00Z, a Wednesday in ISO week 2026-W48.
 NOW = 1_795_608_000.0

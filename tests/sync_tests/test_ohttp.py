@@ -25,10 +25,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sync import gateway as gateway_module
-from sync import ohttp
-from sync.client import InProcessTransport, Response, SyncClient
-from sync.errors import (
+from ondevice_sync import gateway as gateway_module
+from ondevice_sync import ohttp
+from ondevice_sync.client import InProcessTransport, Response, SyncClient
+from ondevice_sync.errors import (
     BinaryHttpError,
     ConfigurationError,
     DecapsulationError,
@@ -42,15 +42,15 @@ from sync.errors import (
     TransportError,
     UnknownKeyIdError,
 )
-from sync.gateway import OhttpGateway
-from sync.ohttp import (
+from ondevice_sync.gateway import OhttpGateway
+from ondevice_sync.ohttp import (
     BinaryRequest,
     BinaryResponse,
     GatewayKey,
     KeyConfig,
     OhttpTransport,
 )
-from sync.protocol import (
+from ondevice_sync.protocol import (
     CONTENT_TABLE_VERSION,
     MESSAGE_SIZE,
     REPORT_CONTENT_TYPE,
@@ -59,7 +59,7 @@ from sync.protocol import (
     Report,
     encode_report,
 )
-from sync.server import CountStore, ReportHandler, ServerConfig
+from ondevice_sync.server import CountStore, ReportHandler, ServerConfig
 
 from .conftest import EPOCH, NOW, stored_counts
 
@@ -560,7 +560,7 @@ def test_key_files_readable_by_others_or_malformed_are_refused(tmp_path: Path) -
 
 def test_the_gateway_command_line_generates_and_shows_keys(tmp_path: Path) -> None:
     path = tmp_path / "gw.json"
-    run = [sys.executable, "-m", "sync.gateway"]
+    run = [sys.executable, "-m", "ondevice_sync.gateway"]
     made = subprocess.run([*run, "generate-key", str(path), "--key-id", "5"],
                           capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr
@@ -912,7 +912,8 @@ def test_every_error_is_a_sync_error_in_the_ohttp_branch() -> None:
 
 def test_the_ohttp_modules_never_import_ondevice_or_numpy() -> None:
     code = (
-        "import sys, sync.ohttp, sync.gateway, sync.relay, sync.ratelimit; "
+        "import sys, ondevice_sync.ohttp, ondevice_sync.gateway, ondevice_sync.relay, "
+        "ondevice_sync.ratelimit; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ondevice', 'numpy')))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -20,14 +20,14 @@ from typing import Any
 
 import pytest
 
-from sync import ohttp
-from sync.client import InProcessTransport, SyncClient
-from sync.errors import ConfigurationError, OhttpRejectedError, ResponseDecryptionError
-from sync.gateway import REPLAYED_CODE, OhttpGateway, ReplayCache
-from sync.ohttp import GatewayKey, OhttpTransport
-from sync.protocol import REPORT_PATH, REQUEST_HEADERS, WEEK_SECONDS, Report, encode_report
-from sync.relay import OhttpRelay, RelayConfig
-from sync.server import CountStore, ReportHandler, ServerConfig
+from ondevice_sync import ohttp
+from ondevice_sync.client import InProcessTransport, SyncClient
+from ondevice_sync.errors import ConfigurationError, OhttpRejectedError, ResponseDecryptionError
+from ondevice_sync.gateway import REPLAYED_CODE, OhttpGateway, ReplayCache
+from ondevice_sync.ohttp import GatewayKey, OhttpTransport
+from ondevice_sync.protocol import REPORT_PATH, REQUEST_HEADERS, WEEK_SECONDS, Report, encode_report
+from ondevice_sync.relay import OhttpRelay, RelayConfig
+from ondevice_sync.server import CountStore, ReportHandler, ServerConfig
 
 from .conftest import EPOCH, NOW, stored_counts
 

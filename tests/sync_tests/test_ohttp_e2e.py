@@ -1,10 +1,10 @@
 """Oblivious HTTP end to end on loopback, with a recording TCP proxy on each hop:
 
-    device (OhttpTransport) -> proxy A -> relay (sync.relay) -> proxy B -> gateway server
+    device (OhttpTransport) -> proxy A -> relay (ondevice_sync.relay) -> proxy B -> gateway server
 
 The gateway server is a tiny test-only HTTP server that mounts ``OhttpGateway`` in front
 of a real ``ReportHandler`` with a temporary count store (so these tests do not depend
-on ``sync.server`` mounting the gateway). Proxy A connects to the relay from
+on ``ondevice_sync.server`` mounting the gateway). Proxy A connects to the relay from
 127.0.0.3, which is therefore "the device's address" as the relay sees it.
 """
 
@@ -27,16 +27,16 @@ from typing import Any
 
 import pytest
 
-from sync import ohttp
-from sync.client import SyncClient
-from sync.errors import (
+from ondevice_sync import ohttp
+from ondevice_sync.client import SyncClient
+from ondevice_sync.errors import (
     KeyConfigPinError,
     ServerUnavailableError,
     UnknownKeyIdError,
 )
-from sync.gateway import OhttpGateway
-from sync.ohttp import GatewayKey, OhttpTransport, fetch_key_config
-from sync.protocol import (
+from ondevice_sync.gateway import OhttpGateway
+from ondevice_sync.ohttp import GatewayKey, OhttpTransport, fetch_key_config
+from ondevice_sync.protocol import (
     CONTENT_TABLE_VERSION,
     REPORT_PATH,
     REQUEST_HEADERS,
@@ -44,9 +44,9 @@ from sync.protocol import (
     Report,
     encode_report,
 )
-from sync.relay import OhttpRelay, RelayConfig
-from sync.relay import main as relay_main
-from sync.server import CountStore, ReportHandler, ServerConfig
+from ondevice_sync.relay import OhttpRelay, RelayConfig
+from ondevice_sync.relay import main as relay_main
+from ondevice_sync.server import CountStore, ReportHandler, ServerConfig
 
 from .conftest import EPOCH, NOW, stored_counts
 
@@ -541,7 +541,7 @@ def test_the_relay_command_line(
     key, server = gateway
     ready = tmp_path / "relay.port"
     process = subprocess.Popen(
-        [sys.executable, "-m", "sync.relay", "--gateway", server.url(ohttp.OHTTP_PATH),
+        [sys.executable, "-m", "ondevice_sync.relay", "--gateway", server.url(ohttp.OHTTP_PATH),
          "--port", "0", "--ready-file", str(ready)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )

@@ -1,4 +1,4 @@
-"""sync.ratelimit.AddressLimiter: per address, per ISO week, bounded, nothing linkable."""
+"""ondevice_sync.ratelimit.AddressLimiter: per address, per ISO week, bounded, nothing linkable."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import threading
 
 import pytest
 
-from sync.errors import ConfigurationError
-from sync.protocol import WEEK_SECONDS, epoch_of, epoch_start
-from sync.ratelimit import AddressLimiter, address_bucket
+from ondevice_sync.errors import ConfigurationError
+from ondevice_sync.protocol import WEEK_SECONDS, epoch_of, epoch_start
+from ondevice_sync.ratelimit import AddressLimiter, address_bucket
 
 from .conftest import NOW
 
@@ -86,7 +86,7 @@ def test_beyond_the_cap_new_addresses_are_refused_and_known_ones_keep_counting(
     limiter = AddressLimiter(2, clock, max_tracked=3)
     for address in ("a", "b", "c"):
         assert limiter.allow(address)
-    with caplog.at_level(logging.WARNING, logger="sync.ratelimit"):
+    with caplog.at_level(logging.WARNING, logger="ondevice_sync.ratelimit"):
         assert not limiter.allow("d") and not limiter.allow("e")
     assert [r.getMessage() for r in caplog.records].count(
         "rate limiter tracks 3 addresses, its cap: new addresses are refused until the "

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from ondevice import SyncSettings
-from sync.client import MAX_REPORT_ANSWER_SIZE, Response
+from ondevice_sync.client import MAX_REPORT_ANSWER_SIZE, Response
 
 MARK = "call-555-0100"
 HOSTILE = f"<script>alert(1)</script>\r\n\x1b[2J{MARK}\x00"

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from sync.client import SyncClient
-from sync.protocol import REPORT_CONTENT_TYPE
-from sync.server import SyncServer
+from ondevice_sync.client import SyncClient
+from ondevice_sync.protocol import REPORT_CONTENT_TYPE
+from ondevice_sync.server import SyncServer
 
 from .conftest import EPOCH, report_body, stored_total
 

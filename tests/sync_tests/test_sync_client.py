@@ -14,21 +14,21 @@ from pathlib import Path
 
 import pytest
 
-from sync import errors
-from sync.client import (
+from ondevice_sync import errors
+from ondevice_sync.client import (
     MAX_REPORT_ANSWER_SIZE,
     Backoff,
     HttpTransport,
     InProcessTransport,
     SyncClient,
 )
-from sync.protocol import (
+from ondevice_sync.protocol import (
     ALLOWED_REQUEST_HEADER_NAMES,
     MAX_CONTENT_TABLE_SIZE,
     MESSAGE_SIZE,
     REQUEST_HEADERS,
 )
-from sync.server import SyncServer
+from ondevice_sync.server import SyncServer
 
 from .conftest import EPOCH, stored_counts
 
@@ -373,8 +373,8 @@ def test_a_counted_report_with_an_oversized_body_over_http_is_sent_not_failed() 
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
-    from sync.client import MAX_REPORT_ANSWER_SIZE, HttpTransport, SyncClient
-    from sync.protocol import Report, encode_report
+    from ondevice_sync.client import MAX_REPORT_ANSWER_SIZE, HttpTransport, SyncClient
+    from ondevice_sync.protocol import Report, encode_report
 
     hits: list[bytes] = []
 

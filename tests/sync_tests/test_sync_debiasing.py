@@ -8,8 +8,8 @@ import math
 import random
 from collections.abc import Callable
 
-from sync.client import InProcessTransport, SyncClient
-from sync.privacy import (
+from ondevice_sync.client import InProcessTransport, SyncClient
+from ondevice_sync.privacy import (
     DEFAULT_CENTRAL_EPSILON,
     DEFAULT_EPSILON_1,
     DEFAULT_EPSILON_INF,
@@ -18,7 +18,7 @@ from sync.privacy import (
     geometric_variance,
     report_from_memo,
 )
-from sync.server import SyncServer
+from ondevice_sync.server import SyncServer
 
 from .conftest import EPOCH, EPOCH_CLOSES, Clock
 

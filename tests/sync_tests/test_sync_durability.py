@@ -14,22 +14,22 @@ from pathlib import Path
 
 import pytest
 
-from sync import errors
-from sync.client import SyncClient
-from sync.protocol import epoch_of
+from ondevice_sync import errors
+from ondevice_sync.client import SyncClient
+from ondevice_sync.protocol import epoch_of
 
 from .conftest import stored_counts, stored_total
 
 
 @pytest.fixture
 def server_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
-    """``python -m sync.server`` on an ephemeral port (real clock, synchronous=FULL).
+    """``python -m ondevice_sync.server`` on an ephemeral port (real clock, synchronous=FULL).
 
     Every client here is 127.0.0.1, so the per-address rate limit is off.
     """
     db, ready = tmp_path / "counts.db", tmp_path / "port"
     process = subprocess.Popen(
-        [sys.executable, "-m", "sync.server", "--k", "8", "--db", str(db), "--port", "0",
+        [sys.executable, "-m", "ondevice_sync.server", "--k", "8", "--db", str(db), "--port", "0",
          "--rate-limit", "0", "--ready-file", str(ready)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -103,8 +103,10 @@ def test_acknowledged_reports_survive_sigkill_while_many_clients_are_in_flight(
 
 def test_the_server_modules_never_import_ondevice_or_numpy() -> None:
     code = (
-        "import sys, sync, sync.server, sync.client, sync.privacy, sync.protocol, sync.errors, "
-        "sync.ratelimit; "
+        "import sys, ondevice_sync, ondevice_sync.server, ondevice_sync.client, "
+        "ondevice_sync.privacy, "
+        "ondevice_sync.protocol, ondevice_sync.errors, "
+        "ondevice_sync.ratelimit; "
         "print(sorted(m for m in sys.modules "
         "if m.split('.')[0] in ('ondevice', 'numpy')))"
     )
@@ -116,7 +118,7 @@ def test_the_server_modules_never_import_ondevice_or_numpy() -> None:
 
 def test_server_command_line_refuses_a_k_threshold_below_one(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "sync.server", "--k", "8", "--db", str(tmp_path / "c.db"),
+        [sys.executable, "-m", "ondevice_sync.server", "--k", "8", "--db", str(tmp_path / "c.db"),
          "--k-threshold", "0", "--port", "0"],
         capture_output=True, text=True, timeout=60,
     )
@@ -142,7 +144,7 @@ def test_the_operator_example_runs_and_prints_suppressed_statistics() -> None:
 
 def test_server_help_lists_the_channel_publication_and_rate_limit_options() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "sync.server", "--help"],
+        [sys.executable, "-m", "ondevice_sync.server", "--help"],
         capture_output=True, text=True, timeout=60, check=True,
     )
     for flag in ("--epsilon-inf", "--epsilon-1", "--central-epsilon", "--grace",
@@ -168,7 +170,7 @@ def test_server_command_line_refuses_bad_new_options(
     tmp_path: Path, flags: list[str], reason: str
 ) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "sync.server", "--k", "8", "--db", str(tmp_path / "c.db"),
+        [sys.executable, "-m", "ondevice_sync.server", "--k", "8", "--db", str(tmp_path / "c.db"),
          "--port", "0", *flags],
         capture_output=True, text=True, timeout=60,
     )

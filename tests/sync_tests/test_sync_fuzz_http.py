@@ -41,14 +41,14 @@ from typing import Any
 
 import pytest
 
-from sync.protocol import (
+from ondevice_sync.protocol import (
     BUNDLE_CONTENT_TYPE,
     CONTENT_TABLE_CONTENT_TYPE,
     MAX_BODY_SIZE,
     REPORT_CONTENT_TYPE,
     shift_epoch,
 )
-from sync.server import ServerConfig, SyncServer
+from ondevice_sync.server import ServerConfig, SyncServer
 
 from .conftest import EPOCH, NOW, report_body, stored_total
 
@@ -383,7 +383,10 @@ def test_ten_thousand_generated_requests_crash_nothing_and_count_only_valid_repo
     finally:
         threading.excepthook = previous_hook
     assert died == []
-    logged = [r for r in caplog.records if r.name.startswith("sync") and r.levelno >= logging.ERROR]
+    logged = [
+        r for r in caplog.records
+        if r.name.startswith("ondevice_sync") and r.levelno >= logging.ERROR
+    ]
     assert logged == [], [r.getMessage() for r in logged[:5]]
 
 

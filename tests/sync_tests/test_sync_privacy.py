@@ -10,8 +10,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from sync import errors
-from sync.privacy import (
+from ondevice_sync import errors
+from ondevice_sync.privacy import (
     DEFAULT_CENTRAL_EPSILON,
     DEFAULT_EPSILON,
     DEFAULT_EPSILON_1,

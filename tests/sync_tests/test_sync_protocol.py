@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sync import errors
-from sync.protocol import (
+from ondevice_sync import errors
+from ondevice_sync.protocol import (
     ALLOWED_REQUEST_HEADER_NAMES,
     CONTENT_TABLE_VERSION,
     MAX_BODY_SIZE,

@@ -17,14 +17,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sync import errors
-from sync.client import SyncClient
-from sync.protocol import (
+from ondevice_sync import errors
+from ondevice_sync.client import SyncClient
+from ondevice_sync.protocol import (
     MAX_BODY_SIZE,
     REPORT_CONTENT_TYPE,
     shift_epoch,
 )
-from sync.server import ServerConfig, SyncServer
+from ondevice_sync.server import ServerConfig, SyncServer
 
 from .conftest import (
     EPOCH,

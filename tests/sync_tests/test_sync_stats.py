@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from sync import errors
-from sync.client import SyncClient
-from sync.privacy import DEFAULT_CENTRAL_EPSILON, Channel, estimate_noisy
-from sync.protocol import REPORT_CONTENT_TYPE, WEEK_SECONDS, epoch_start, shift_epoch
-from sync.server import (
+from ondevice_sync import errors
+from ondevice_sync.client import SyncClient
+from ondevice_sync.privacy import DEFAULT_CENTRAL_EPSILON, Channel, estimate_noisy
+from ondevice_sync.protocol import REPORT_CONTENT_TYPE, WEEK_SECONDS, epoch_start, shift_epoch
+from ondevice_sync.server import (
     STATS_VERSION,
     STORE_VERSION,
     ServerConfig,

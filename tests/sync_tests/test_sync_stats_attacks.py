@@ -8,7 +8,7 @@
   so subtracting them gives the honest count plus that cell's noise.
 
 Each attack is also run against the old publication (exact counts through
-``sync.privacy.estimate`` and the exact total), where it recovers the count exactly: the
+``ondevice_sync.privacy.estimate`` and the exact total), where it recovers the count exactly: the
 contrast is what these tests would catch if exact numbers ever leaked again.
 """
 
@@ -21,10 +21,10 @@ import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sync.client import SyncClient
-from sync.privacy import Channel, estimate
-from sync.protocol import REPORT_CONTENT_TYPE, epoch_start, shift_epoch
-from sync.server import ReportHandler, SyncServer
+from ondevice_sync.client import SyncClient
+from ondevice_sync.privacy import Channel, estimate
+from ondevice_sync.protocol import REPORT_CONTENT_TYPE, epoch_start, shift_epoch
+from ondevice_sync.server import ReportHandler, SyncServer
 
 from .conftest import EPOCH, EPOCH_CLOSES, NOW, Clock, report_body, request
 
