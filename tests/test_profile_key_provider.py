@@ -16,6 +16,7 @@ from ondevice import (
     RawKey,
     profile_key_provider,
 )
+
 from conftest import FAST_KDF
 
 
@@ -57,7 +58,7 @@ def test_after_a_rotation_the_new_kind_answers(tmp_path: Path) -> None:
 def test_a_database_without_its_key_file_is_a_clear_error(tmp_path: Path) -> None:
     _make(tmp_path / "p", RawKey(bytes(range(32))))
     (tmp_path / "p" / "key.json").unlink()
-    with pytest.raises(KeyProviderError, match="no key.json"):
+    with pytest.raises(KeyProviderError, match=r"no key\.json"):
         profile_key_provider(tmp_path / "p")
 
 
