@@ -5,8 +5,9 @@ run, loads the signed sample catalog shipped in the package, records a scripted 
 for a few people, prints recommendations at every privacy level with their
 explanations, starts the sync server stub on loopback, lets one simulated week pass
 while the device reports (each report at its own random moment), prints exactly what
-left the device and what the server publishes once the week has closed, exports,
-crypto-shreds, and shows that the wipe holds. It needs no network and no setup. Output
+left the device and what the server publishes once the week has closed (and why a week
+of one device's reports publishes no numbers), exports, crypto-shreds, and shows that
+the wipe holds. It needs no network and no setup. Output
 goes to the text stream it is given.
 """
 
@@ -14,8 +15,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
+import re
 import secrets
 import tempfile
+import textwrap
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -70,22 +74,43 @@ def _when(ts: float) -> str:
     return _dt.datetime.fromtimestamp(ts, _dt.UTC).strftime("%a %H:%M UTC")
 
 
+def _date(ts: float) -> str:
+    return _dt.datetime.fromtimestamp(ts, _dt.UTC).strftime("%a %Y-%m-%d %H:%M UTC")
+
+
+def _in_ln3(epsilon: float) -> str:
+    """`` (4·ln 3)`` when ``epsilon`` is a whole multiple of ln 3, else nothing."""
+    multiple = epsilon / math.log(3)
+    whole = round(multiple)
+    if whole < 1 or not math.isclose(multiple, whole, rel_tol=1e-9):
+        return ""
+    return " (ln 3)" if whole == 1 else f" ({whole}·ln 3)"
+
+
+def _segment_of(explanation: str) -> str:
+    """The segment name a segment-level explanation quotes (“plan=team”)."""
+    found = re.search(r"segment “([^”]+)”", explanation)
+    return found.group(1) if found else "?"
+
+
 def run_demo(out: TextIO, *, directory: Path | None = None) -> int:
     """Run the demo, writing a human-readable account to ``out``; return an exit code."""
     from ondevice_sync.protocol import WEEK_SECONDS, epoch_of, epoch_start
-    from ondevice_sync.server import ServerConfig, SyncServer
+    from ondevice_sync.server import ServerConfig, SyncServer, closes_at
 
     def say(text: str = "") -> None:
         out.write(text + "\n")
+
+    def explain(text: str) -> None:
+        out.write(textwrap.fill(text, 100, initial_indent="   ", subsequent_indent="   "))
+        out.write("\n")
 
     with tempfile.TemporaryDirectory(prefix="ondevice-demo-") as tmp:
         root = directory or Path(tmp)
         key = secrets.token_bytes(32)  # held in memory only, for this run
         clock = _SimulatedClock()
-        server = SyncServer(
-            config=ServerConfig(k=8, db_path=Path(tmp) / "server-counts.db", port=0),
-            clock=clock,
-        ).start()
+        config = ServerConfig(k=8, db_path=Path(tmp) / "server-counts.db", port=0)
+        server = SyncServer(config=config, clock=clock).start()
         try:
             settings = SyncSettings(server_url=server.url, timeout=5.0)
             engines = {}
@@ -110,7 +135,9 @@ def run_demo(out: TextIO, *, directory: Path | None = None) -> int:
                             user, Interaction(item, event, context={"daypart": part})
                         )
             for user, plan, events in SESSION:
-                done = ", ".join(f"{e} {i}" for i, e, _ in events) or "no interactions yet"
+                done = ", ".join(f"{e} {i}" for i, e, _ in events) or (
+                    "no interactions yet: only the declared plan is stored"
+                )
                 say(f"   {user} (plan {plan}): {done}")
             strict = engines[PrivacyLevel.INDIVIDUAL]
             try:
@@ -127,17 +154,28 @@ def run_demo(out: TextIO, *, directory: Path | None = None) -> int:
                 say(f"   [{level.value}] answered by {recs.level.value}")
                 for r in recs:
                     say(f"      - {r.title}: {r.explanation}")
+            plans = {user: plan for user, plan, _ in SESSION}
             recs = strict.get_recommendations("carol", k=2)
+            carol_segment = _segment_of(recs[0].explanation) if len(recs) else "?"
             say(
-                f"   carol (no history) at individual: answered by {recs.level.value}; "
-                f"fell back because: {'; '.join(recs.fallbacks)}"
+                f"   carol (no interactions yet) at individual: answered by {recs.level.value}, "
+                f"from the segment her declared plan puts her in (“{carol_segment}”); "
+                f"the levels above fell back because: {'; '.join(recs.fallbacks)}"
             )
 
             say(f"4. One simulated week of reporting to the server stub on {server.url}")
-            say(
-                "   every user's report leaves at its own random moment of the week, at "
-                "least an hour after the device's previous one (the app calls sync_due() "
-                "from a timer; here every 30 simulated minutes)"
+            explain(
+                "Reporting runs on the profile at level individual (think of it as one device "
+                "with three users). Once a week it reports, for each user who is in a segment, "
+                "that segment randomized on the device, and nothing else. carol has no "
+                f"interactions, but her declared plan ({plans['carol']}) places her in segment "
+                f"“{carol_segment}”, so she reports like the others; a user with neither a "
+                "declared signal nor any taste yet is in no segment and sends nothing."
+            )
+            explain(
+                "Every user's report leaves at its own random moment of the week, at least an "
+                "hour after the device's previous one (the app calls sync_due() from a timer; "
+                "here every 30 simulated minutes):"
             )
             week = epoch_of(clock.now)
             end = epoch_start(week) + WEEK_SECONDS
@@ -154,30 +192,54 @@ def run_demo(out: TextIO, *, directory: Path | None = None) -> int:
                             f"the bytes that left: {outcome.body}"
                         )
                 clock.now += 1800
-            none_outcome = engines[PrivacyLevel.NONE].sync("alice")
-            say(f"   at level none: {none_outcome.status} ({none_outcome.reason})")
-            budget = strict.report("alice").users[0].privacy_budget
+            nothing = [engines[PrivacyLevel.NONE].sync(user) for user, _, _ in SESSION]
             say(
-                f"   alice's lifetime privacy budget (epsilon): {budget['lifetime_spent']:.2f} "
-                f"of {budget['lifetime_cap']:.2f} per {budget['period_days']:g} days spent on "
-                f"the memo of her segment; later reports of the same segment spend nothing "
-                f"(each report randomizes the memo again at epsilon {budget['epsilon_1']:.2f})"
+                "   the profile at level none stores nothing, so it reports nothing: "
+                + ", ".join(f"{o.user_id}: {o.status}" for o in nothing)
+                + f" ({nothing[0].reason})"
+            )
+            budget = strict.report("alice").users[0].privacy_budget
+            spent, cap = budget["lifetime_spent"], budget["lifetime_cap"]
+            eps_1, eps_inf = budget["epsilon_1"], budget["epsilon_inf"]
+            explain(
+                f"alice's privacy budget: ε spent {spent:.2f}{_in_ln3(spent)} of a lifetime "
+                f"cap of {cap:.2f}{_in_ln3(cap)} per {budget['period_days']:g} days, on the "
+                "one-time randomized draw (the memo) of her segment. Later reports of the "
+                "same segment spend nothing: each randomizes the memo again at "
+                f"ε₁ = {eps_1:.2f}{_in_ln3(eps_1)}, and however many of them a server links, "
+                f"it learns at most ε∞ = {eps_inf:.2f}{_in_ln3(eps_inf)} about her segment."
+            )
+            closes = closes_at(week, epoch_window=config.epoch_window, grace=config.grace)
+            weeks = config.epoch_window
+            explain(
+                f"The server publishes a week's statistics only once the week is closed: "
+                f"reports for {week} are accepted until {weeks} week{'s' if weeks != 1 else ''} "
+                f"after it ends (a device may send late), then a grace of "
+                f"{config.grace / 3600:g} hours passes; {week} closes {_date(closes)}."
             )
             url = f"{server.url}/v1/stats?epoch={week}"
             try:
                 with urllib.request.urlopen(url, timeout=5):  # loopback only
                     pass
             except urllib.error.HTTPError as exc:
-                say(f"   asked for {week}'s statistics during the week: HTTP {exc.code}")
-            clock.now = end + WEEK_SECONDS + 2 * 86400  # the week closed, the grace passed
+                say(f"   asked for {week}'s statistics before it closed: HTTP {exc.code}")
+            clock.now = closes  # the week closed, the grace passed
             with urllib.request.urlopen(url, timeout=5) as answer:  # loopback only
                 stats = json.loads(answer.read())
             say(f"   after it closed, the server publishes for {week}: "
                 f"{json.dumps(stats, sort_keys=True)}")
-            say(
-                f"   ({len(sent)} reports: every cell is under the threshold of "
-                f"{stats['k_threshold']}, so all are suppressed; the published numbers "
-                "carry noise, never an exact count)"
+            threshold = stats["k_threshold"]
+            explain(
+                f"Every segment is listed under \"suppressed\", with no number: a segment's "
+                f"count is published only when its noisy count and its estimate both reach "
+                f"the k threshold of {threshold} reports, so that no small group can be "
+                f"singled out, and the noisy total only when it reaches {threshold} too. "
+                f"This week holds {len(sent)} reports in all (one device, three users), far "
+                f"under it. Once enough devices report for a segment to reach the threshold, "
+                f"its estimate is published under \"segments\": debiased for the "
+                f"randomization, from counts with noise of standard deviation "
+                f"{stats['noise_standard_deviation']:.1f} reports added once, never an exact "
+                f"count."
             )
 
             say("5. What do you know about alice, and why?")

@@ -100,7 +100,21 @@ _USER_PURGE_INTERVAL: Final = 60.0
 
 @dataclass(frozen=True, slots=True)
 class UserReport:
-    """What the profile holds about one user, and why."""
+    """What the profile holds about one user, and why.
+
+    ``user_id``; ``created_at``: when the user's profile was created (Unix seconds);
+    ``signals``: the declared signal values stored; ``interactions``: how many
+    interactions the rolling window holds, ``oldest_interaction`` and
+    ``newest_interaction`` their times (None without any); ``context_values``: how
+    many declared context values are stored with them; ``active_days``: on how many
+    distinct days (UTC) the stored counters and window show activity; ``derived``: the
+    names of state computed on the device (for example ``user_vector``);
+    ``blocked_items``: how many items the user blocked; ``reports_sent``: how many
+    reports the egress log shows as sent; ``privacy_budget``: the reporting privacy
+    budget (``epsilon_inf``, ``epsilon_1``, ``lifetime_cap``, ``lifetime_spent``,
+    ``lifetime_remaining``, ``period_days``, ``memos``, ``when_spent``,
+    ``reports_in_period``; see :class:`~ondevice.SyncSettings`).
+    """
 
     user_id: str
     created_at: float
@@ -137,9 +151,14 @@ class UserReport:
 class ProfileReport:
     """The answer to "what do you know about me, and why?".
 
-    ``fields`` lists every field the profile may store, with its purpose, retention and
-    the level from which it is collected; ``collected`` is True for the fields the
-    current level collects.
+    ``privacy_level`` is the profile's level, ``window`` and ``retention_days`` the
+    policy's rolling window (interactions kept per user) and retention period.
+    ``fields`` lists every field the profile may store (:class:`~ondevice.FieldPurpose`),
+    with its purpose, retention and the level from which it is collected; in
+    :meth:`to_dict` each carries ``collected``, True for the fields the current level
+    collects. ``users`` holds one :class:`UserReport` per user asked about.
+    ``encryption`` describes how the profile is encrypted at rest; ``extra`` holds
+    additional top-level keys for :meth:`to_dict`.
     """
 
     privacy_level: PrivacyLevel
@@ -450,10 +469,16 @@ class PersonalizationEngine:
     ) -> int:
         """Record many ``(user_id, interaction)`` pairs in one transaction.
 
-        All records are validated before anything is written: one bad record refuses
-        the whole batch. Returns how many interactions were recorded: at ``segment`` in
-        the counters and taste sums; from ``behavioral`` up as window rows (only the
-        newest ``window`` per user survive the call).
+        ``records`` is any iterable of pairs: a user id (``str``) and an interaction,
+        given as for :meth:`update_profile` (an :class:`~ondevice.Interaction` or a
+        mapping with its fields), for example ``[("alice", {"item_id": "sku-1",
+        "event": "view"}), ("bob", Interaction("sku-2", "like"))]``. Users may be mixed
+        and repeated. All records are validated before anything is written: one bad
+        record (or a record that is not a pair) refuses the whole batch.
+
+        Returns how many interactions were recorded: at ``segment`` in the counters and
+        taste sums; from ``behavioral`` up as window rows (only the newest ``window``
+        per user survive the call); 0 at ``none``.
         """
         now = self.now()
         policy = self._policy
@@ -729,7 +754,8 @@ class PersonalizationEngine:
         current_item: str | None = None,
         exclude: Iterable[str] = (),
     ) -> Recommendations:
-        """Rank ``k`` items for ``user_id``, on the device, with an explanation each.
+        """Rank ``k`` items (1 to 10,000) for ``user_id``, on the device, with an
+        explanation each.
 
         The engine's privacy level picks the method and what it may read; when that
         level lacks data (cold start, unknown user, empty window, a bundle without item
@@ -739,10 +765,9 @@ class PersonalizationEngine:
         PolicyViolationError); ``current_item`` is what the user is looking at now (used,
         never stored). Items already in the window are excluded (see ``exclude_seen``),
         blocked items always, dismissed items while the dismissal is in the window, and
-        ``exclude`` adds item ids the app knows
-        the user has (used for this call, never stored: at levels ``none`` and
-        ``segment`` the profile keeps no item ids to exclude by itself). Never touches
-        the network.
+        ``exclude`` adds item ids the app knows the user has (used for this call, never
+        stored: at levels ``none`` and ``segment`` the profile keeps no item ids to
+        exclude by itself). Never touches the network.
         """
         import numpy as np
 
@@ -1035,9 +1060,11 @@ class PersonalizationEngine:
     ) -> Path:
         """Write an export file atomically (mode 0600) and return its path.
 
-        With ``passphrase`` the file is encrypted (AES-256-GCM, Argon2id). Writing a
-        readable, plaintext export needs ``allow_plaintext=True``: nothing readable
-        reaches the disk unless the caller asks for it explicitly.
+        The file holds what :meth:`export_profile` returns: everything stored about
+        ``user_id``, or about every user when ``user_id`` is None. With ``passphrase``
+        the file is encrypted (AES-256-GCM, Argon2id). Writing a readable, plaintext
+        export needs ``allow_plaintext=True``: nothing readable reaches the disk unless
+        the caller asks for it explicitly. :meth:`import_profile` reads it back.
         """
         if passphrase is None and not allow_plaintext:
             raise InvalidInputError(

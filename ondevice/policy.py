@@ -102,7 +102,14 @@ _LEVEL_ORDER: Final = tuple(PrivacyLevel)
 
 @dataclass(frozen=True, slots=True)
 class FieldPurpose:
-    """What a stored field is for, how long it is kept and from which level it is kept."""
+    """What a stored field is for, how long it is kept and from which level it is kept.
+
+    ``name`` is the stored field (``table.column``, or a declared signal or context
+    field); ``purpose`` says what it is used for, in words shown to the user;
+    ``retention_days`` how long it is kept (None: until the user removes it);
+    ``min_level`` the lowest privacy level that stores it and ``max_level`` the
+    highest (None: every level from ``min_level`` up).
+    """
 
     name: str
     purpose: str
@@ -275,9 +282,11 @@ def check_id(value: object, what: str) -> str:
 class Interaction:
     """One thing a user did with an item: the built-in declared shape.
 
-    ``timestamp`` is seconds since the Unix epoch (UTC); ``None`` means "now" by the
-    engine's clock. ``value`` is optional (a rating, a dwell time...). ``context`` maps
-    declared context fields to values.
+    ``item_id`` is the catalog item's id; ``event`` one of the policy's events
+    (``view`` by default; see :attr:`Policy.events`). ``timestamp`` is seconds since
+    the Unix epoch (UTC); ``None`` means "now" by the engine's clock. ``value`` is
+    optional (a rating, a dwell time...). ``context`` maps declared context fields to
+    values.
     """
 
     item_id: str

@@ -14,7 +14,14 @@ __all__ = ["Recommendation", "Recommendations"]
 
 @dataclass(frozen=True, slots=True)
 class Recommendation:
-    """One recommended item, the level that produced it, and why."""
+    """One recommended item, the level that produced it, and why.
+
+    ``item_id`` is the catalog's item id and ``title`` its title in the bundle;
+    ``score`` is the ranking score of the method that answered (higher is better,
+    comparable only within one answer); ``level`` is the privacy level whose method
+    ranked it; ``explanation`` says why, in words a user can read (for example
+    "because you liked “Collage template”").
+    """
 
     item_id: str
     title: str

@@ -27,6 +27,7 @@ SAMPLE_BUNDLE: Final = _DATA / "sample.bundle"
 SAMPLE_PUBLIC_KEY: Final = (_DATA / "sample.pub").read_bytes()
 #: The values of the sample's declared signal ``plan`` (its segment rules use them).
 PLANS: Final = ("free", "pro", "team")
+#: The values of the sample's declared context field ``daypart`` (see :func:`daypart`).
 DAYPARTS: Final = ("morning", "afternoon", "evening", "night")
 
 

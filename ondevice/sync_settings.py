@@ -135,7 +135,11 @@ class SyncOutcome:
     - ``error`` (from :meth:`~ondevice.PersonalizationEngine.sync_due` only): this
       user's report raised SyncError, given in ``reason``; the other users were served.
 
-    ``body`` is the exact bytes that left (or will leave). ``epsilon_inf`` and
+    ``user_id`` is the local user; ``epoch`` the ISO week of the report
+    (``"2026-W48"``). ``body`` is the exact bytes that left (or will leave).
+    ``answer`` is what the egress log keeps of the server's answer (a status code and
+    ``counted`` or ``refused``, or an error class for a failed send); ``retry_at`` when
+    a scheduled or failed report goes next (Unix seconds). ``epsilon_inf`` and
     ``epsilon_1`` are the two layers' epsilons; ``spent`` is the lifetime epsilon this
     report used (``epsilon_inf`` when it drew a new memo, else 0). ``reason`` says why
     in words (for example that the budget is spent and the last memo was reused).

@@ -83,7 +83,7 @@ __all__ = [
 
 
 class SyncError(Exception):
-    """Root of every error raised by the ``sync`` package."""
+    """Root of every error raised by ``ondevice_sync`` (the repository folder ``sync/``)."""
 
     retryable: bool = False
 

@@ -1078,10 +1078,12 @@ def _content_type(headers: Mapping[str, str]) -> str:
 
 
 class OhttpTransport:
-    """A ``ondevice_sync.client`` transport that sends every request through an OHTTP relay.
+    """A transport (:class:`ondevice_sync.client.Transport`) that sends every request
+    through an Oblivious HTTP relay.
 
-    Use it in place of the plain transport; the client's ``base_url`` names the target
-    (the server behind the gateway), ``relay_url`` the relay's resource::
+    An app passes it to the engine as ``SyncSettings(server_url=..., transport=...)``:
+    ``server_url`` names the target (the server behind the gateway), ``relay_url`` the
+    relay's resource. With a :class:`~ondevice_sync.client.SyncClient` directly::
 
         transport = OhttpTransport(
             relay_url="https://relay.example/v1/ohttp",
