@@ -7,7 +7,8 @@ then checks the structure and the catalog's invariants, and only then returns a
 :class:`~ondevice.catalog.Catalog`. Anything wrong raises :class:`~ondevice.errors.BundleError`.
 This module never imports operator code.
 
-File layout, format version 1 (all integers little-endian)::
+Two format versions are read: 1 (full precision) and 2 (compact, chunk-verified;
+described after format 1). File layout, format version 1 (all integers little-endian)::
 
     offset     size  field
     0          8     magic  b"\\x89ODCAT\\r\\n"
@@ -38,6 +39,32 @@ table, one entry per array with ``name``, ``dtype`` (``"<f4"``, ``"<i4"`` or ``"
 ``nbr_indptr``, ``nbr_indices``, ``nbr_weights``, optional ``category_set_index``
 (``<i4[n]``, with ``category_sets``), ``item_factors`` and ``gram``,
 and ``segments/<k>/top_items``, ``segments/<k>/centroid`` for the k-th segment.
+
+**Format 2** (what the writer writes; see :mod:`ondevice._bundle2` for the encodings)
+keeps the prefix (version 2), the header and the aligned array region, and ends with a
+chunk table before the signature::
+
+    D + L      32 * C  SHA-256 of each 1 MiB chunk of file[0 : D + L] (C chunks, the last
+                       one short)
+    end - 64   64      Ed25519 signature over SIGNATURE_CONTEXT_V2 + SHA-256(prefix +
+                       chunk table)
+
+The reader checks the signature over the prefix and the table first (a few KB), then
+reads the content into private memory chunk by chunk on two threads, checking each chunk
+against its digest as it arrives; no byte is used unless every chunk passed. Its header
+has no per-item data: ``item_ids``, ``titles`` and ``category_sets`` are replaced by
+``category_names`` (``null`` or the distinct category names) and these arrays:
+``item_id_offsets``/``item_id_bytes``/``item_id_order`` and ``title_offsets``/
+``title_bytes`` (string tables: ``<i4`` or ``<i8`` offsets over a UTF-8 blob, and the
+permutation sorting the ids by their bytes), ``category_indptr``/``category_indices``
+(CSR, ``<u2`` or ``<u4`` indices into ``category_names``), ``popularity_order``
+(``<i4``, items by popularity descending, ties by index), ``nbr_indptr`` (``<i4`` or
+``<i8``), ``nbr_indices`` (``<u2`` or ``<u4``), ``nbr_weight_codes`` (``|u1``, one per
+neighbour) with ``nbr_weight_table`` (``<f4[256]``, positive, strictly descending),
+``item_factors`` (``|i1[n, f]``) with ``item_factor_scales`` (``<f4[n]``; factor row
+``i`` is ``codes[i] * scale[i]``) and ``gram`` (of the dequantized factors). At 1M items,
+64 factors and 20 neighbours that is about a third of format 1's size (see
+``benchmarks/bench_scale.py``).
 
 Every float array must hold only finite values (no NaN, no infinity):
 :func:`validate_catalog` checks it, and both the writer and the device run it.
@@ -80,6 +107,7 @@ import mmap
 import os
 import struct
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -89,7 +117,16 @@ import numpy.typing as npt
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ondevice.catalog import AlsParams, Catalog, Segment, SegmentRule
+from ondevice import _bundle2
+from ondevice._bundle2 import StringTable
+from ondevice.catalog import (
+    AlsParams,
+    Catalog,
+    CategoryLists,
+    CategoryTable,
+    Segment,
+    SegmentRule,
+)
 from ondevice.errors import BundleError
 
 __all__ = [
@@ -114,8 +151,10 @@ logger = logging.getLogger(__name__)
 
 MAGIC = b"\x89ODCAT\r\n"
 """The first 8 bytes of every bundle file."""
-FORMAT_VERSION = 1
-"""The only format version this module reads and the writer writes."""
+FORMAT_VERSION = 2
+"""The format version the writer writes; this module reads versions 1 and 2."""
+READABLE_VERSIONS = (1, 2)
+"""Every format version this module reads."""
 ALIGNMENT = 64
 """Every array (and the array region) starts at a multiple of this many bytes."""
 PREFIX = struct.Struct("<8sHHIQQ")
@@ -124,16 +163,17 @@ and length."""
 SIGNATURE_SIZE = 64
 """An Ed25519 signature, the last bytes of the file."""
 SIGNATURE_CONTEXT = b"ondevice catalog bundle v1 sha256\x00"
-"""Prepended to the content digest in the signed message (domain separation)."""
+"""Format 1: prepended to the content digest in the signed message (domain separation)."""
+SIGNATURE_CONTEXT_V2 = b"ondevice catalog bundle v2 chunked sha256\x00"
+"""Format 2: prepended to SHA-256(prefix + chunk table) in the signed message."""
 VERSION_META_KEY = "newest_bundle"
 """The profile ``meta`` key under which the engine keeps the :func:`version_record` of
 the newest bundle it accepted."""
 
 _DTYPES: dict[str, np.dtype[Any]] = {
-    "<f4": np.dtype("<f4"),
-    "<i4": np.dtype("<i4"),
-    "<i8": np.dtype("<i8"),
+    name: np.dtype(name) for name in ("<f4", "<i4", "<i8", "|u1", "|i1", "<u2", "<u4")
 }
+_V1_DTYPES = frozenset({"<f4", "<i4", "<i8"})
 _HEADER_KEYS = frozenset(
     {
         "name",
@@ -150,6 +190,8 @@ _HEADER_KEYS = frozenset(
         "arrays",
     }
 )
+
+_HEADER_KEYS_V2 = (_HEADER_KEYS - {"item_ids", "titles", "category_sets"}) | {"category_names"}
 
 PublicKeyLike = bytes | Ed25519PublicKey
 _U8 = npt.NDArray[np.uint8]
@@ -224,16 +266,16 @@ def verify_bundle(path: str | os.PathLike[str], *, public_key: PublicKeyLike) ->
 def _load(path: str | os.PathLike[str], public_key: PublicKeyLike) -> tuple[Catalog, BundleInfo]:
     key = _pinned_key(public_key)
     where = f"catalog bundle {os.fspath(path)!r}"
-    raw = _read(path, where)
-    digest = _verify(raw, key, where)
+    raw = _read(path, where, key)
+    digest = raw.digest if raw.digest is not None else _verify(raw, key, where)
     header = _parse_header(raw, where)
-    catalog = _build(raw, header, where)
+    catalog = _build(raw, header, where) if raw.version == 1 else _build_v2(raw, header, where)
     try:
         validate_catalog(catalog)
     except BundleError as exc:
         raise BundleError(f"{where}: {exc}") from None
     info = BundleInfo(
-        format_version=FORMAT_VERSION,
+        format_version=raw.version,
         name=catalog.name,
         created_at=catalog.created_at,
         n_items=catalog.n_items,
@@ -260,29 +302,31 @@ def _pinned_key(public_key: PublicKeyLike) -> Ed25519PublicKey:
 @dataclass(frozen=True, slots=True)
 class _Raw:
     """A bundle file read into private memory: the fixed prefix and the header bytes
-    (dropped once parsed), and the array region, whose buffer the arrays share."""
+    (dropped once parsed), and the array region, whose buffer the arrays share.
+    ``digest`` is set when the bytes were verified while being read (format 2)."""
 
+    version: int
     prefix: bytes
     head: _U8
     region: _U8
     signature: bytes
+    size: int
+    digest: bytes | None = None
 
     @property
     def fields(self) -> tuple[Any, ...]:
         """magic, version, flags, header length, array region start and length."""
         return PREFIX.unpack(self.prefix)
 
-    @property
-    def size(self) -> int:
-        return PREFIX.size + self.head.size + self.region.size + len(self.signature)
 
-
-def _read(path: str | os.PathLike[str], where: str) -> _Raw:
+def _read(path: str | os.PathLike[str], where: str, key: Ed25519PublicKey) -> _Raw:
     """Read the file into private memory, checking only what locates the signature.
 
     The magic, the version and the two region fields are read before the signature is
     checked, and only to find it (they are signed too). Nothing is memory-mapped: what
-    is verified afterwards is these private bytes, whatever happens to the file.
+    is verified is these private bytes, whatever happens to the file. Format 1 is
+    verified afterwards as a whole (:func:`_verify`); format 2 chunk by chunk as it is
+    read (:func:`_read_v2`).
     """
     try:
         with open(path, "rb", buffering=0) as f:
@@ -293,11 +337,14 @@ def _read(path: str | os.PathLike[str], where: str) -> _Raw:
             magic, version, _flags, _header_len, data_start, data_len = PREFIX.unpack(prefix)
             if magic != MAGIC:
                 raise BundleError(f"{where}: not a catalog bundle (wrong magic bytes)")
-            if version != FORMAT_VERSION:
+            if version not in READABLE_VERSIONS:
                 raise BundleError(
-                    f"{where}: unsupported bundle format version {version} "
-                    f"(this ondevice reads version {FORMAT_VERSION})"
+                    f"{where}: unsupported bundle format version {version} (this ondevice "
+                    f"reads versions {', '.join(map(str, READABLE_VERSIONS))}; a newer "
+                    "bundle needs a newer ondevice)"
                 )
+            if version == 2:
+                return _read_v2(f, size, prefix, key, where)
             content_end = data_start + data_len
             if size == content_end:
                 raise BundleError(f"{where}: the bundle is not signed (no signature)")
@@ -322,7 +369,94 @@ def _read(path: str | os.PathLike[str], where: str) -> _Raw:
     except (OSError, ValueError, MemoryError) as exc:
         raise BundleError(f"{where}: cannot read the file ({exc!r})") from exc
     region.flags.writeable = False
-    return _Raw(prefix, head, region, signature)
+    return _Raw(1, prefix, head, region, signature, size)
+
+
+def _read_v2(f: Any, size: int, prefix: bytes, key: Ed25519PublicKey, where: str) -> _Raw:
+    """Format 2: check the signature over the prefix and the chunk table, then read the
+    content into private memory chunk by chunk, each checked against its signed digest
+    as it arrives; nothing is returned (so nothing is used) unless every chunk passed."""
+    _magic, _version, _flags, _header_len, data_start, data_len = PREFIX.unpack(prefix)
+    content_end = data_start + data_len
+    table_len = _bundle2.chunk_count(content_end) * _bundle2.DIGEST_SIZE
+    expected = content_end + table_len + SIGNATURE_SIZE
+    if size == content_end:
+        raise BundleError(f"{where}: the bundle is not signed (no chunk table, no signature)")
+    if size < expected:
+        raise BundleError(f"{where}: truncated ({size} bytes, the header announces {expected})")
+    if size > expected:
+        raise BundleError(f"{where}: {size - expected} unexpected bytes after the signature")
+    if data_start < PREFIX.size:
+        raise BundleError(f"{where}: the array region does not follow the header")
+    _check_fits_in_memory(size, where)
+    f.seek(content_end)
+    tail = bytes(_read_exactly(f, bytearray(table_len + SIGNATURE_SIZE), where))
+    table, signature = tail[:table_len], tail[table_len:]
+    if not any(signature):
+        raise BundleError(f"{where}: the bundle is not signed (empty signature)")
+    digest = hashlib.sha256(prefix + table).digest()
+    try:
+        key.verify(signature, SIGNATURE_CONTEXT_V2 + digest)
+    except InvalidSignature:
+        raise BundleError(
+            f"{where}: the signature does not verify against the pinned key "
+            "(tampered, corrupted, or signed by another key)"
+        ) from None
+    buffer = _private_buffer(content_end)
+    _read_chunks(f, buffer, table, where)
+    if buffer[: PREFIX.size].tobytes() != prefix:
+        raise BundleError(f"{where}: the file changed while being read")
+    buffer.flags.writeable = False
+    return _Raw(
+        2, prefix, buffer[PREFIX.size : data_start], buffer[data_start:content_end],
+        signature, size, digest,
+    )
+
+
+def _read_chunks(f: Any, buffer: _U8, table: bytes, where: str) -> None:
+    """Fill ``buffer`` with the file's first ``buffer.size`` bytes and check every chunk
+    against its digest in ``table``, on up to ``VERIFY_THREADS`` threads (positional
+    reads and SHA-256 release the GIL); the first failure is raised."""
+    chunk, digest_size = _bundle2.CHUNK_SIZE, _bundle2.DIGEST_SIZE
+    count = len(table) // digest_size
+    fd = f.fileno()
+    positional = hasattr(os, "preadv")
+
+    def check(i: int, view: memoryview) -> None:
+        if hashlib.sha256(view).digest() != table[i * digest_size : (i + 1) * digest_size]:
+            raise BundleError(
+                f"{where}: chunk {i} (bytes {i * chunk} to {i * chunk + len(view)}) does "
+                "not match its signed digest (tampered or corrupted)"
+            )
+
+    def worker(first: int, step: int) -> None:
+        for i in range(first, count, step):
+            lo = i * chunk
+            view = memoryview(buffer[lo : min(lo + chunk, buffer.size)])  # type: ignore[arg-type]
+            pos = 0
+            while pos < len(view):
+                got = os.preadv(fd, [view[pos:]], lo + pos)
+                if not got:
+                    raise BundleError(f"{where}: the file changed size while being read")
+                pos += got
+            check(i, view)
+
+    if not positional:  # Windows: one thread, sequential reads
+        f.seek(0)
+        for i in range(count):
+            lo = i * chunk
+            view = memoryview(buffer[lo : min(lo + chunk, buffer.size)])  # type: ignore[arg-type]
+            _read_exactly(f, view, where)
+            check(i, view)
+        return
+    threads = min(_bundle2.VERIFY_THREADS, count)
+    if threads == 1:
+        worker(0, 1)
+        return
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bundle-verify") as pool:
+        futures = [pool.submit(worker, t, threads) for t in range(threads)]
+        for future in futures:
+            future.result()
 
 
 def _private_buffer(size: int) -> _U8:
@@ -400,9 +534,9 @@ def _parse_header(raw: _Raw, where: str) -> dict[str, Any]:
         raise BundleError(f"{where}: the header is not valid UTF-8 JSON ({exc})") from None
     if not isinstance(header, dict):
         raise BundleError(f"{where}: the header is not a JSON object")
-    keys = set(header)
-    if keys != _HEADER_KEYS:
-        missing, unknown = sorted(_HEADER_KEYS - keys), sorted(keys - _HEADER_KEYS)
+    keys, wanted = set(header), _HEADER_KEYS if raw.version == 1 else _HEADER_KEYS_V2
+    if keys != wanted:
+        missing, unknown = sorted(wanted - keys), sorted(keys - wanted)
         raise BundleError(f"{where}: header keys missing {missing}, unknown {unknown}")
     return header
 
@@ -410,7 +544,7 @@ def _parse_header(raw: _Raw, where: str) -> dict[str, Any]:
 def _build(raw: _Raw, header: dict[str, Any], where: str) -> Catalog:
     """Turn a verified header and array region into a Catalog (structure checks only)."""
     region = raw.region
-    specs = _array_table(header["arrays"], region.size, where)
+    specs = _array_table(header["arrays"], region.size, where, _V1_DTYPES)
     unused = set(specs)
 
     def array(name: str, dtype: str, ndim: int) -> npt.NDArray[Any]:
@@ -468,8 +602,183 @@ def _build(raw: _Raw, header: dict[str, Any], where: str) -> Catalog:
                 centroid=optional_array(seg["centroid"], "<f4", 1),
             )
         )
+
+    catalog = Catalog(
+        item_ids=item_ids,
+        titles=titles,
+        popularity=array("popularity", "<f4", 1),
+        nbr_indptr=array("nbr_indptr", "<i8", 1),
+        nbr_indices=array("nbr_indices", "<i4", 1),
+        nbr_weights=array("nbr_weights", "<f4", 1),
+        segments=tuple(segments),
+        segment_rules=_rules(header["segment_rules"], where),
+        default_segment=_int(header["default_segment"], "default_segment", where),
+        categories=categories,
+        item_factors=array("item_factors", "<f4", 2) if "item_factors" in specs else None,
+        gram=array("gram", "<f4", 2) if "gram" in specs else None,
+        als=_als(header["als"], where),
+        name=_str(header["name"], "name", where),
+        created_at=_float(header["created_at"], "created_at", where),
+        extra=_extra(header["extra"], where),
+    )
+    if unused:
+        raise BundleError(f"{where}: arrays {sorted(unused)} are not used by the catalog")
+    return catalog
+
+
+_OFFSETS = ("<i4", "<i8")
+_NARROW = ("<u2", "<u4")
+
+
+class _Arrays:
+    """The verified array region of a format 2 bundle, by name: each array is checked
+    against the dtypes and shape its field allows, and every listed array must be used."""
+
+    def __init__(self, region: _U8, specs: dict[str, _ArraySpec], where: str) -> None:
+        self.region, self.specs, self.where = region, specs, where
+        self.unused = set(specs)
+
+    def get(
+        self, name: str, dtypes: Sequence[str], shape: tuple[int | None, ...]
+    ) -> npt.NDArray[Any]:
+        spec = self.specs.get(name)
+        if spec is None:
+            raise BundleError(f"{self.where}: array {name!r} is missing from the array table")
+        if spec.dtype.str not in dtypes or len(spec.shape) != len(shape) or any(
+            want is not None and got != want for got, want in zip(spec.shape, shape, strict=True)
+        ):
+            wanted = "/".join(dtypes) + str(["n" if d is None else d for d in shape])
+            raise BundleError(
+                f"{self.where}: array {name!r} must be {wanted}, "
+                f"not {spec.dtype.str}{list(spec.shape)}"
+            )
+        self.unused.discard(name)
+        view = self.region[spec.offset : spec.offset + spec.length].view(spec.dtype)
+        view = view.reshape(spec.shape)
+        if not spec.dtype.isnative:
+            view = view.astype(spec.dtype.newbyteorder("="))
+            view.flags.writeable = False
+        return view
+
+    def has(self, name: str) -> bool:
+        return name in self.specs
+
+
+def _check_offsets(offsets: npt.NDArray[Any], end: int, what: str) -> None:
+    if offsets[0] != 0 or int(offsets[-1]) != end:
+        raise BundleError(f"{what} must start at 0 and end at {end}")
+    if offsets.size > 1 and (np.diff(offsets) < 0).any():
+        raise BundleError(f"{what} is not monotone (non-decreasing)")
+
+
+def _build_v2(raw: _Raw, header: dict[str, Any], where: str) -> Catalog:
+    """Turn a verified format 2 header and array region into a Catalog."""
+    arrays = _Arrays(raw.region, _array_table(header["arrays"], raw.region.size, where, _DTYPES),
+                     where)
+    n = _int(header["n_items"], "n_items", where)
+    if n < 0:
+        raise BundleError(f"{where}: n_items must not be negative")
+
+    def strings(prefix: str, *, ordered: bool) -> StringTable:
+        offsets = arrays.get(f"{prefix}_offsets", _OFFSETS, (n + 1,))
+        blob = arrays.get(f"{prefix}_bytes", ("|u1",), (None,))
+        order = arrays.get(f"{prefix}_order", ("<i4",), (n,)) if ordered else None
+        return StringTable(offsets, blob, order=order, what=f"{where}: {prefix}s")
+
+    item_ids = strings("item_id", ordered=True)
+    titles = strings("title", ordered=False)
+
+    categories, category_table = None, None
+    if header["category_names"] is not None:
+        names = _str_tuple(header["category_names"], "category_names", where)
+        indptr = arrays.get("category_indptr", _OFFSETS, (n + 1,))
+        indices = arrays.get("category_indices", _NARROW, (None,))
+        _check_offsets(indptr, indices.size, f"{where}: category_indptr")
+        if indices.size and int(indices.max()) >= len(names):
+            raise BundleError(f"{where}: a category index is out of range")
+        category_table = CategoryTable(names, indptr, indices)
+        categories = CategoryLists(category_table)
+
+    popularity = arrays.get("popularity", ("<f4",), (n,))
+    _check_finite(popularity, "popularity")
+    order = arrays.get("popularity_order", ("<i4",), (n,))
+    if n:
+        if (np.bincount(order.astype(np.int64), minlength=n) != 1).any():
+            raise BundleError(f"{where}: popularity_order is not a permutation")
+        pop = popularity[order]
+        falls = pop[1:] < pop[:-1]
+        ties = (pop[1:] == pop[:-1]) & (order[1:] > order[:-1])
+        if not (falls | ties).all():
+            raise BundleError(
+                f"{where}: popularity_order does not sort by popularity (ties by index)"
+            )
+
+    nbr_indptr = arrays.get("nbr_indptr", _OFFSETS, (n + 1,))
+    nbr_indices = arrays.get("nbr_indices", _NARROW, (None,))
+    codes = arrays.get("nbr_weight_codes", ("|u1",), (nbr_indices.size,))
+    table = arrays.get("nbr_weight_table", ("<f4",), (_bundle2.WEIGHT_CODES,))
+    _bundle2.check_weight_table(table, where)
+    _check_offsets(nbr_indptr, nbr_indices.size, f"{where}: nbr_indptr")
+    if nbr_indices.size and int(nbr_indices.max()) >= n:
+        raise BundleError(f"{where}: a neighbour index is out of range [0, {n})")
+
+    item_factors = gram = None
+    if arrays.has("item_factors"):
+        codes_y = arrays.get("item_factors", ("|i1",), (n, None))
+        scales = arrays.get("item_factor_scales", ("<f4",), (n,))
+        _check_finite(scales, "item_factor_scales")
+        if (scales < 0).any():
+            raise BundleError(f"{where}: item_factor_scales must not be negative")
+        item_factors = _bundle2.dequantize_rows(codes_y, scales)
+        gram = arrays.get("gram", ("<f4",), (codes_y.shape[1], codes_y.shape[1]))
+
+    segments = []
+    for entry in _list(header["segments"], "segments", where):
+        seg = _object(
+            entry, "a segment", where, {"id", "name", "panel_users", "top_items", "centroid"}
+        )
+        centroid = seg["centroid"]
+        segments.append(
+            Segment(
+                id=_int(seg["id"], "a segment id", where),
+                name=_str(seg["name"], "a segment name", where),
+                panel_users=_int(seg["panel_users"], "panel_users", where),
+                top_items=arrays.get(
+                    _str(seg["top_items"], "a segment's top_items", where), ("<i4",), (None,)
+                ),
+                centroid=None
+                if centroid is None
+                else arrays.get(_str(centroid, "a centroid", where), ("<f4",), (None,)),
+            )
+        )
+    catalog = Catalog(
+        item_ids=item_ids,
+        titles=titles,
+        popularity=popularity,
+        nbr_indptr=nbr_indptr.astype(np.int64),
+        nbr_indices=nbr_indices.astype(np.int32),
+        nbr_weights=table[codes],
+        segments=tuple(segments),
+        segment_rules=_rules(header["segment_rules"], where),
+        default_segment=_int(header["default_segment"], "default_segment", where),
+        categories=categories,
+        item_factors=item_factors,
+        gram=gram,
+        als=_als(header["als"], where),
+        name=_str(header["name"], "name", where),
+        created_at=_float(header["created_at"], "created_at", where),
+        extra=_extra(header["extra"], where),
+        popularity_order=order,
+        category_table=category_table,
+    )
+    if arrays.unused:
+        raise BundleError(f"{where}: arrays {sorted(arrays.unused)} are not used by the catalog")
+    return catalog
+
+
+def _rules(value: object, where: str) -> tuple[SegmentRule, ...]:
     rules = []
-    for entry in _list(header["segment_rules"], "segment_rules", where):
+    for entry in _list(value, "segment_rules", where):
         rule = _object(entry, "a segment rule", where, {"segment", "when"})
         when = _object(rule["when"], "a rule's when", where, None)
         rules.append(
@@ -481,44 +790,32 @@ def _build(raw: _Raw, header: dict[str, Any], where: str) -> Catalog:
                 },
             )
         )
-    als_raw = header["als"]
-    als = None
-    if als_raw is not None:
-        als_obj = _object(als_raw, "als", where, {"factors", "regularization", "alpha"})
-        als = AlsParams(
-            factors=_int(als_obj["factors"], "als.factors", where),
-            regularization=_float(als_obj["regularization"], "als.regularization", where),
-            alpha=_float(als_obj["alpha"], "als.alpha", where),
-        )
-    extra = _object(header["extra"], "extra", where, None)
+    return tuple(rules)
 
-    catalog = Catalog(
-        item_ids=item_ids,
-        titles=titles,
-        popularity=array("popularity", "<f4", 1),
-        nbr_indptr=array("nbr_indptr", "<i8", 1),
-        nbr_indices=array("nbr_indices", "<i4", 1),
-        nbr_weights=array("nbr_weights", "<f4", 1),
-        segments=tuple(segments),
-        segment_rules=tuple(rules),
-        default_segment=_int(header["default_segment"], "default_segment", where),
-        categories=categories,
-        item_factors=array("item_factors", "<f4", 2) if "item_factors" in specs else None,
-        gram=array("gram", "<f4", 2) if "gram" in specs else None,
-        als=als,
-        name=_str(header["name"], "name", where),
-        created_at=_float(header["created_at"], "created_at", where),
-        extra={
-            _str(k, "an extra key", where): _str(v, "an extra value", where)
-            for k, v in extra.items()
-        },
+
+def _als(value: object, where: str) -> AlsParams | None:
+    if value is None:
+        return None
+    obj = _object(value, "als", where, {"factors", "regularization", "alpha"})
+    return AlsParams(
+        factors=_int(obj["factors"], "als.factors", where),
+        regularization=_float(obj["regularization"], "als.regularization", where),
+        alpha=_float(obj["alpha"], "als.alpha", where),
     )
-    if unused:
-        raise BundleError(f"{where}: arrays {sorted(unused)} are not used by the catalog")
-    return catalog
 
 
-def _array_table(entries: object, data_len: int, where: str) -> dict[str, _ArraySpec]:
+def _extra(value: object, where: str) -> dict[str, str]:
+    extra = _object(value, "extra", where, None)
+    return {
+        _str(k, "an extra key", where): _str(v, "an extra value", where)
+        for k, v in extra.items()
+    }
+
+
+def _array_table(
+    entries: object, data_len: int, where: str, dtypes: Iterable[str]
+) -> dict[str, _ArraySpec]:
+    allowed = frozenset(dtypes)
     specs: dict[str, _ArraySpec] = {}
     for entry in _list(entries, "arrays", where):
         obj = _object(
@@ -528,7 +825,7 @@ def _array_table(entries: object, data_len: int, where: str) -> dict[str, _Array
         if name in specs:
             raise BundleError(f"{where}: array {name!r} is listed twice")
         dtype_name = obj["dtype"]
-        if not isinstance(dtype_name, str) or dtype_name not in _DTYPES:
+        if not isinstance(dtype_name, str) or dtype_name not in allowed:
             raise BundleError(f"{where}: array {name!r} has unsupported dtype {dtype_name!r}")
         dtype = _DTYPES[dtype_name]
         shape = tuple(
@@ -572,17 +869,27 @@ def validate_catalog(catalog: Catalog) -> None:
     function, so neither can accept what the other refuses.
     """
     n = catalog.n_items
-    if not _only(catalog.item_ids, str):
-        raise BundleError("item ids must be strings")
-    if len(set(catalog.item_ids)) != n:
-        raise BundleError("item ids are not unique")
-    if len(catalog.titles) != n or not _only(catalog.titles, str):
+    # String and category tables were checked when they were built (structure, UTF-8);
+    # a table's ids are unique because the writer checked them before signing.
+    if not isinstance(catalog.item_ids, StringTable):
+        if not _only(catalog.item_ids, str):
+            raise BundleError("item ids must be strings")
+        if len(set(catalog.item_ids)) != n:
+            raise BundleError("item ids are not unique")
+    if len(catalog.titles) != n or (
+        not isinstance(catalog.titles, StringTable) and not _only(catalog.titles, str)
+    ):
         raise BundleError(f"titles must be {n} strings, one per item")
     categories = catalog.categories
     if categories is not None and (
         len(categories) != n
-        or not _only(categories, tuple)
-        or not _only(itertools.chain.from_iterable(set(categories)), str)
+        or (
+            not isinstance(categories, CategoryLists)
+            and (
+                not _only(categories, tuple)
+                or not _only(itertools.chain.from_iterable(set(categories)), str)
+            )
+        )
     ):
         raise BundleError(f"categories must be None or {n} tuples of strings, one per item")
     _check_array(catalog.popularity, "popularity", np.float32, (n,))

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["AlsParams", "Catalog", "Segment", "SegmentRule"]
+__all__ = ["AlsParams", "Catalog", "CategoryLists", "CategoryTable", "Segment", "SegmentRule"]
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int32]
@@ -70,11 +71,58 @@ class AlsParams:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class Catalog:
-    """Everything a device needs to recommend, with no user's data in it."""
+class CategoryTable:
+    """Per-item category lists in CSR form: item ``i`` has the categories
+    ``names[indices[indptr[i]:indptr[i + 1]]]`` (each list sorted, without repeats)."""
 
-    item_ids: tuple[str, ...]
-    titles: tuple[str, ...]
+    names: tuple[str, ...]
+    indptr: npt.NDArray[np.integer]
+    indices: npt.NDArray[np.integer]
+
+
+class CategoryLists(Sequence[tuple[str, ...]]):
+    """A read-only sequence of per-item category tuples over a :class:`CategoryTable`,
+    decoded one item at a time (a bundle of millions of items never builds them all)."""
+
+    __slots__ = ("table",)
+
+    def __init__(self, table: CategoryTable) -> None:
+        self.table = table
+
+    def __len__(self) -> int:
+        return int(self.table.indptr.shape[0]) - 1
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[str, ...]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[tuple[str, ...]]: ...
+
+    def __getitem__(self, index: int | slice) -> tuple[str, ...] | list[tuple[str, ...]]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        n = len(self)
+        i = index + n if index < 0 else index
+        if not 0 <= i < n:
+            raise IndexError(f"item {index} of {n}")
+        t = self.table
+        lo, hi = int(t.indptr[i]), int(t.indptr[i + 1])
+        return tuple(t.names[j] for j in t.indices[lo:hi].tolist())
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Catalog:
+    """Everything a device needs to recommend, with no user's data in it.
+
+    ``item_ids``, ``titles`` and ``categories`` are sequences: tuples when built in memory
+    or read from a format 1 bundle, tables decoded item by item when read from format 2
+    (see :mod:`ondevice._bundle2`). ``popularity_order`` (item indices by popularity,
+    descending, ties by index) and ``category_table`` (``categories`` in CSR form) are
+    precomputed by format 2 bundles; the runtime computes them otherwise.
+    """
+
+    item_ids: Sequence[str]
+    titles: Sequence[str]
     popularity: FloatArray
     nbr_indptr: Int64Array
     nbr_indices: IntArray
@@ -82,13 +130,15 @@ class Catalog:
     segments: tuple[Segment, ...] = ()
     segment_rules: tuple[SegmentRule, ...] = ()
     default_segment: int = 0
-    categories: tuple[tuple[str, ...], ...] | None = None
+    categories: Sequence[tuple[str, ...]] | None = None
     item_factors: FloatArray | None = None
     gram: FloatArray | None = None
     als: AlsParams | None = None
     name: str = "catalog"
     created_at: float = 0.0
     extra: Mapping[str, str] = field(default_factory=dict)
+    popularity_order: IntArray | None = None
+    category_table: CategoryTable | None = None
 
     @property
     def n_items(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import json
@@ -35,8 +36,12 @@ from ondevice.operator.bundle_writer import (
     private_key_bytes,
     public_key_bytes,
     signing_key_from_bytes,
-    write_bundle,
 )
+from ondevice.operator.bundle_writer import write_bundle as _write_any_format
+
+# This module pins format 1 (full precision, JSON string lists), which devices still
+# read; tests/test_bundle_v2.py covers format 2, the writer's default.
+write_bundle = functools.partial(_write_any_format, format_version=1)
 
 N_FACTORS = 4
 
@@ -392,13 +397,17 @@ def test_a_bumped_version_is_refused_naming_the_version(
     bundle_bytes: bytes, scratch: Path, pinned: bytes, key: Ed25519PrivateKey
 ) -> None:
     bumped = bytearray(bundle_bytes)
-    bumped[8:10] = (2).to_bytes(2, "little")
+    bumped[8:10] = (3).to_bytes(2, "little")
     error = refuse(scratch, bytes(bumped), pinned)
-    assert "version 2" in str(error)
-    # Even correctly signed by the right key, version 2 is not something this code reads.
+    assert "version 3" in str(error) and "newer ondevice" in str(error)
+    # Even correctly signed by the right key, version 3 is not something this code reads.
     body = bytes(bumped[:-SIGNATURE_SIZE])
     signed = body + key.sign(SIGNATURE_CONTEXT + hashlib.sha256(body).digest())
-    assert "version 2" in str(refuse(scratch, signed, pinned))
+    assert "version 3" in str(refuse(scratch, signed, pinned))
+    # A format 1 file relabelled as format 2 is not a format 2 file: refused, not misread.
+    relabelled = bytearray(bundle_bytes)
+    relabelled[8:10] = (2).to_bytes(2, "little")
+    assert "truncated" in str(refuse(scratch, bytes(relabelled), pinned))
 
 
 def test_wrong_magic_is_refused(bundle_bytes: bytes, scratch: Path, pinned: bytes) -> None:

@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from test_bundle import make_catalog, resign
+from test_bundle import make_catalog, resign, write_bundle  # format 1
 
 from ondevice import PersonalizationEngine, RawKey
 from ondevice.bundle import load_bundle, validate_catalog
 from ondevice.catalog import Catalog
 from ondevice.errors import BundleError
-from ondevice.operator.bundle_writer import generate_signing_key, public_key_bytes, write_bundle
+from ondevice.operator.bundle_writer import generate_signing_key, public_key_bytes
 
 from planted import HISTORY, planted_catalog
 

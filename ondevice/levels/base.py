@@ -14,6 +14,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
+from .._bundle2 import ItemIndex
 from ..catalog import Catalog
 from ..policy import SignalValue
 from ..results import Recommendation, Recommendations
@@ -60,14 +61,22 @@ class CatalogRuntime:
         self.catalog = catalog
         self.fingerprint = fingerprint
         self.n = catalog.n_items
-        self.index: dict[str, int] = {item: i for i, item in enumerate(catalog.item_ids)}
-        pop = np.asarray(catalog.popularity, dtype=np.float64)
-        self.pop_order: npt.NDArray[np.int32] = np.lexsort((np.arange(self.n), -pop)).astype(
-            np.int32
-        )
-        self.cat_names, self.cat_indptr, self.cat_indices = category_index(
-            catalog.categories, self.n
-        )
+        #: item id -> index: a dictionary, or a binary search over a format 2 id table
+        self.index = ItemIndex(catalog.item_ids)
+        if catalog.popularity_order is not None:
+            self.pop_order: npt.NDArray[np.int32] = catalog.popularity_order
+        else:
+            pop = np.asarray(catalog.popularity, dtype=np.float64)
+            self.pop_order = np.lexsort((np.arange(self.n), -pop)).astype(np.int32)
+        table = catalog.category_table
+        if table is not None:
+            self.cat_names: tuple[str, ...] = table.names
+            self.cat_indptr = table.indptr.astype(np.int64)
+            self.cat_indices = table.indices.astype(np.int32)
+        else:
+            self.cat_names, self.cat_indptr, self.cat_indices = category_index(
+                catalog.categories, self.n
+            )
         #: The operator's tuned device knobs, shipped in the bundle (``scoring.*``).
         self.params = ScoringParams.from_extra(catalog.extra)
         #: Featured items per segment id (catalog indices), from the sync server's

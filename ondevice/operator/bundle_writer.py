@@ -16,6 +16,7 @@ device that loaded the previous one keeps its private copy of it).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -32,18 +33,21 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from ondevice import _bundle2
 from ondevice.bundle import (
     ALIGNMENT,
     FORMAT_VERSION,
     MAGIC,
     PREFIX,
     SIGNATURE_CONTEXT,
+    SIGNATURE_CONTEXT_V2,
     BundleInfo,
     content_hasher,
     validate_catalog,
 )
 from ondevice.catalog import Catalog
 from ondevice.errors import BundleError
+from ondevice.scoring import category_index
 
 __all__ = [
     "generate_signing_key",
@@ -98,11 +102,16 @@ def write_bundle(
     path: str | os.PathLike[str],
     *,
     private_key: Ed25519PrivateKey | bytes,
+    format_version: int = FORMAT_VERSION,
 ) -> BundleInfo:
     """Write ``catalog`` to ``path`` as a bundle signed with ``private_key``; atomically.
 
-    ``private_key`` is an :class:`Ed25519PrivateKey` or its 32 raw bytes. Returns what
-    :func:`ondevice.bundle.verify_bundle` would report for the new file.
+    ``private_key`` is an :class:`Ed25519PrivateKey` or its 32 raw bytes.
+    ``format_version`` 2 (the default) writes the compact format: int8 item factors with
+    a scale per item (the Gram matrix is recomputed from the quantized factors, so the
+    device's fold-in is exact against what it scores with), one byte per neighbour
+    weight, string tables; 1 writes the full-precision format older devices read.
+    Returns what :func:`ondevice.bundle.verify_bundle` would report for the new file.
 
     Raises :class:`BundleError` if the catalog breaks an invariant (nothing is written)
     or if the file cannot be written (the destination is left as it was).
@@ -112,14 +121,19 @@ def write_bundle(
         if isinstance(private_key, Ed25519PrivateKey)
         else (signing_key_from_bytes(private_key))
     )
+    if format_version not in (1, 2):
+        raise BundleError(f"format_version must be 1 or 2, not {format_version!r}")
     validate_catalog(catalog)
     _check_values(catalog)
 
-    category_sets, category_index = _category_sets(catalog)
-    planned, region_len = _plan(catalog, category_index)
-    header = _header(catalog, planned, category_sets)
+    if format_version == 1:
+        category_sets, category_set_index = _category_sets(catalog)
+        planned, region_len = _plan(catalog, category_set_index)
+        header = _header(catalog, planned, category_sets)
+    else:
+        planned, region_len, header = _plan_v2(catalog)
     data_start = _align(PREFIX.size + len(header))
-    prefix = PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(header), data_start, region_len)
+    prefix = PREFIX.pack(MAGIC, format_version, 0, len(header), data_start, region_len)
 
     dest = Path(path)
     try:
@@ -128,7 +142,7 @@ def write_bundle(
         raise BundleError(f"cannot write bundle {str(dest)!r}: {exc}") from exc
     try:
         with os.fdopen(fd, "wb") as f:
-            hasher = content_hasher()
+            hasher: Any = content_hasher() if format_version == 1 else _ChunkHasher()
             _emit(f, hasher, prefix)
             _emit(f, hasher, header)
             _emit(f, hasher, _ZEROS[: data_start - PREFIX.size - len(header)])
@@ -138,8 +152,16 @@ def write_bundle(
                 _emit(f, hasher, item.array.reshape(-1).view(np.uint8).data)
                 pos = item.offset + item.array.nbytes
             _emit(f, hasher, _ZEROS[: region_len - pos])
-            digest = hasher.digest()
-            f.write(key.sign(SIGNATURE_CONTEXT + digest))
+            if format_version == 1:
+                digest = hasher.digest()
+                f.write(key.sign(SIGNATURE_CONTEXT + digest))
+                trailer = 0
+            else:
+                table = hasher.table()
+                f.write(table)
+                digest = hashlib.sha256(prefix + table).digest()
+                f.write(key.sign(SIGNATURE_CONTEXT_V2 + digest))
+                trailer = len(table)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp_name, 0o644)
@@ -151,11 +173,11 @@ def write_bundle(
         _remove_quietly(tmp_name)
         raise
     _fsync_dir(dest.parent)
-    size = data_start + region_len + 64
+    size = data_start + region_len + trailer + 64
     logger.info("wrote bundle %s: %d items, %d bytes", dest, catalog.n_items, size)
     factors = catalog.item_factors
     return BundleInfo(
-        format_version=FORMAT_VERSION,
+        format_version=format_version,
         name=catalog.name,
         created_at=float(catalog.created_at),
         n_items=catalog.n_items,
@@ -199,6 +221,83 @@ def _plan(
         named.append((f"segments/{k}/top_items", seg.top_items))
         if seg.centroid is not None:
             named.append((f"segments/{k}/centroid", seg.centroid))
+    return _layout(named)
+
+
+class _ChunkHasher:
+    """SHA-256 of every ``CHUNK_SIZE`` bytes written, for format 2's chunk table."""
+
+    def __init__(self) -> None:
+        self._digests: list[bytes] = []
+        self._current = hashlib.sha256()
+        self._filled = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while len(view):
+            take = min(len(view), _bundle2.CHUNK_SIZE - self._filled)
+            self._current.update(view[:take])
+            self._filled += take
+            view = view[take:]
+            if self._filled == _bundle2.CHUNK_SIZE:
+                self._digests.append(self._current.digest())
+                self._current, self._filled = hashlib.sha256(), 0
+
+    def table(self) -> bytes:
+        """The digests of all chunks, the last (short) one included."""
+        if self._filled or not self._digests:
+            self._digests.append(self._current.digest())
+            self._current, self._filled = hashlib.sha256(), 0
+        return b"".join(self._digests)
+
+
+def _plan_v2(catalog: Catalog) -> tuple[list[_Planned], int, bytes]:
+    """Format 2: every array in its compact encoding, and the header that lists them."""
+    n = catalog.n_items
+    named: list[tuple[str, npt.NDArray[Any]]] = []
+    ids, titles = list(catalog.item_ids), list(catalog.titles)
+    for prefix, strings in (("item_id", ids), ("title", titles)):
+        offsets, blob = _bundle2.encode_strings(strings)
+        named += [(f"{prefix}_offsets", offsets), (f"{prefix}_bytes", blob)]
+    named.append(("item_id_order", _bundle2.byte_order(ids)))
+    category_names: list[str] | None = None
+    if catalog.categories is not None:
+        names, indptr, indices = category_index(catalog.categories, n)
+        category_names = list(names)
+        named += [
+            ("category_indptr", indptr.astype(_bundle2.narrow_offsets(int(indptr[-1])))),
+            ("category_indices", indices.astype(_bundle2.narrow_unsigned(max(len(names), 1)))),
+        ]
+    pop = np.asarray(catalog.popularity, dtype=np.float32)
+    order = np.lexsort((np.arange(n), -pop.astype(np.float64))).astype(np.int32)
+    codes, table = _bundle2.encode_weights(catalog.nbr_weights)
+    edges = int(catalog.nbr_indices.shape[0])
+    named += [
+        ("popularity", pop),
+        ("popularity_order", order),
+        ("nbr_indptr", catalog.nbr_indptr.astype(_bundle2.narrow_offsets(edges))),
+        ("nbr_indices", catalog.nbr_indices.astype(_bundle2.narrow_unsigned(max(n, 1)))),
+        ("nbr_weight_codes", codes),
+        ("nbr_weight_table", table),
+    ]
+    if catalog.item_factors is not None and catalog.gram is not None:
+        q, scales = _bundle2.quantize_rows(catalog.item_factors)
+        y = _bundle2.dequantize_rows(q, scales).astype(np.float64)
+        named += [
+            ("item_factors", q),
+            ("item_factor_scales", scales),
+            ("gram", (y.T @ y).astype(np.float32)),
+        ]
+    for k, seg in enumerate(catalog.segments):
+        named.append((f"segments/{k}/top_items", seg.top_items))
+        if seg.centroid is not None:
+            named.append((f"segments/{k}/centroid", seg.centroid))
+    planned, offset = _layout(named)
+    header = _header(catalog, planned, None, version=2, category_names=category_names)
+    return planned, offset, header
+
+
+def _layout(named: list[tuple[str, npt.NDArray[Any]]]) -> tuple[list[_Planned], int]:
     planned = []
     offset = 0
     for name, array in named:
@@ -209,7 +308,12 @@ def _plan(
 
 
 def _header(
-    catalog: Catalog, planned: list[_Planned], category_sets: list[tuple[str, ...]] | None
+    catalog: Catalog,
+    planned: list[_Planned],
+    category_sets: list[tuple[str, ...]] | None,
+    *,
+    version: int = 1,
+    category_names: list[str] | None = None,
 ) -> bytes:
     segments = [
         {
@@ -227,9 +331,6 @@ def _header(
         "created_at": float(catalog.created_at),
         "extra": dict(catalog.extra),
         "n_items": catalog.n_items,
-        "item_ids": list(catalog.item_ids),
-        "titles": list(catalog.titles),
-        "category_sets": None if category_sets is None else [list(c) for c in category_sets],
         "default_segment": catalog.default_segment,
         "segments": segments,
         "segment_rules": [
@@ -254,6 +355,14 @@ def _header(
             for p in planned
         ],
     }
+    if version == 1:
+        header["item_ids"] = list(catalog.item_ids)
+        header["titles"] = list(catalog.titles)
+        header["category_sets"] = (
+            None if category_sets is None else [list(c) for c in category_sets]
+        )
+    else:
+        header["category_names"] = category_names
     return json.dumps(header, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(
         "utf-8"
     )

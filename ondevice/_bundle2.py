@@ -1,0 +1,256 @@
+"""The compact encodings of bundle format version 2, shared by the writer and the reader.
+
+Format 2 keeps format 1's container (prefix, JSON header, 64-byte aligned array region,
+Ed25519 signature) and changes three things:
+
+- **No per-item data in the header.** Item ids, titles and category lists are string
+  tables: an offset array over one UTF-8 blob (:class:`StringTable`), decoded one string
+  at a time when used. Ids are found by binary search through ``item_id_order`` (the
+  permutation that sorts them by their UTF-8 bytes), so opening a catalog never builds a
+  dictionary of every id.
+- **Compact arrays.** Item factors are int8 with one float32 scale per item
+  (:func:`quantize_rows`); neighbour weights are one byte each, an index into a signed
+  256-entry table of weights (:func:`encode_weights`); neighbour and category indices
+  take the narrowest unsigned type their range allows.
+- **Chunked verification.** The signature covers a table of SHA-256 digests, one per
+  :data:`CHUNK_SIZE` bytes of everything before the table. The device reads the file
+  into private memory chunk by chunk, on as many threads as :data:`VERIFY_THREADS`,
+  checks each chunk against the table as it arrives, and uses no byte before every
+  chunk has passed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any, Final, overload
+
+import numpy as np
+import numpy.typing as npt
+
+from ondevice.errors import BundleError
+
+CHUNK_SIZE: Final = 1 << 20
+"""Bytes per verified chunk (the last one may be shorter)."""
+DIGEST_SIZE: Final = 32
+"""SHA-256 digest bytes per chunk in the chunk table."""
+VERIFY_THREADS: Final = 2
+"""Threads that read and hash chunks (``hashlib`` and ``os.preadv`` release the GIL)."""
+WEIGHT_CODES: Final = 256
+"""Entries in a weight table: one byte per neighbour weight."""
+WEIGHT_STEP: Final = 1.0 / 32.0
+"""Log-spacing of the writer's weight table: code ``q`` is ``w_max * exp(-q * step)``, a
+relative error of at most ``exp(step / 2) - 1`` (1.6%) down to ``w_max * 3.4e-4``."""
+
+U8 = npt.NDArray[np.uint8]
+F32 = npt.NDArray[np.float32]
+
+
+def narrow_unsigned(limit: int) -> np.dtype[Any]:
+    """The narrowest little-endian unsigned dtype that holds ``0 .. limit - 1``."""
+    for dtype in ("<u2", "<u4"):
+        if limit <= np.iinfo(np.dtype(dtype)).max + 1:
+            return np.dtype(dtype)
+    return np.dtype("<u8")
+
+
+def narrow_offsets(total: int) -> np.dtype[Any]:
+    """The dtype of an offset array whose last entry is ``total``: int32 or int64 (signed,
+    so that arithmetic with numpy's default int64 stays integral)."""
+    return np.dtype("<i4") if total < 2**31 else np.dtype("<i8")
+
+
+# --- item factors ---------------------------------------------------------------
+
+
+def quantize_rows(factors: npt.NDArray[np.floating]) -> tuple[npt.NDArray[np.int8], F32]:
+    """int8 codes and one scale per row: ``row ~= codes * scale``, with ``scale =
+    max|row| / 127``, so each component is off by at most ``scale / 2``."""
+    y = np.asarray(factors, dtype=np.float64)
+    peak = np.abs(y).max(axis=1) if y.size else np.zeros(y.shape[0])
+    scale = (peak / 127.0).astype(np.float32)
+    safe = np.where(scale > 0, scale.astype(np.float64), 1.0)
+    codes = np.clip(np.rint(y / safe[:, None]), -127, 127).astype(np.int8)
+    return codes, scale
+
+
+def dequantize_rows(codes: npt.NDArray[np.int8], scale: F32) -> F32:
+    """The float32 factors that ``codes`` and ``scale`` stand for."""
+    out: F32 = codes.astype(np.float32)
+    out *= scale[:, None]
+    return out
+
+
+# --- neighbour weights ----------------------------------------------------------
+
+
+def weight_table(w_max: float) -> F32:
+    """The writer's 256 weights: ``w_max * exp(-q * WEIGHT_STEP)``, strictly descending."""
+    table: F32 = (w_max * np.exp(-np.arange(WEIGHT_CODES) * WEIGHT_STEP)).astype(np.float32)
+    return table
+
+
+def encode_weights(weights: npt.NDArray[np.floating]) -> tuple[U8, F32]:
+    """One byte per weight (the nearest entry of :func:`weight_table` in log space) and the
+    table. Weights must be positive and finite; the largest maps to code 0 exactly."""
+    w = np.asarray(weights, dtype=np.float64)
+    w_max = float(w.max()) if w.size else 1.0
+    table = weight_table(w_max)
+    if w.size == 0:
+        return np.empty(0, np.uint8), table
+    q = np.rint(np.log(w_max / w) / WEIGHT_STEP)
+    return np.clip(q, 0, WEIGHT_CODES - 1).astype(np.uint8), table
+
+
+def check_weight_table(table: F32, where: str) -> None:
+    """A decoding table must be 256 finite, positive, strictly descending weights."""
+    if table.shape != (WEIGHT_CODES,) or not np.isfinite(table).all():
+        raise BundleError(f"{where}: the weight table must hold {WEIGHT_CODES} finite numbers")
+    if not (table > 0).all() or not (np.diff(table) < 0).all():
+        raise BundleError(f"{where}: the weight table must be positive and strictly descending")
+
+
+# --- string tables --------------------------------------------------------------
+
+
+def encode_strings(strings: Sequence[str]) -> tuple[npt.NDArray[np.integer], U8]:
+    """``(offsets[n + 1], utf8_blob)``: string ``i`` is ``blob[offsets[i]:offsets[i+1]]``."""
+    try:
+        encoded = [s.encode("utf-8") for s in strings]
+    except UnicodeEncodeError as exc:
+        raise BundleError(
+            f"strings must be encodable as UTF-8 (no lone surrogates): {exc}"
+        ) from None
+    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    return offsets.astype(narrow_offsets(int(offsets[-1]))), blob
+
+
+def byte_order(strings: Sequence[str]) -> npt.NDArray[np.int32]:
+    """The permutation that sorts ``strings`` by their UTF-8 bytes (code point order)."""
+    return np.asarray(sorted(range(len(strings)), key=strings.__getitem__), dtype=np.int32)
+
+
+class StringTable(Sequence[str]):
+    """A read-only sequence of strings over an offset array and one UTF-8 blob.
+
+    Strings are decoded when indexed, never all at once. Construction checks that the
+    offsets are monotone and inside the blob, that the blob is valid UTF-8 and that no
+    string starts inside a multi-byte character, so indexing never fails.
+    With an ``order`` (the permutation sorting the strings by their bytes),
+    :meth:`find` locates a string in ``O(log n)``.
+    """
+
+    __slots__ = ("_blob", "_offsets", "_order")
+
+    def __init__(
+        self,
+        offsets: npt.NDArray[np.integer],
+        blob: U8,
+        *,
+        order: npt.NDArray[np.integer] | None = None,
+        what: str = "strings",
+    ) -> None:
+        n = offsets.shape[0] - 1
+        if offsets.ndim != 1 or n < 0 or (n >= 0 and offsets[0] != 0):
+            raise BundleError(f"{what}: the offsets must start at 0")
+        if int(offsets[-1]) != blob.shape[0] or (n > 0 and (np.diff(offsets) < 0).any()):
+            raise BundleError(f"{what}: the offsets must be monotone and end at the blob's end")
+        try:
+            blob.tobytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise BundleError(f"{what}: the strings are not valid UTF-8") from None
+        starts = offsets[:-1][np.diff(offsets) > 0]
+        if starts.size and ((blob[starts] & 0xC0) == 0x80).any():
+            raise BundleError(f"{what}: a string starts inside a multi-byte character")
+        if order is not None:
+            counts = np.bincount(np.asarray(order, dtype=np.int64), minlength=n) if n else None
+            if order.shape != (n,) or (counts is not None and (counts != 1).any()):
+                raise BundleError(f"{what}: the sort order is not a permutation")
+        self._offsets = offsets
+        self._blob = blob
+        self._order = order
+
+    def __len__(self) -> int:
+        return int(self._offsets.shape[0]) - 1
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return self._bytes(index).decode("utf-8")
+
+    def _bytes(self, index: int) -> bytes:
+        n = len(self)
+        i = int(index)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"string {index} of {n}")
+        return self._blob[int(self._offsets[i]) : int(self._offsets[i + 1])].tobytes()
+
+    def __iter__(self) -> Iterator[str]:
+        return (self[i] for i in range(len(self)))
+
+    def find(self, value: str) -> int | None:
+        """The index of ``value``, or None; needs the sort ``order``."""
+        if self._order is None:
+            raise TypeError("this string table has no sort order")
+        try:
+            key = value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: no stored string can equal it
+            return None
+        order = self._order
+        pos = bisect.bisect_left(range(len(self)), key, key=lambda j: self._bytes(int(order[j])))
+        if pos < len(self):
+            found = int(order[pos])
+            if self._bytes(found) == key:
+                return found
+        return None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the blob and the offsets (and the order)."""
+        extra = 0 if self._order is None else int(self._order.nbytes)
+        return int(self._blob.nbytes + self._offsets.nbytes) + extra
+
+
+class ItemIndex:
+    """Item id to catalog index: a dictionary for small catalogs and format 1, a binary
+    search over the sorted string table for format 2 (no per-id object at all)."""
+
+    __slots__ = ("_map", "_table")
+
+    def __init__(self, ids: Sequence[str]) -> None:
+        self._table = ids if isinstance(ids, StringTable) and ids._order is not None else None
+        self._map = None if self._table is not None else {s: i for i, s in enumerate(ids)}
+
+    def get(self, item_id: str, default: int | None = None) -> int | None:
+        """The index of ``item_id``, or ``default``."""
+        if self._map is not None:
+            return self._map.get(item_id, default)
+        assert self._table is not None
+        found = self._table.find(item_id) if isinstance(item_id, str) else None
+        return default if found is None else found
+
+    def __contains__(self, item_id: object) -> bool:
+        return isinstance(item_id, str) and self.get(item_id) is not None
+
+    def __getitem__(self, item_id: str) -> int:
+        found = self.get(item_id)
+        if found is None:
+            raise KeyError(item_id)
+        return found
+
+
+def chunk_count(content_len: int) -> int:
+    """How many :data:`CHUNK_SIZE` chunks cover ``content_len`` bytes."""
+    return max(1, math.ceil(content_len / CHUNK_SIZE))

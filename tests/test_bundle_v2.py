@@ -1,0 +1,368 @@
+"""Bundle format 2: compact encodings, string tables and chunked verification.
+
+Round trips are exact where the format is exact (ids, titles, categories, popularity,
+neighbour lists, segments) and within the stated quantization error elsewhere (item
+factors: half a step of each item's int8 scale; neighbour weights: 1.6% relative).
+Tampering with any chunk is refused before any byte of the file is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from test_bundle import make_catalog
+
+from ondevice import _bundle2, scoring
+from ondevice._bundle2 import ItemIndex, StringTable
+from ondevice.bundle import (
+    MAGIC,
+    PREFIX,
+    SIGNATURE_CONTEXT_V2,
+    SIGNATURE_SIZE,
+    load_bundle,
+    load_bundle_with_info,
+    verify_bundle,
+)
+from ondevice.catalog import AlsParams, Catalog
+from ondevice.errors import BundleError
+from ondevice.levels.base import CatalogRuntime
+from ondevice.operator import bundle_writer
+from ondevice.operator.bundle_writer import generate_signing_key, public_key_bytes, write_bundle
+
+
+@pytest.fixture(scope="module")
+def key() -> Ed25519PrivateKey:
+    return generate_signing_key()
+
+
+@pytest.fixture(scope="module")
+def pinned(key: Ed25519PrivateKey) -> bytes:
+    return public_key_bytes(key)
+
+
+def _with_unicode_ids(catalog: Catalog) -> Catalog:
+    """Ids and titles with multi-byte characters, empty titles and unsorted order."""
+    n = catalog.n_items
+    ids = tuple(f"{['zé', 'a', 'Ω', 'b', '日本'][i % 5]}-{n - i}" for i in range(n))
+    titles = tuple("" if i % 7 == 0 else f"Tïtle {i} \N{BLACK STAR}" for i in range(n))
+    return _replace(catalog, item_ids=ids, titles=titles)
+
+
+def _replace(catalog: Catalog, **fields: Any) -> Catalog:
+    values = {name: getattr(catalog, name) for name in Catalog.__dataclass_fields__}
+    values.update(fields)
+    return Catalog(**values)
+
+
+@pytest.mark.parametrize("factors", [True, False])
+@pytest.mark.parametrize("categories", [True, False])
+def test_round_trip_exact_where_exact_and_within_the_stated_error_elsewhere(
+    tmp_path: Path, key: Ed25519PrivateKey, pinned: bytes, factors: bool, categories: bool
+) -> None:
+    want = _with_unicode_ids(make_catalog(3, n=60, factors=factors, categories=categories))
+    info = write_bundle(want, tmp_path / "c.odb", private_key=key)
+    got, loaded = load_bundle_with_info(tmp_path / "c.odb", public_key=pinned)
+    assert info.format_version == loaded.format_version == 2
+    assert info.sha256 == loaded.sha256 and info.size == (tmp_path / "c.odb").stat().st_size
+
+    assert list(got.item_ids) == list(want.item_ids)
+    assert list(got.titles) == list(want.titles)
+    if categories:
+        assert got.categories is not None and want.categories is not None
+        assert [tuple(sorted(set(c))) for c in want.categories] == list(got.categories)
+    else:
+        assert got.categories is None
+    np.testing.assert_array_equal(got.popularity, want.popularity)
+    np.testing.assert_array_equal(got.nbr_indptr, want.nbr_indptr)
+    np.testing.assert_array_equal(got.nbr_indices, want.nbr_indices)
+    # one byte per weight: at most exp(step / 2) - 1 = 1.6% off, never zero, order kept
+    bound = np.exp(_bundle2.WEIGHT_STEP / 2) - 1
+    rel = np.abs(got.nbr_weights - want.nbr_weights) / want.nbr_weights
+    assert rel.max() <= bound + 1e-6 and (got.nbr_weights > 0).all()
+    for i in range(want.n_items):
+        _, w = got.neighbours_of(i)
+        assert (np.diff(w) <= 0).all()
+    assert [s.id for s in got.segments] == [s.id for s in want.segments]
+    for gs, ws in zip(got.segments, want.segments, strict=True):
+        np.testing.assert_array_equal(gs.top_items, ws.top_items)
+        if ws.centroid is None:
+            assert gs.centroid is None
+        else:
+            np.testing.assert_array_equal(gs.centroid, ws.centroid)
+    assert (got.segment_rules, got.default_segment, got.als, got.name, got.created_at) == (
+        want.segment_rules, want.default_segment, want.als, want.name, want.created_at
+    )
+    assert dict(got.extra) == dict(want.extra)
+
+    if not factors:
+        assert got.item_factors is None and got.gram is None
+        return
+    assert got.item_factors is not None and want.item_factors is not None and got.gram is not None
+    scale = np.abs(want.item_factors).max(axis=1) / 127
+    err = np.abs(got.item_factors - want.item_factors)
+    assert (err <= scale[:, None] / 2 + 1e-7).all()
+    assert err.max() > 0  # it really is quantized
+    # scores of any user vector stay within sum_j (scale_i / 2) |x_j| of full precision
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        x = rng.standard_normal(want.item_factors.shape[1]).astype(np.float32)
+        diff = np.abs(got.item_factors @ x - want.item_factors @ x)
+        assert (diff <= scale * np.abs(x).sum() / 2 + 1e-5).all()
+    # the Gram matrix is that of the quantized factors: the device's fold-in is exact
+    y = got.item_factors.astype(np.float64)
+    np.testing.assert_allclose(got.gram, y.T @ y, rtol=1e-5, atol=1e-5)
+
+
+def test_the_runtime_finds_every_id_by_binary_search_and_nothing_else(
+    tmp_path: Path, key: Ed25519PrivateKey, pinned: bytes
+) -> None:
+    want = _with_unicode_ids(make_catalog(5, n=200))
+    write_bundle(want, tmp_path / "c.odb", private_key=key)
+    got = load_bundle(tmp_path / "c.odb", public_key=pinned)
+    assert isinstance(got.item_ids, StringTable)
+    rt = CatalogRuntime(got, "fp")
+    for i, item in enumerate(want.item_ids):
+        assert rt.index.get(item) == i and item in rt.index and rt.index[item] == i
+    for missing in ("", "zé", "zé-0", "item-1", "\udcff", "日本-999"):
+        assert rt.index.get(missing) is None and missing not in rt.index
+    assert 3 not in rt.index  # not a string
+    with pytest.raises(KeyError):
+        rt.index["nope"]
+    # the same answers as the dictionary a format 1 catalog gets
+    assert all(ItemIndex(want.item_ids).get(i) == rt.index.get(i) for i in want.item_ids)
+    # the precomputed popularity order is the one the runtime would compute
+    pop = want.popularity.astype(np.float64)
+    np.testing.assert_array_equal(
+        rt.pop_order, np.lexsort((np.arange(want.n_items), -pop)).astype(np.int32)
+    )
+    names, indptr, indices = scoring.category_index(want.categories, want.n_items)
+    assert rt.cat_names == names
+    np.testing.assert_array_equal(rt.cat_indptr, indptr)
+    np.testing.assert_array_equal(rt.cat_indices, indices)
+
+
+def test_the_compact_format_is_smaller(
+    tmp_path: Path, key: Ed25519PrivateKey, pinned: bytes
+) -> None:
+    catalog = _wide(2_000, factors=32)
+    v1 = write_bundle(catalog, tmp_path / "v1.odb", private_key=key, format_version=1)
+    v2 = write_bundle(catalog, tmp_path / "v2.odb", private_key=key)
+    assert v2.size < 0.5 * v1.size, (v1.size, v2.size)
+    assert verify_bundle(tmp_path / "v1.odb", public_key=pinned).format_version == 1
+
+
+def test_a_string_that_is_not_unicode_text_is_refused_by_the_writer(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    catalog = make_catalog(1, n=5)
+    bad = _replace(catalog, titles=("ok", "\udcff", "ok", "ok", "ok"))
+    with pytest.raises(BundleError, match="surrogate"):
+        write_bundle(bad, tmp_path / "c.odb", private_key=key)
+    assert not (tmp_path / "c.odb").exists()
+
+
+def _wide(n: int, *, factors: int, degree: int = 10, seed: int = 0) -> Catalog:
+    """A catalog big enough to span several chunks."""
+    rng = np.random.default_rng(seed)
+    indptr = np.arange(0, (n + 1) * degree, degree, dtype=np.int64)
+    weights = -np.sort(-rng.random((n, degree)), axis=1).astype(np.float32).ravel() + 1e-3
+    y = rng.standard_normal((n, factors)).astype(np.float32)
+    return Catalog(
+        item_ids=tuple(f"sku-{i:07d}" for i in range(n)),
+        titles=tuple(f"A title of item {i}" for i in range(n)),
+        popularity=rng.random(n).astype(np.float32),
+        nbr_indptr=indptr,
+        nbr_indices=rng.integers(0, n, size=n * degree).astype(np.int32),
+        nbr_weights=weights,
+        item_factors=y,
+        gram=(y.astype(np.float64).T @ y).astype(np.float32),
+        als=AlsParams(factors=factors, regularization=0.1, alpha=2.0),
+        created_at=1_800_000_000.0,
+    )
+
+
+@pytest.fixture(scope="module")
+def multi_chunk(tmp_path_factory: pytest.TempPathFactory, key: Ed25519PrivateKey) -> bytes:
+    path = tmp_path_factory.mktemp("chunks") / "big.odb"
+    write_bundle(_wide(20_000, factors=64, degree=20), path, private_key=key)
+    data = path.read_bytes()
+    assert _bundle2.chunk_count(_content_end(data)) >= 3
+    return data
+
+
+def _content_end(data: bytes) -> int:
+    _, _, _, _, start, length = PREFIX.unpack(data[: PREFIX.size])
+    return int(start + length)
+
+
+def _refused(tmp_path: Path, data: bytes, pinned: bytes) -> str:
+    path = tmp_path / "bad.odb"
+    path.write_bytes(data)
+    with pytest.raises(BundleError) as caught:
+        load_bundle(path, public_key=pinned)
+    return str(caught.value)
+
+
+def test_a_changed_byte_in_any_chunk_is_refused_naming_the_chunk(
+    multi_chunk: bytes, tmp_path: Path, pinned: bytes
+) -> None:
+    end = _content_end(multi_chunk)
+    chunks = _bundle2.chunk_count(end)
+    for i in range(chunks):
+        lo, hi = i * _bundle2.CHUNK_SIZE, min((i + 1) * _bundle2.CHUNK_SIZE, end)
+        for where in (lo if i else PREFIX.size + 5, (lo + hi) // 2, hi - 1):
+            bad = bytearray(multi_chunk)
+            bad[where] ^= 0x01
+            message = _refused(tmp_path, bytes(bad), pinned)
+            assert f"chunk {i} " in message and "signed digest" in message, (i, where)
+
+
+def test_the_chunk_table_and_the_signature_are_covered(
+    multi_chunk: bytes, tmp_path: Path, pinned: bytes
+) -> None:
+    end = _content_end(multi_chunk)
+    for where in (end, end + 40, len(multi_chunk) - SIGNATURE_SIZE, len(multi_chunk) - 1):
+        bad = bytearray(multi_chunk)
+        bad[where] ^= 0x80
+        assert "does not verify" in _refused(tmp_path, bytes(bad), pinned)
+    # a prefix that moves the table is caught by the signature too
+    bad = bytearray(multi_chunk)
+    _, _, _, _, start, length = PREFIX.unpack(multi_chunk[: PREFIX.size])
+    bad[: PREFIX.size] = PREFIX.pack(MAGIC, 2, 0, 0, start, length - 64)
+    assert "bundle" in _refused(tmp_path, bytes(bad), pinned)
+
+
+def test_truncated_unsigned_and_padded_files_are_refused(
+    multi_chunk: bytes, tmp_path: Path, pinned: bytes
+) -> None:
+    end = _content_end(multi_chunk)
+    assert "truncated" in _refused(tmp_path, multi_chunk[:-1], pinned)
+    assert "truncated" in _refused(tmp_path, multi_chunk[: end + 10], pinned)
+    assert "not signed" in _refused(tmp_path, multi_chunk[:end], pinned)
+    assert "unexpected bytes" in _refused(tmp_path, multi_chunk + b"\0", pinned)
+    zeroed = multi_chunk[:-SIGNATURE_SIZE] + bytes(SIGNATURE_SIZE)
+    assert "empty signature" in _refused(tmp_path, zeroed, pinned)
+    other = public_key_bytes(generate_signing_key())
+    assert "does not verify" in _refused(tmp_path, multi_chunk, other)
+
+
+# --- signed by the right key, but wrong inside ------------------------------------
+
+
+def _signed(
+    catalog: Catalog,
+    key: Ed25519PrivateKey,
+    *,
+    arrays: dict[str, np.ndarray] | None = None,
+    header: dict[str, Any] | None = None,
+) -> bytes:
+    """A correctly signed format 2 file for ``catalog`` with some arrays or header
+    fields replaced: what a careless (or hostile) operator could publish."""
+    planned, _, head = bundle_writer._plan_v2(catalog)
+    named = [(p.name, (arrays or {}).get(p.name, p.array)) for p in planned]
+    planned, region_len = bundle_writer._layout(named)
+    fields = json.loads(head)
+    fields["arrays"] = [
+        {"name": p.name, "dtype": p.array.dtype.str, "shape": list(p.array.shape),
+         "offset": p.offset, "length": p.array.nbytes}
+        for p in planned
+    ]
+    fields.update(header or {})
+    head = json.dumps(fields).encode()
+    start = -(-(PREFIX.size + len(head)) // 64) * 64
+    body = bytearray(PREFIX.pack(MAGIC, 2, 0, len(head), start, region_len) + head)
+    body += bytes(start - len(body))
+    region = bytearray(region_len)
+    for p in planned:
+        raw = p.array.tobytes()
+        region[p.offset : p.offset + len(raw)] = raw
+    body += region
+    table = b"".join(
+        hashlib.sha256(body[i : i + _bundle2.CHUNK_SIZE]).digest()
+        for i in range(0, len(body), _bundle2.CHUNK_SIZE)
+    )
+    digest = hashlib.sha256(bytes(body[: PREFIX.size]) + table).digest()
+    return bytes(body) + table + key.sign(SIGNATURE_CONTEXT_V2 + digest)
+
+
+def test_the_signed_helper_alone_yields_a_loadable_bundle(
+    tmp_path: Path, key: Ed25519PrivateKey, pinned: bytes
+) -> None:
+    catalog = make_catalog(2, n=40)
+    (tmp_path / "ok.odb").write_bytes(_signed(catalog, key))
+    assert list(load_bundle(tmp_path / "ok.odb", public_key=pinned).item_ids) == list(
+        catalog.item_ids
+    )
+
+
+BROKEN: dict[str, tuple[dict[str, Any], str]] = {
+    "offsets-not-monotone": (
+        {"arrays": {"title_offsets": np.array([0, 5, 3] + [3] * 38, np.int32)}},
+        "monotone",
+    ),
+    "offsets-past-the-blob": (
+        {"arrays": {"item_id_offsets": np.arange(41, dtype=np.int32) * 1000}},
+        "end at the blob",
+    ),
+    "invalid-utf8": ({"arrays": {"title_bytes": None}}, "UTF-8"),
+    "order-not-a-permutation": (
+        {"arrays": {"item_id_order": np.zeros(40, np.int32)}},
+        "not a permutation",
+    ),
+    "popularity-order-unsorted": (
+        {"arrays": {"popularity_order": np.arange(40, dtype=np.int32)}},
+        "popularity_order",
+    ),
+    "neighbour-out-of-range": ({"arrays": {"nbr_indices": None}}, "out of range"),
+    "weight-table-rising": (
+        {"arrays": {"nbr_weight_table": np.linspace(0.1, 1, 256).astype(np.float32)}},
+        "descending",
+    ),
+    "weight-table-nan": (
+        {"arrays": {"nbr_weight_table": np.full(256, np.nan, np.float32)}},
+        "finite",
+    ),
+    "negative-scale": ({"arrays": {"item_factor_scales": None}}, "negative"),
+    "format-1-dtype": (
+        {"arrays": {"nbr_indices": None, "_as": "<i4"}},
+        "must be",
+    ),
+    "format-1-header": ({"header": {"item_ids": []}}, "unknown ['item_ids']"),
+    "category-out-of-range": ({"arrays": {"category_indices": None}}, "out of range"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_signed_but_inconsistent_files_are_refused_clearly(
+    case: str, tmp_path: Path, key: Ed25519PrivateKey, pinned: bytes
+) -> None:
+    catalog = make_catalog(2, n=40)
+    change, expected = BROKEN[case]
+    planned, _, _ = bundle_writer._plan_v2(catalog)
+    current = {p.name: p.array for p in planned}
+    arrays = dict(change.get("arrays", {}))
+    as_dtype = arrays.pop("_as", None)
+    for name, value in list(arrays.items()):
+        if value is not None:
+            continue
+        original = current[name].copy()
+        if name == "title_bytes":
+            original[:2] = [0xC3, 0x28]  # an invalid two-byte sequence
+        elif name in ("nbr_indices", "category_indices"):
+            if as_dtype:
+                original = original.astype(as_dtype)
+            else:
+                original[0] = 60_000
+        elif name == "item_factor_scales":
+            original[3] = -1.0
+        arrays[name] = original
+    message = _refused(
+        tmp_path, _signed(catalog, key, arrays=arrays, header=change.get("header")), pinned
+    )
+    assert expected in message, message
