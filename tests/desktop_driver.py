@@ -1,5 +1,8 @@
-"""Helpers of the desktop example's test: a private Xvfb, real X input with xdotool,
-and a small PNG reader (standard library only)."""
+"""The test process's side of the desktop example's GUI tests (and of
+``benchmarks/bench_desktop_stall.py``): a private Xvfb, one run of the app driven by
+``desktop_runner.py`` (optionally on a private D-Bus session with its own gnome-keyring),
+a real X pointer click with xdotool, and a reader for the PNG screenshots ``mss`` wrote.
+"""
 
 from __future__ import annotations
 
@@ -19,9 +22,14 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-APP = ROOT / "examples" / "desktop_app.py"
+from keychain_env import in_ci, isolated_env
+
+TESTS = Path(__file__).resolve().parent
+RUNNER = TESTS / "desktop_runner.py"
 TOOLS = ("Xvfb", "xdotool")
+PASSPHRASE_VAR = "DESKTOP_APP_PASSPHRASE"
+#: keyring's "fail" backend: the app finds no secure keychain, on any machine.
+NO_KEYCHAIN = "keyring.backends.fail.Keyring"
 
 
 def require_tools() -> None:
@@ -30,7 +38,7 @@ def require_tools() -> None:
     if not missing:
         return
     message = f"missing {', '.join(missing)}: run .ci/install-system-deps (apt: xvfb xdotool)"
-    if os.environ.get("CI"):
+    if in_ci():
         pytest.fail(message)
     pytest.skip(message)
 
@@ -79,13 +87,22 @@ def xvfb(timeout: float = 15.0) -> Iterator[str]:
 
 @dataclass
 class AppRun:
-    """What a scripted run of the app left behind."""
+    """What one run of the app left behind."""
 
     returncode: int
     stderr: str
     log: dict[str, Any]
-    found_windows: list[int] = field(default_factory=list)
+    #: The windows xdotool found by the app's title, with their geometry.
+    found_windows: list[dict[str, int]] = field(default_factory=list)
     xdotool_clicked: bool = False
+
+    def step(self, do: str, n: int = 0) -> dict[str, Any]:
+        """The ``n``-th logged step of kind ``do``."""
+        return [s for s in self.log["steps"] if s["do"] == do][n]  # type: ignore[no-any-return]
+
+    def dialogs(self, kind: str) -> list[str]:
+        """The texts of the dialogs of one kind the app opened, in order."""
+        return [d["text"] for d in self.log["dialogs"] if d["dialog"] == kind]
 
 
 def run_app(
@@ -93,39 +110,42 @@ def run_app(
     display: str,
     workdir: Path,
     steps: list[dict[str, Any]],
-    ready_file: Path | None,
-    passphrase: str,
-    level: str = "individual",
-    timeout: float = 60.0,
+    app_args: list[str],
+    name: str = "run",
+    passphrase: str | None = None,
+    inline: bool = False,
+    secret_service: Path | None = None,
+    ready_file: Path | None = None,
+    timeout: float = 90.0,
 ) -> AppRun:
-    """Run the app in script mode; when it announces a button (``ready_file``), find its
-    window with ``xdotool search`` and click the button with the real X pointer."""
-    script = workdir / "script.json"
+    """Run the app under ``desktop_runner.py`` with ``steps``; ``passphrase`` is passed
+    through ``--passphrase-env``. Without ``secret_service`` the app finds no keychain;
+    with it (a short directory) the run gets its own D-Bus session and gnome-keyring,
+    and HOME and the XDG directories inside that directory. When the app announces a
+    button (``ready_file``), xdotool finds its window and clicks the button."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    script, log_path = workdir / f"{name}.steps.json", workdir / f"{name}.log.json"
     script.write_text(json.dumps(steps))
-    log_path = workdir / "log.json"
-    env = {**os.environ, "DISPLAY": display, "DESKTOP_APP_PASSPHRASE": passphrase}
+    command = [sys.executable, str(RUNNER), "--script", str(script), "--log", str(log_path)]
+    command += ["--inline"] if inline else []
+    if secret_service is None:
+        env = {**os.environ, "PYTHON_KEYRING_BACKEND": NO_KEYCHAIN}
+    else:
+        env = isolated_env(secret_service)
+        command = ["dbus-run-session", "--", *command, "--secret-service", str(secret_service)]
+    env["DISPLAY"] = display
     env.pop("XAUTHORITY", None)
+    if passphrase is not None:
+        env[PASSPHRASE_VAR] = passphrase
+        app_args = [*app_args, "--passphrase-env", PASSPHRASE_VAR]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(APP),
-            "--profile",
-            str(workdir / "profile"),
-            "--passphrase-env",
-            "DESKTOP_APP_PASSPHRASE",
-            "--script",
-            str(script),
-            "--log",
-            str(log_path),
-            "--level",
-            level,
-        ],
+        [*command, "--", *app_args],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
-    found: list[int] = []
+    found: list[dict[str, int]] = []
     clicked = False
     deadline = time.monotonic() + timeout
     try:
@@ -139,17 +159,19 @@ def run_app(
                     text=True,
                     timeout=10,
                 )
-                found = [int(line) for line in search.stdout.split()]
+                for window in search.stdout.split():
+                    geometry = subprocess.run(
+                        ["xdotool", "getwindowgeometry", "--shell", window],
+                        env=env,
+                        capture_output=True,
+                        text=True,
+                        timeout=10,
+                    )
+                    pairs = (line.split("=") for line in geometry.stdout.split())
+                    found.append({key.lower(): int(value) for key, value in pairs})
+                xy = [str(target["x"]), str(target["y"])]
                 subprocess.run(
-                    [
-                        "xdotool",
-                        "mousemove",
-                        "--sync",
-                        str(target["x"]),
-                        str(target["y"]),
-                        "click",
-                        "1",
-                    ],
+                    ["xdotool", "mousemove", "--sync", *xy, "click", "1"],
                     env=env,
                     check=True,
                     capture_output=True,
@@ -167,55 +189,26 @@ def run_app(
     return AppRun(proc.returncode, stderr, log, found, clicked)
 
 
-def read_png(path: Path) -> tuple[int, int, list[bytes]]:
-    """Decode an 8-bit RGB or RGBA PNG: ``(width, height, rows of pixel bytes)``."""
+def read_png(path: Path) -> tuple[int, int, bytes]:
+    """``(width, height, RGB bytes)`` of a PNG as ``mss.tools.to_png`` writes it: 8-bit
+    RGB, no interlacing, every row stored unfiltered. Anything else raises ValueError."""
     data = path.read_bytes()
     if data[:8] != b"\x89PNG\r\n\x1a\n":
-        raise ValueError("not a PNG file")
-    pos, idat = 8, b""
-    width = height = channels = 0
+        raise ValueError(f"{path} is not a PNG file")
+    chunks: dict[bytes, list[bytes]] = {}
+    pos = 8
     while pos < len(data):
-        (size,) = struct.unpack_from(">I", data, pos)
-        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + size]
-        (crc,) = struct.unpack_from(">I", data, pos + 8 + size)
-        if zlib.crc32(kind + body) != crc:
-            raise ValueError(f"bad CRC in {kind!r}")
+        size, kind = struct.unpack_from(">I4s", data, pos)
+        body = data[pos + 8 : pos + 8 + size]
+        if zlib.crc32(kind + body) != struct.unpack_from(">I", data, pos + 8 + size)[0]:
+            raise ValueError(f"bad CRC in the {kind!r} chunk of {path}")
+        chunks.setdefault(kind, []).append(body)
         pos += 12 + size
-        if kind == b"IHDR":
-            width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", body)
-            if depth != 8 or colour not in (2, 6) or interlace:
-                raise ValueError("only 8-bit, non-interlaced RGB/RGBA PNGs")
-            channels = 3 if colour == 2 else 4
-        elif kind == b"IDAT":
-            idat += body
-        elif kind == b"IEND":
-            break
-    raw = zlib.decompress(idat)
-    stride = width * channels
-    rows: list[bytes] = []
-    prev = bytearray(stride)
-    for y in range(height):
-        filt = raw[y * (stride + 1)]
-        line = bytearray(raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)])
-        for i in range(stride if filt else 0):
-            left = line[i - channels] if i >= channels else 0
-            up = prev[i]
-            corner = prev[i - channels] if i >= channels else 0
-            if filt == 1:
-                line[i] = (line[i] + left) & 0xFF
-            elif filt == 2:
-                line[i] = (line[i] + up) & 0xFF
-            elif filt == 3:
-                line[i] = (line[i] + (left + up) // 2) & 0xFF
-            elif filt == 4:
-                p = left + up - corner
-                pa, pb, pc = abs(p - left), abs(p - up), abs(p - corner)
-                pred = left if pa <= pb and pa <= pc else up if pb <= pc else corner
-                line[i] = (line[i] + pred) & 0xFF
-        rows.append(
-            bytes(line)
-            if channels == 3
-            else bytes(b for px in range(width) for b in line[px * 4 : px * 4 + 3])
-        )
-        prev = line
-    return width, height, rows
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", chunks[b"IHDR"][0])
+    if (depth, colour, interlace) != (8, 2, 0):
+        raise ValueError(f"{path} is not 8-bit RGB without interlacing")
+    raw = zlib.decompress(b"".join(chunks[b"IDAT"]))
+    stride = 1 + 3 * width
+    if len(raw) != stride * height or any(raw[y * stride] for y in range(height)):
+        raise ValueError(f"{path} has filtered rows: not written by mss")
+    return width, height, b"".join(raw[y * stride + 1 : (y + 1) * stride] for y in range(height))
