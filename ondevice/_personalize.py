@@ -224,7 +224,7 @@ def add_to_aggregates(
         day = _aggblob.bucket_day(int(ts // DAY), span)
         if strength == 0.0 or day < cutoff_day:
             continue
-        y = cat.item_factors[idx].astype(np.float64)
+        y = cat.factor_rows(np.array([idx]))[0].astype(np.float64)
         for key, (s, d, a) in list(buckets.items()):
             buckets[key] = (s * step, d * step, a * step)
         s, d, a = buckets.get(day, (np.zeros(f), np.zeros(f), np.zeros((f, f))))

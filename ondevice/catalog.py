@@ -30,6 +30,14 @@ import numpy.typing as npt
 __all__ = ["AlsParams", "Catalog", "CategoryLists", "CategoryTable", "Segment", "SegmentRule"]
 
 FloatArray = npt.NDArray[np.float32]
+
+SCORE_BLOCK = 1 << 16
+"""Rows of int8 factors dequantized at a time by :meth:`Catalog.factor_scores` (16 MB of
+float32 scratch at 64 factors)."""
+DECODE_LIMIT = 1 << 23
+"""A format 2 array with at most this many elements (100k items x 64 factors, 400k items
+x 20 neighbours) is decoded to float32 when loaded: small enough that speed beats
+memory. Larger ones stay compact."""
 IntArray = npt.NDArray[np.int32]
 Int64Array = npt.NDArray[np.int64]
 
@@ -119,6 +127,13 @@ class Catalog:
     (see :mod:`ondevice._bundle2`). ``popularity_order`` (item indices by popularity,
     descending, ties by index) and ``category_table`` (``categories`` in CSR form) are
     precomputed by format 2 bundles; the runtime computes them otherwise.
+
+    **Compact arrays.** When ``item_factor_scales`` is set, ``item_factors`` holds int8
+    codes and row ``i`` stands for ``codes[i] * scales[i]``; when ``nbr_weight_table`` is
+    set, ``nbr_weights`` holds one-byte codes into that table. A format 2 bundle keeps
+    them that way when they are large (:data:`DECODE_LIMIT`), to hold a quarter of the
+    memory; read factors and weights through :meth:`factor_rows`, :meth:`factor_scores`,
+    :meth:`weights_at` and :meth:`neighbours_of`, which work for both forms.
     """
 
     item_ids: Sequence[str]
@@ -139,6 +154,8 @@ class Catalog:
     extra: Mapping[str, str] = field(default_factory=dict)
     popularity_order: IntArray | None = None
     category_table: CategoryTable | None = None
+    item_factor_scales: FloatArray | None = None
+    nbr_weight_table: FloatArray | None = None
 
     @property
     def n_items(self) -> int:
@@ -148,4 +165,55 @@ class Catalog:
     def neighbours_of(self, index: int) -> tuple[IntArray, FloatArray]:
         """The top-N neighbours of item ``index`` and their similarities."""
         lo, hi = int(self.nbr_indptr[index]), int(self.nbr_indptr[index + 1])
-        return self.nbr_indices[lo:hi], self.nbr_weights[lo:hi]
+        return self.nbr_indices[lo:hi], self.weights_at(np.arange(lo, hi))
+
+    def weights_at(self, offsets: npt.NDArray[np.integer]) -> FloatArray:
+        """The neighbour weights at positions ``offsets`` of the neighbour arrays."""
+        picked: FloatArray
+        if self.nbr_weight_table is None:
+            picked = self.nbr_weights[offsets]
+        else:
+            picked = self.nbr_weight_table[self.nbr_weights[offsets]]
+        return picked
+
+    def factor_rows(self, items: npt.NDArray[np.integer]) -> FloatArray:
+        """The (dequantized) factor rows of ``items``: ``float32[len(items), f]``."""
+        assert self.item_factors is not None
+        rows: FloatArray = self.item_factors[items]
+        if self.item_factor_scales is None:
+            return rows
+        out: FloatArray = rows.astype(np.float32)
+        out *= self.item_factor_scales[items][..., None]
+        return out
+
+    def factor_scores(self, x: npt.NDArray[np.floating]) -> FloatArray:
+        """``Y @ x`` for every item (a fresh ``float32[n]``); int8 factors are scored in
+        blocks of :data:`SCORE_BLOCK` rows, never dequantized whole."""
+        y, scales = self.item_factors, self.item_factor_scales
+        assert y is not None
+        v = np.asarray(x, dtype=np.float32)
+        if scales is None:
+            out: FloatArray = y @ v
+            return out
+        n = y.shape[0]
+        out = np.empty(n, dtype=np.float32)
+        block = np.empty((min(n, SCORE_BLOCK), y.shape[1]), dtype=np.float32)
+        for lo in range(0, n, SCORE_BLOCK):
+            hi = min(lo + SCORE_BLOCK, n)
+            np.copyto(block[: hi - lo], y[lo:hi], casting="unsafe")
+            np.matmul(block[: hi - lo], v, out=out[lo:hi])
+        out *= scales
+        return out
+
+    def decoded_factors(self) -> FloatArray | None:
+        """The item factors as one float32 matrix (a copy when they are int8 codes)."""
+        if self.item_factors is None or self.item_factor_scales is None:
+            return self.item_factors
+        return self.factor_rows(np.arange(self.n_items))
+
+    def decoded_weights(self) -> FloatArray:
+        """The neighbour weights as float32 (a copy when they are codes)."""
+        if self.nbr_weight_table is None:
+            return self.nbr_weights
+        out: FloatArray = self.nbr_weight_table[self.nbr_weights]
+        return out

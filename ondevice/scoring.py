@@ -313,15 +313,16 @@ def session_weights(
 
 
 def neighbour_scores(
-    indptr: Int64Array,
-    indices: IntArray,
-    weights: FloatArray,
+    indptr: npt.NDArray[np.integer],
+    indices: npt.NDArray[np.integer],
+    weights: npt.NDArray[Any],
     window: npt.NDArray[np.integer],
     *,
     n_items: int,
     half_life: float = 5.0,
     position_weights: npt.NDArray[np.floating] | None = None,
     max_window: int | None = None,
+    weight_table: FloatArray | None = None,
 ) -> FloatArray:
     """Recency-decayed item-item scores of a user's window (newest first).
 
@@ -329,6 +330,7 @@ def neighbour_scores(
     ``w = decay_weights(len(window), half_life)`` (times ``position_weights`` if given)
     and ``sim`` the catalog's sparse neighbour graph in CSR form. Items outside the
     catalog (negative or ``>= n_items``) are ignored. Returns ``float32[n_items]``.
+    With a ``weight_table``, ``weights`` are one-byte codes into it (bundle format 2).
     """
     win = np.asarray(window, dtype=np.int64).ravel()
     if max_window is not None:
@@ -352,7 +354,8 @@ def neighbour_scores(
     # positions of every neighbour entry of every window item, without a Python loop
     run_start = np.cumsum(lens) - lens
     offs = np.repeat(starts - run_start, lens) + np.arange(total, dtype=np.int64)
-    contrib = weights[offs] * np.repeat(w, lens)
+    picked = weights[offs] if weight_table is None else weight_table[weights[offs]]
+    contrib = picked * np.repeat(w, lens)
     out = np.bincount(indices[offs], weights=contrib, minlength=n_items)
     return out.astype(np.float32)
 
@@ -694,13 +697,17 @@ def individual_ranking(
     depth: int = 100,
     neighbour_weight: float = 1.0,
     c: float = 60.0,
+    scores: FloatArray | None = None,
 ) -> IntArray:
     """The ``individual`` level: ``Y @ x`` ranked by :func:`top_k` (to ``depth``),
     fused by :func:`rank_fusion` with the ranking of the decayed ``neighbour`` scores
-    (weight ``neighbour_weight``; ``None`` or weight 0 gives the fold-in alone)."""
+    (weight ``neighbour_weight``; ``None`` or weight 0 gives the fold-in alone).
+    ``scores``, if given, is ``Y @ x`` computed by the caller (a fresh array this
+    function may overwrite), e.g. from int8 factors."""
     k = _check_k(k)
     n = item_factors.shape[0]
-    scores = factor_scores(item_factors, user_vector)  # a fresh array: safe to edit
+    if scores is None:
+        scores = factor_scores(item_factors, user_vector)  # a fresh array: safe to edit
     excl = None if exclude is None else np.asarray(exclude)
     if excl is not None and excl.dtype != np.bool_:
         idx = excl.astype(np.int64, copy=False).ravel()

@@ -366,3 +366,66 @@ def test_signed_but_inconsistent_files_are_refused_clearly(
         tmp_path, _signed(catalog, key, arrays=arrays, header=change.get("header")), pinned
     )
     assert expected in message, message
+
+
+# --- large catalogs stay compact in memory ------------------------------------------
+
+
+def _users(engine: Any) -> None:
+    rng = np.random.default_rng(4)
+    for u in range(4):
+        for n, item in enumerate(rng.choice(400, size=12, replace=False)):
+            engine.update_profile(
+                f"u{u}", {"item_id": f"sku-{int(item):07d}", "event": "click",
+                          "timestamp": engine.now() - 3600 + n},
+            )
+
+
+@pytest.mark.parametrize("level", ["segment", "behavioral", "contextual", "individual"])
+def test_a_compact_catalog_answers_as_the_decoded_one(
+    level: str, tmp_path: Path, key: Ed25519PrivateKey, pinned: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ondevice import PersonalizationEngine, RawKey
+    from ondevice import bundle as bundle_module
+
+    catalog = _wide(400, factors=16, degree=8)
+    write_bundle(catalog, tmp_path / "c.odb", private_key=key)
+    decoded = load_bundle(tmp_path / "c.odb", public_key=pinned)
+    monkeypatch.setattr(bundle_module, "DECODE_LIMIT", 0)  # as if it were millions of items
+    compact = load_bundle(tmp_path / "c.odb", public_key=pinned)
+    assert compact.item_factors is not None and compact.item_factors.dtype == np.int8
+    assert compact.nbr_weights.dtype == np.uint8 and compact.nbr_weight_table is not None
+    assert compact.nbr_indices.dtype == np.uint16
+    assert decoded.item_factors is not None and decoded.item_factors.dtype == np.float32
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(16).astype(np.float32)
+    np.testing.assert_allclose(compact.factor_scores(x), decoded.factor_scores(x), rtol=1e-5,
+                               atol=1e-6)
+    rows = rng.integers(0, 400, size=30)
+    np.testing.assert_array_equal(compact.factor_rows(rows), decoded.factor_rows(rows))
+    np.testing.assert_array_equal(compact.decoded_weights(), decoded.nbr_weights)
+    for i in (0, 17, 399):
+        for a, b in zip(compact.neighbours_of(i), decoded.neighbours_of(i), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+    answers = []
+    for limit, name in ((0, "compact"), (1 << 40, "decoded")):
+        monkeypatch.setattr(bundle_module, "DECODE_LIMIT", limit)
+        with PersonalizationEngine(
+            tmp_path / name, key=RawKey(bytes(32)), privacy_level=level,
+            bundle=tmp_path / "c.odb", bundle_public_key=pinned,
+        ) as engine:
+            assert (engine.catalog.item_factor_scales is not None) == (name == "compact")
+            _users(engine)
+            answers.append(
+                [list(engine.get_recommendations(f"u{u}", k=10)) for u in range(4)]
+            )
+    for got, want in zip(*answers, strict=True):
+        assert len(got) == len(want) == 10
+        assert [(r.item_id, r.explanation) for r in got] == [
+            (r.item_id, r.explanation) for r in want
+        ]
+        np.testing.assert_allclose([r.score for r in got], [r.score for r in want], rtol=1e-5,
+                                   atol=1e-6)

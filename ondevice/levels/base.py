@@ -88,6 +88,21 @@ class CatalogRuntime:
             and catalog.als is not None
         )
 
+    def factors_for(
+        self, items: npt.NDArray[np.integer]
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """``(Y, items)`` for the scoring functions that read factor rows of ``items``:
+        the catalog's own matrix when it is float32, else just the dequantized rows of
+        those items and the items renumbered into them (int8 factors are never
+        dequantized whole)."""
+        cat = self.catalog
+        assert cat.item_factors is not None
+        idx = np.asarray(items, dtype=np.int64).ravel()
+        if cat.item_factor_scales is None:
+            return cat.item_factors, idx
+        uniq, local = np.unique(idx, return_inverse=True)
+        return cat.factor_rows(uniq), local.astype(np.int64)
+
     def title(self, index: int) -> str:
         """The display title of an item (its id when the catalog has no title)."""
         title = self.catalog.titles[index]

@@ -33,6 +33,7 @@ def window_scores(
         n_items=rt.n,
         half_life=float("inf"),
         position_weights=weights,
+        weight_table=cat.nbr_weight_table,
     )
 
 
@@ -64,7 +65,7 @@ def evidence(
     if not hit.any():
         return {}
     pos, targets = pos[hit], targets[hit]
-    contrib = cat.nbr_weights[offs[hit]] * weights[pos]
+    contrib = cat.weights_at(offs[hit]) * weights[pos]
     keep = contrib > 0
     pos, targets, contrib = pos[keep], targets[keep], contrib[keep]
     # Best contributions first per target; ties by the more recent position.

@@ -19,10 +19,11 @@ def fold_in(rt: CatalogRuntime, state: UserState) -> npt.NDArray[np.float32]:
     assert cat.item_factors is not None and cat.gram is not None and cat.als is not None
     half_life = rt.params.foldin_half_life
     recency = None if np.isinf(half_life) else scoring.decay_weights(state.window.size, half_life)
+    factors, window = rt.factors_for(state.window)
     return scoring.fold_in(
-        cat.item_factors,
+        factors,
         cat.gram,
-        state.window,
+        window,
         regularization=cat.als.regularization,
         alpha=cat.als.alpha,
         values=state.strengths,
@@ -52,9 +53,10 @@ def recommend(rt: CatalogRuntime, state: UserState, req: Request) -> Answer | st
         depth=rt.params.fusion_depth,
         neighbour_weight=rt.params.fusion_weight,
         c=rt.params.fusion_c,
+        scores=None if cat.item_factor_scales is None else cat.factor_scores(x),
     )
     items = [int(i) for i in ranked]
-    sub = cat.item_factors[ranked] @ x if items else np.empty(0, np.float32)
+    sub = cat.factor_rows(ranked) @ x if items else np.empty(0, np.float32)
     why = evidence(rt, state, [i for i in items if neighbours[i] > 0], weights)
     taste = (
         f"matches your taste profile, computed on this device from your "

@@ -23,9 +23,10 @@ def user_vector_from_state(rt: CatalogRuntime, state: UserState) -> np.ndarray |
     if state.aggregates is not None:
         b, a = state.aggregates
     elif state.window.size:
+        factors, window = rt.factors_for(state.window)
         b, a = scoring.aggregates(
-            cat.item_factors,
-            state.window,
+            factors,
+            window,
             alpha=cat.als.alpha,
             values=state.strengths,
             weights=scoring.decay_weights(state.window.size, rt.params.segment_half_life),

@@ -210,13 +210,14 @@ def _plan(
     named: list[tuple[str, npt.NDArray[Any]]] = [
         ("popularity", catalog.popularity),
         ("nbr_indptr", catalog.nbr_indptr),
-        ("nbr_indices", catalog.nbr_indices),
-        ("nbr_weights", catalog.nbr_weights),
+        ("nbr_indices", catalog.nbr_indices.astype(np.int32)),
+        ("nbr_weights", catalog.decoded_weights()),
     ]
     if category_index is not None:
         named.append(("category_set_index", category_index))
-    if catalog.item_factors is not None and catalog.gram is not None:
-        named += [("item_factors", catalog.item_factors), ("gram", catalog.gram)]
+    factors = catalog.decoded_factors()
+    if factors is not None and catalog.gram is not None:
+        named += [("item_factors", factors), ("gram", catalog.gram)]
     for k, seg in enumerate(catalog.segments):
         named.append((f"segments/{k}/top_items", seg.top_items))
         if seg.centroid is not None:
@@ -270,7 +271,7 @@ def _plan_v2(catalog: Catalog) -> tuple[list[_Planned], int, bytes]:
         ]
     pop = np.asarray(catalog.popularity, dtype=np.float32)
     order = np.lexsort((np.arange(n), -pop.astype(np.float64))).astype(np.int32)
-    codes, table = _bundle2.encode_weights(catalog.nbr_weights)
+    codes, table = _bundle2.encode_weights(catalog.decoded_weights())
     edges = int(catalog.nbr_indices.shape[0])
     named += [
         ("popularity", pop),
@@ -280,8 +281,9 @@ def _plan_v2(catalog: Catalog) -> tuple[list[_Planned], int, bytes]:
         ("nbr_weight_codes", codes),
         ("nbr_weight_table", table),
     ]
-    if catalog.item_factors is not None and catalog.gram is not None:
-        q, scales = _bundle2.quantize_rows(catalog.item_factors)
+    factors = catalog.decoded_factors()
+    if factors is not None and catalog.gram is not None:
+        q, scales = _bundle2.quantize_rows(factors)
         y = _bundle2.dequantize_rows(q, scales).astype(np.float64)
         named += [
             ("item_factors", q),
@@ -372,11 +374,11 @@ def _check_values(catalog: Catalog) -> None:
     """Invariants too costly for every device load: sorted neighbour weights, and a Gram
     matrix that really is ``Y.T @ Y``. (Finite values are checked by
     :func:`~ondevice.bundle.validate_catalog`, on both sides.)"""
-    weights, indptr = catalog.nbr_weights, catalog.nbr_indptr
+    weights, indptr = catalog.decoded_weights(), catalog.nbr_indptr
     rises = np.flatnonzero(weights[1:] > weights[:-1]) + 1
     if rises.size and not np.isin(rises, indptr).all():
         raise BundleError("each item's neighbours must be sorted by weight, descending")
-    factors, gram = catalog.item_factors, catalog.gram
+    factors, gram = catalog.decoded_factors(), catalog.gram
     if factors is not None and gram is not None:
         y = factors.astype(np.float64)
         expected = y.T @ y
