@@ -93,13 +93,15 @@ def weight_table(w_max: float) -> F32:
 
 def encode_weights(weights: npt.NDArray[np.floating]) -> tuple[U8, F32]:
     """One byte per weight (the nearest entry of :func:`weight_table` in log space) and the
-    table. Weights must be positive and finite; the largest maps to code 0 exactly."""
+    table. Weights must be finite and not negative; the largest maps to code 0 exactly,
+    and zero (which no writer of neighbour lists should emit) to the smallest entry."""
     w = np.asarray(weights, dtype=np.float64)
     w_max = float(w.max()) if w.size else 1.0
     table = weight_table(w_max)
     if w.size == 0:
         return np.empty(0, np.uint8), table
-    q = np.rint(np.log(w_max / w) / WEIGHT_STEP)
+    with np.errstate(divide="ignore"):  # a zero weight takes the smallest code
+        q = np.rint(np.log(w_max / w) / WEIGHT_STEP)
     return np.clip(q, 0, WEIGHT_CODES - 1).astype(np.uint8), table
 
 
