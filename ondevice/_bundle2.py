@@ -159,7 +159,12 @@ class StringTable(Sequence[str]):
         n = offsets.shape[0] - 1
         if offsets.ndim != 1 or n < 0 or (n >= 0 and offsets[0] != 0):
             raise BundleError(f"{what}: the offsets must start at 0")
-        if int(offsets[-1]) != blob.shape[0] or (n > 0 and (np.diff(offsets) < 0).any()):
+        if (
+            int(offsets[-1]) != blob.shape[0]
+            or int(offsets.min()) < 0
+            or int(offsets.max()) > blob.shape[0]  # all in range first: diff cannot wrap
+            or (n > 0 and (np.diff(offsets) < 0).any())
+        ):
             raise BundleError(f"{what}: the offsets must be monotone and end at the blob's end")
         try:
             blob.tobytes().decode("utf-8")

@@ -666,8 +666,11 @@ class _Arrays:
 
 
 def _check_offsets(offsets: npt.NDArray[Any], end: int, what: str) -> None:
-    if offsets[0] != 0 or int(offsets[-1]) != end:
-        raise BundleError(f"{what} must start at 0 and end at {end}")
+    # every value in [0, end] first: then np.diff cannot wrap around
+    if offsets[0] != 0 or int(offsets[-1]) != end or int(offsets.min()) < 0 or (
+        int(offsets.max()) > end
+    ):
+        raise BundleError(f"{what} must start at 0, end at {end} and stay between them")
     if offsets.size > 1 and (np.diff(offsets) < 0).any():
         raise BundleError(f"{what} is not monotone (non-decreasing)")
 
