@@ -207,6 +207,7 @@ class DesktopApp:
         self.worker = worker(root, lambda exc: self.dialogs.error(APP_TITLE, str(exc)))
         self.keychain = Keychain(service=APP_NAME)
         self.exit_code = 0
+        self.closing = False
         self.report: tk.Text | None = None
         root.title(APP_TITLE)
         root.geometry("940x520+0+0")
@@ -252,9 +253,12 @@ class DesktopApp:
         self.quit(1)
 
     def quit(self, code: int = 0) -> None:
-        """Close the window; ``main`` then closes the engine on its thread."""
+        """Close the window (once: a dialog cancelled by closing the window calls this
+        again); ``main`` then closes the engine on its thread."""
         self.exit_code = code or self.exit_code
-        self.root.destroy()
+        if not self.closing:
+            self.closing = True
+            self.root.destroy()
 
     def start(self) -> None:
         """Find out which key the profile needs, ask for it if need be, and open it."""

@@ -173,10 +173,10 @@ class StringTable(Sequence[str]):
         starts = offsets[:-1][np.diff(offsets) > 0]
         if starts.size and ((blob[starts] & 0xC0) == 0x80).any():
             raise BundleError(f"{what}: a string starts inside a multi-byte character")
-        if order is not None:
-            counts = np.bincount(np.asarray(order, dtype=np.int64), minlength=n) if n else None
-            if order.shape != (n,) or (counts is not None and (counts != 1).any()):
-                raise BundleError(f"{what}: the sort order is not a permutation")
+        if order is not None and not is_permutation(order, n):
+            raise BundleError(f"{what}: the sort order is not a permutation")
+        if order is not None and not strictly_increasing(offsets, blob, order):
+            raise BundleError(f"{what}: not unique, or not sorted by their bytes")
         self._offsets = offsets
         self._blob = blob
         self._order = order
@@ -256,6 +256,67 @@ class ItemIndex:
         if found is None:
             raise KeyError(item_id)
         return found
+
+
+def is_permutation(order: npt.NDArray[np.integer], n: int) -> bool:
+    """``order`` holds each of ``0 .. n - 1`` exactly once (values checked for range
+    before counting, so a hostile value never sizes an allocation)."""
+    if order.shape != (n,):
+        return False
+    if n == 0:
+        return True
+    if int(order.min()) < 0 or int(order.max()) >= n:
+        return False
+    return bool((np.bincount(order.astype(np.int64), minlength=n) == 1).all())
+
+
+_PAIR_BLOCK = 1 << 18
+"""Adjacent pairs compared at a time by :func:`strictly_increasing` (bounded scratch)."""
+_EIGHT = np.arange(8, dtype=np.int64)
+
+
+def _word(
+    blob: U8, last: int, starts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64], pos: int
+) -> npt.NDArray[np.uint64]:
+    """Bytes ``pos .. pos + 7`` of each string as one big-endian word (zeros past its end)."""
+    idx = starts[:, None] + (pos + _EIGHT)
+    got = blob[np.minimum(idx, last)]
+    got[idx >= (starts + lengths)[:, None]] = 0
+    return got.view(">u8").ravel()
+
+
+def strictly_increasing(
+    offsets: npt.NDArray[np.integer], blob: U8, order: npt.NDArray[np.integer]
+) -> bool:
+    """Whether the strings ``blob[offsets[i]:offsets[i+1]]`` taken in ``order`` strictly
+    increase by their bytes: the ids are sorted (so :meth:`StringTable.find` works) and
+    unique. Vectorized: adjacent pairs are compared eight bytes at a time, as big-endian
+    words, and only the pairs still equal go on to the next word."""
+    if order.size < 2:
+        return True
+    o = order.astype(np.int64)
+    starts = offsets.astype(np.int64)
+    lengths = np.diff(starts)
+    last = max(int(blob.size) - 1, 0)
+    padded = blob if blob.size else np.zeros(1, np.uint8)
+    for lo in range(0, o.size - 1, _PAIR_BLOCK):
+        hi = min(lo + _PAIR_BLOCK, o.size - 1)
+        a, b = o[lo:hi], o[lo + 1 : hi + 1]
+        sa, sb, la, lb = starts[a], starts[b], lengths[a], lengths[b]
+        pos = 0
+        while sa.size:
+            wa, wb = _word(padded, last, sa, la, pos), _word(padded, last, sb, lb, pos)
+            if (wa > wb).any():
+                return False
+            tied = wa == wb
+            ended = tied & ((la - pos <= 8) | (lb - pos <= 8))
+            # tied words where a string ended: the shorter must be the first; equal: dup
+            if (la[ended] >= lb[ended]).any():
+                return False
+            go_on = tied & ~ended
+            sa, sb, la, lb = sa[go_on], sb[go_on], la[go_on], lb[go_on]
+            pos += 8
+    return True
 
 
 def chunk_count(content_len: int) -> int:

@@ -119,6 +119,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ondevice import _bundle2
 from ondevice._bundle2 import StringTable
+from ondevice._fileio import open_regular
 from ondevice.catalog import (
     DECODE_LIMIT,
     AlsParams,
@@ -175,6 +176,11 @@ _DTYPES: dict[str, np.dtype[Any]] = {
     name: np.dtype(name) for name in ("<f4", "<i4", "<i8", "|u1", "|i1", "<u2", "<u4")
 }
 _V1_DTYPES = frozenset({"<f4", "<i4", "<i8"})
+MAX_MAGNITUDE = 1e6
+"""The largest absolute value of a neighbour weight, an item factor, a centroid entry, ALS's
+alpha (regularization: 1e9): finite is not enough, since their products must stay
+finite in float32 (a weight of 1e38 is finite, twice it is not)."""
+MAX_POPULARITY = 1e15
 _HEADER_KEYS = frozenset(
     {
         "name",
@@ -270,7 +276,14 @@ def _load(path: str | os.PathLike[str], public_key: PublicKeyLike) -> tuple[Cata
     raw = _read(path, where, key)
     digest = raw.digest if raw.digest is not None else _verify(raw, key, where)
     header = _parse_header(raw, where)
-    catalog = _build(raw, header, where) if raw.version == 1 else _build_v2(raw, header, where)
+    try:
+        catalog = (
+            _build(raw, header, where) if raw.version == 1 else _build_v2(raw, header, where)
+        )
+    except (ValueError, IndexError, TypeError, OverflowError, MemoryError) as exc:
+        # every known lie has its own check above; this net turns one nobody thought
+        # of into the error the caller handles, never another exception
+        raise BundleError(f"{where}: malformed catalog ({type(exc).__name__}: {exc})") from None
     try:
         validate_catalog(catalog)
     except BundleError as exc:
@@ -330,7 +343,7 @@ def _read(path: str | os.PathLike[str], where: str, key: Ed25519PublicKey) -> _R
     read (:func:`_read_v2`).
     """
     try:
-        with open(path, "rb", buffering=0) as f:
+        with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             if size < PREFIX.size:
                 raise BundleError(f"{where}: truncated ({size} bytes, not even a header)")
@@ -707,7 +720,7 @@ def _build_v2(raw: _Raw, header: dict[str, Any], where: str) -> Catalog:
     _check_finite(popularity, "popularity")
     order = arrays.get("popularity_order", ("<i4",), (n,))
     if n:
-        if (np.bincount(order.astype(np.int64), minlength=n) != 1).any():
+        if not _bundle2.is_permutation(order, n):
             raise BundleError(f"{where}: popularity_order is not a permutation")
         pop = popularity[order]
         falls = pop[1:] < pop[:-1]
@@ -731,8 +744,10 @@ def _build_v2(raw: _Raw, header: dict[str, Any], where: str) -> Catalog:
         codes_y = arrays.get("item_factors", ("|i1",), (n, None))
         scales = arrays.get("item_factor_scales", ("<f4",), (n,))
         _check_finite(scales, "item_factor_scales")
-        if (scales < 0).any():
-            raise BundleError(f"{where}: item_factor_scales must not be negative")
+        if (scales < 0).any() or (scales > MAX_MAGNITUDE / 127).any():
+            raise BundleError(
+                f"{where}: item_factor_scales must be between 0 and {MAX_MAGNITUDE / 127:.3g}"
+            )
         if codes_y.size <= DECODE_LIMIT:  # small: float32 scores fastest
             item_factors = _bundle2.dequantize_rows(codes_y, scales)
         else:  # large: a quarter of the memory, scored in blocks
@@ -844,7 +859,9 @@ def _array_table(
         )
         offset = _int(obj["offset"], f"the offset of {name!r}", where)
         length = _int(obj["length"], f"the length of {name!r}", where)
-        if len(shape) not in (1, 2) or any(d < 0 for d in shape):
+        # no dimension can exceed the region's bytes (a zero-length array could
+        # otherwise declare [0, 2**62] and fail later, outside these checks)
+        if len(shape) not in (1, 2) or any(d < 0 or d > max(data_len, 1) for d in shape):
             raise BundleError(f"{where}: array {name!r} has an invalid shape {list(shape)}")
         if length != math.prod(shape) * dtype.itemsize:
             raise BundleError(
@@ -913,13 +930,16 @@ def validate_catalog(catalog: Catalog) -> None:
     )
     n_edges = int(catalog.nbr_indices.shape[0])
     _check_finite(catalog.popularity, "popularity")
+    _check_bounded(catalog.popularity, "popularity", MAX_POPULARITY)
     if catalog.nbr_weight_table is None:
         _check_array(catalog.nbr_weights, "nbr_weights", np.float32, (n_edges,))
         _check_finite(catalog.nbr_weights, "nbr_weights")
+        _check_bounded(catalog.nbr_weights, "nbr_weights", MAX_MAGNITUDE)
     else:
         _check_array(catalog.nbr_weights, "nbr_weights (codes)", np.uint8, (n_edges,))
         _check_array(catalog.nbr_weight_table, "nbr_weight_table", np.float32, (None,))
         _bundle2.check_weight_table(catalog.nbr_weight_table, "nbr_weight_table")
+        _check_bounded(catalog.nbr_weight_table, "nbr_weight_table", MAX_MAGNITUDE)
     indptr = catalog.nbr_indptr
     if indptr[0] != 0 or indptr[-1] != n_edges:
         raise BundleError(
@@ -944,6 +964,7 @@ def validate_catalog(catalog: Catalog) -> None:
         _check_array(gram, "gram", np.float32, (n_factors, n_factors))
         if scales is None:
             _check_finite(factors, "item_factors")
+            _check_bounded(factors, "item_factors", MAX_MAGNITUDE)
         else:
             _check_array(scales, "item_factor_scales", np.float32, (n,))
             _check_finite(scales, "item_factor_scales")
@@ -956,10 +977,13 @@ def validate_catalog(catalog: Catalog) -> None:
     if catalog.als is not None and not (
         type(catalog.als.factors) is int
         and catalog.als.factors >= 1
-        and math.isfinite(catalog.als.regularization)
-        and math.isfinite(catalog.als.alpha)
+        and 0 <= catalog.als.regularization <= 1e9
+        and 0 <= catalog.als.alpha <= MAX_MAGNITUDE
     ):
-        raise BundleError("als parameters must be a positive int and finite numbers")
+        raise BundleError(
+            "als parameters must be a positive int, a regularization in [0, 1e9] and an "
+            f"alpha in [0, {MAX_MAGNITUDE:g}]"
+        )
 
     seg_ids = [s.id for s in catalog.segments]
     if not _only(seg_ids, int) or len(set(seg_ids)) != len(seg_ids):
@@ -980,6 +1004,7 @@ def validate_catalog(catalog: Catalog) -> None:
                 raise BundleError(f"segment {seg.id} has a centroid but there are no factors")
             _check_array(seg.centroid, f"segment {seg.id} centroid", np.float32, (n_factors,))
             _check_finite(seg.centroid, f"segment {seg.id} centroid")
+            _check_bounded(seg.centroid, f"segment {seg.id} centroid", MAX_MAGNITUDE)
     known = set(seg_ids)
     if catalog.segments and catalog.default_segment not in known:
         raise BundleError(f"default_segment {catalog.default_segment} is not a segment id")
@@ -1041,6 +1066,12 @@ def _check_finite(array: npt.NDArray[np.float32], what: str) -> None:
         if not out.all():
             bad = start + int(np.argmin(out))
             raise BundleError(f"{what} holds NaN or infinite values (first at flat index {bad})")
+
+
+def _check_bounded(array: npt.NDArray[np.float32], what: str, bound: float) -> None:
+    """Every value of a finite ``array`` lies in ``[-bound, bound]``."""
+    if array.size and float(np.abs(array).max()) > bound:
+        raise BundleError(f"{what} holds values beyond +/-{bound:g} (products would overflow)")
 
 
 def _only(values: Iterable[object], kind: type) -> bool:

@@ -56,6 +56,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
+from ._fileio import NotARegularFileError, open_regular
 from .errors import (
     InvalidInputError,
     KeychainUnavailableError,
@@ -445,10 +446,19 @@ def read_key_file(directory: Path, name: str = KEY_FILE) -> dict[str, Any] | Non
     Raises as :func:`parse_key_file`, or KeyProviderError if the file cannot be read."""
     path = directory / name
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_KEY_FILE_BYTES + 1)
+        with open_regular(path) as fh:
+            parts, got = [], 0
+            while got <= MAX_KEY_FILE_BYTES:  # unbuffered: a read may return less
+                part = fh.read(MAX_KEY_FILE_BYTES + 1 - got)
+                if not part:
+                    break
+                parts.append(part)
+                got += len(part)
+            raw = b"".join(parts)
     except FileNotFoundError:
         return None
+    except NotARegularFileError as exc:
+        raise KeyProviderError(f"cannot read {path}: not a regular file") from exc
     except OSError as exc:
         raise KeyProviderError(f"cannot read {path}: {exc.strerror}") from exc
     return parse_key_file(raw)

@@ -70,6 +70,11 @@ Exclude = npt.NDArray[np.bool_] | npt.NDArray[np.integer] | Sequence[int] | None
 _EMPTY = np.empty(0, dtype=np.int32)
 
 
+MAX_KNOB = 1e6
+"""The largest finite value a scoring knob from a bundle may take (larger ones keep their
+default): every knob multiplies or exponentiates scores, which must stay finite."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ScoringParams:
     """The device-side knobs of the levels, shipped in the bundle (``Catalog.extra``,
@@ -124,6 +129,7 @@ class ScoringParams:
                 or v < 0
                 or (v == 0 and f.name in must_be_positive)
                 or (math.isinf(v) and f.name not in may_be_inf)
+                or (math.isfinite(v) and v > MAX_KNOB)  # products must stay finite
             ):
                 continue
             values[f.name] = int(v) if f.name == "fusion_depth" else v

@@ -328,7 +328,7 @@ BROKEN: dict[str, tuple[dict[str, Any], str]] = {
         {"arrays": {"nbr_weight_table": np.full(256, np.nan, np.float32)}},
         "finite",
     ),
-    "negative-scale": ({"arrays": {"item_factor_scales": None}}, "negative"),
+    "negative-scale": ({"arrays": {"item_factor_scales": None}}, "between 0 and"),
     "format-1-dtype": (
         {"arrays": {"nbr_indices": None, "_as": "<i4"}},
         "must be",
@@ -340,6 +340,23 @@ BROKEN: dict[str, tuple[dict[str, Any], str]] = {
     "category-indptr-wraps": ({"arrays": {"category_indptr": "wrap"}}, "stay between"),
     "nbr-indptr-wraps": ({"arrays": {"nbr_indptr": "wrap"}}, "stay between"),
     "title-offsets-wrap": ({"arrays": {"title_offsets": "wrap"}}, "monotone"),
+    # values checked before they size an allocation (bincount of 2**31 - 1: 16 GiB)
+    "id-order-negative": ({"arrays": {"item_id_order": np.full(40, -1, np.int32)}},
+                          "not a permutation"),
+    "id-order-huge": ({"arrays": {"item_id_order": np.full(40, 2**31 - 1, np.int32)}},
+                      "not a permutation"),
+    "popularity-order-negative": (
+        {"arrays": {"popularity_order": np.full(40, -1, np.int32)}}, "not a permutation"
+    ),
+    # a permutation that does not sort the ids: every lookup would miss
+    "ids-unsorted": ({"arrays": {"item_id_order": np.arange(40, dtype=np.int32)[::-1].copy()}},
+                     "not sorted"),
+    "scale-overflows": ({"arrays": {"item_factor_scales": np.full(40, 1e37, np.float32)}},
+                        "between 0 and"),
+    "weight-table-huge": (
+        {"arrays": {"nbr_weight_table": np.geomspace(1e38, 1e30, 256).astype(np.float32)}},
+        "beyond",
+    ),
 }
 
 
@@ -441,3 +458,90 @@ def test_a_compact_catalog_answers_as_the_decoded_one(
         ]
         np.testing.assert_allclose([r.score for r in got], [r.score for r in want], rtol=1e-5,
                                    atol=1e-6)
+
+
+def test_duplicate_ids_are_refused_in_format_2_as_in_format_1(
+    tmp_path: Path, key: Ed25519PrivateKey, pinned: bytes
+) -> None:
+    catalog = make_catalog(2, n=40)
+    ids = [f"item-{i}" for i in range(40)]
+    ids[7] = ids[8]  # what a buggy (or hostile) signer could publish
+    offsets, blob = _bundle2.encode_strings(ids)
+    order = np.asarray(sorted(range(40), key=ids.__getitem__), dtype=np.int32)
+    arrays = {"item_id_offsets": offsets, "item_id_bytes": blob, "item_id_order": order}
+    message = _refused(tmp_path, _signed(catalog, key, arrays=arrays), pinned)
+    assert "not unique" in message
+
+
+def test_a_zero_length_array_cannot_declare_a_huge_dimension(
+    tmp_path: Path, key: Ed25519PrivateKey, pinned: bytes
+) -> None:
+    catalog = make_catalog(2, n=40)
+    data = _signed(catalog, key)
+    header_len = PREFIX.unpack(data[: PREFIX.size])[3]
+    fields = json.loads(data[PREFIX.size : PREFIX.size + header_len])
+    # re-declare a segment's top items as [0, 2**62]: zero bytes, so the length agrees
+    for entry in fields["arrays"]:
+        if entry["name"] == "segments/0/top_items":
+            entry["shape"], entry["length"] = [0, 2**62], 0
+    message = _refused(tmp_path, _signed(catalog, key, header={"arrays": fields["arrays"]}),
+                       pinned)
+    assert "invalid shape" in message
+
+
+def test_a_fifo_in_place_of_the_bundle_is_refused_at_once(tmp_path: Path, pinned: bytes) -> None:
+    import os
+    import threading
+
+    fifo = tmp_path / "c.odb"
+    os.mkfifo(fifo)
+    outcome: list[str] = []
+
+    def load() -> None:
+        try:
+            load_bundle(fifo, public_key=pinned)
+        except BundleError as exc:
+            outcome.append(str(exc))
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "load_bundle blocked on a FIFO"
+    assert outcome and "not a regular file" in outcome[0]
+
+
+def test_magnitudes_that_would_overflow_scores_are_refused_by_writer_and_reader(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    base = make_catalog(2, n=40)
+    huge_weights = _replace(base, nbr_weights=base.nbr_weights * np.float32(1e37))
+    with pytest.raises(BundleError, match="beyond"):
+        write_bundle(huge_weights, tmp_path / "w.odb", private_key=key)
+    assert base.als is not None
+    for als in (AlsParams(base.als.factors, 0.1, 1e308), AlsParams(base.als.factors, -1.0, 2.0)):
+        with pytest.raises(BundleError, match="alpha in"):
+            write_bundle(_replace(base, als=als), tmp_path / "a.odb", private_key=key)
+    # a scoring knob beyond MAX_KNOB keeps its default instead
+    assert scoring.ScoringParams.from_extra({"scoring.session_boost": "1e300"}).session_boost == (
+        scoring.ScoringParams().session_boost
+    )
+
+
+def test_a_level_whose_scores_overflow_gives_way_to_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ondevice import levels
+    from ondevice.levels.base import Answer, Request, UserState
+    from ondevice.policy import PrivacyLevel
+
+    rt = CatalogRuntime(make_catalog(2, n=40), "fp")
+    overflowing = Answer(items=[1, 2], scores=[float("inf"), 1.0], explanations=["x", "y"])
+    chain = [
+        (level, (lambda *_: overflowing) if level is PrivacyLevel.INDIVIDUAL else fn)
+        for level, fn in levels.CHAIN
+    ]
+    monkeypatch.setattr(levels, "CHAIN", chain)
+    answer = levels.recommend(PrivacyLevel.INDIVIDUAL, rt, UserState("u"), Request(k=3, now=0.0))
+    assert answer.level is not PrivacyLevel.INDIVIDUAL
+    assert any("out of range" in f for f in answer.fallbacks)
+    assert all(np.isfinite(r.score) for r in answer)

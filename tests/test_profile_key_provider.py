@@ -79,3 +79,24 @@ def test_hostile_key_files_raise_the_librarys_errors(tmp_path: Path) -> None:
     key_file.write_text(json.dumps({**descriptor, "version": 99}))
     with pytest.raises(ProfileVersionError, match="newer ondevice"):
         profile_key_provider(tmp_path / "p")
+
+
+def test_a_fifo_in_place_of_the_key_file_is_refused_without_blocking(tmp_path: Path) -> None:
+    import os
+    import threading
+
+    (tmp_path / "p").mkdir()
+    os.mkfifo(tmp_path / "p" / "key.json")
+    outcome: list[BaseException] = []
+
+    def ask() -> None:
+        try:
+            profile_key_provider(tmp_path / "p")
+        except KeyProviderError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=ask, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "profile_key_provider blocked on a FIFO"
+    assert outcome and "not a regular file" in str(outcome[0])

@@ -9,6 +9,7 @@ is excluded or the catalog is empty).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Final
 
@@ -54,6 +55,10 @@ def recommend(
         if not requested.allows(level):
             continue
         answer = fn(rt, state, req)
+        if not isinstance(answer, str) and not all(map(math.isfinite, answer.scores)):
+            # a last guard: the bundle's values are bounded, but no ranking built on an
+            # overflowed score is shown; the next level answers instead
+            answer = "scores out of range (the catalog's values overflow)"
         if isinstance(answer, str):
             fallbacks.append(f"{level.value}: {answer}")
             continue
