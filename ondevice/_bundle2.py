@@ -282,7 +282,8 @@ def _word(
     idx = starts[:, None] + (pos + _EIGHT)
     got = blob[np.minimum(idx, last)]
     got[idx >= (starts + lengths)[:, None]] = 0
-    return got.view(">u8").ravel()
+    words: npt.NDArray[np.uint64] = got.view(">u8").ravel()
+    return words
 
 
 def strictly_increasing(
