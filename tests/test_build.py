@@ -82,14 +82,28 @@ def test_als_recovers_the_planted_clusters_on_held_out_items(
     assert np.mean(home_share) > 0.7  # recommendations stay in the user's home cluster
 
 
-def test_als_user_factors_are_exact_fold_ins(matrix: build.Csr) -> None:
-    u, y = build.train_als(matrix, factors=6, regularization=2.0, alpha=3.0, iterations=3)
+@pytest.mark.parametrize("cg_steps", [0, build.ALS_CG_STEPS])
+def test_als_user_factors_are_exact_fold_ins(matrix: build.Csr, cg_steps: int) -> None:
+    # whatever the solver of the training steps, the last user step is exact
+    u, y = build.train_als(matrix, factors=6, regularization=2.0, alpha=3.0, iterations=3,
+                           cg_steps=cg_steps)
     gram = y.astype(np.float64).T @ y
     for user in (0, 17, 101):
         x = scoring.fold_in(y, gram, matrix.row(user), regularization=2.0, alpha=3.0)
-        np.testing.assert_allclose(x, u[user], rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(x, u[user], rtol=2e-5, atol=1e-6)
     np.testing.assert_allclose(
-        build.user_vectors(matrix, y, regularization=2.0, alpha=3.0), u, rtol=1e-4, atol=1e-5)
+        build.user_vectors(matrix, y, regularization=2.0, alpha=3.0), u, rtol=1e-6, atol=1e-7)
+
+
+def test_confidences_reach_implicit_as_1_plus_alpha_r(matrix: build.Csr) -> None:
+    graded = build.Csr(matrix.indptr, matrix.indices,
+                       np.arange(matrix.data.size, dtype=np.float32) % 3, matrix.shape)
+    conf = build.confidence_matrix(graded, 2.5)
+    np.testing.assert_array_equal(conf.indptr, graded.indptr)
+    np.testing.assert_array_equal(conf.indices, graded.indices)
+    np.testing.assert_allclose(conf.data, 1.0 + 2.5 * graded.data)
+    with pytest.raises(InvalidInputError):
+        build.confidence_matrix(graded, -1.0)
 
 
 def test_spherical_kmeans_clusters_all_hold_the_minimum() -> None:
@@ -190,6 +204,8 @@ def test_build_reports_progress_and_refuses_bad_input(data: synthetic.SyntheticD
                         settings=build.BuildSettings(factors=4, iterations=2, segments=0),
                         progress=lambda d, t, s: stages.append(s))
     assert {"neighbours", "als", "segments"} <= set(stages)
+    with pytest.raises(InvalidInputError):
+        build.BuildSettings(als_cg_steps=-1)
     with pytest.raises(InvalidInputError):
         build.build_catalog([])
     with pytest.raises(InvalidInputError):

@@ -5,24 +5,11 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-import time
 from pathlib import Path
 
 from ondevice.errors import OndeviceError
-from ondevice.eval.harness import EvalResult, EvalSettings, evaluate, from_synthetic
-
-
-def _bar(done: int, total: int, stage: str, *, t0: float) -> None:
-    width = 30
-    filled = int(width * done / max(total, 1))
-    elapsed = time.perf_counter() - t0
-    sys.stderr.write(
-        f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
-        f"{elapsed:5.0f}s {stage[:48]:<48}"
-    )
-    if done >= total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
+from ondevice.eval.harness import EvalResult, EvalSettings, evaluate, from_synthetic, usable_cpus
+from ondevice.operator._progress import TqdmProgress
 
 
 def _png(result: EvalResult, path: Path) -> bool:
@@ -60,10 +47,18 @@ def main(argv: list[str] | None = None) -> int:
             "Measure what each personalization level is worth (5-fold user CV, LOO and T20, "
             "full ranking) next to centralized references, and print a markdown table."
         ),
+        epilog=(
+            "MovieLens-100K is not shipped: get ml-100k.zip from GroupLens "
+            "(https://grouplens.org/datasets/movielens/100k/; research use only, no "
+            "redistribution, no commercial use without their permission; see its README) "
+            "and pass the unzipped ml-100k directory or the zip file to --movielens."
+        ),
     )
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument(
-        "--movielens", metavar="DIR", help="an ML-100K directory (u.data, u.user, u.item)"
+        "--movielens",
+        metavar="PATH",
+        help="the ml-100k directory (u.data, u.user, u.item) or ml-100k.zip from GroupLens",
     )
     src.add_argument("--synthetic", action="store_true", help="a small synthetic data set")
     ap.add_argument("--out", metavar="FILE", help="also write the markdown table here")
@@ -72,14 +67,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="worker processes, one fold each (default: the usable CPUs, at most --folds); "
+        "the numbers do not depend on it",
+    )
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     command = "python -m ondevice.eval " + shlex.join(sys.argv[1:] if argv is None else argv)
+    jobs = args.jobs if args.jobs is not None else max(1, min(usable_cpus(), args.folds))
     try:
         if args.movielens:
-            from ondevice.eval.movielens import load_movielens
+            from ondevice.eval.movielens import is_published_ml100k, load_movielens
 
             data = load_movielens(args.movielens)
+            if not is_published_ml100k(data):
+                n = sum(int(q.size) for q in data.sequences)
+                print(
+                    f"note: {args.movielens} holds {n} ratings by {data.n_users} users on "
+                    f"{data.n_items} items, not the published ML-100K (100000 / 943 / 1682): "
+                    "the results will not match docs/evaluation.md",
+                    file=sys.stderr,
+                )
             settings = EvalSettings(folds=args.folds, seed=args.seed)
         else:
             from ondevice.synthetic import generate
@@ -93,13 +104,14 @@ def main(argv: list[str] | None = None) -> int:
                 segments=5,
                 als_iterations=8,
             )
-        t0 = time.perf_counter()
-        result = evaluate(
-            data,
-            settings=settings,
-            command=command,
-            progress=None if args.quiet else (lambda d, t, s: _bar(d, t, s, t0=t0)),
-        )
+        with TqdmProgress("evaluation") as bar:
+            result = evaluate(
+                data,
+                settings=settings,
+                command=command,
+                progress=None if args.quiet else bar,
+                jobs=jobs,
+            )
     except OndeviceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -26,11 +26,15 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import multiprocessing
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from itertools import product
-from typing import TypeVar
+from queue import Empty
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -40,6 +44,7 @@ from ondevice.catalog import AlsParams, Catalog
 from ondevice.errors import InvalidInputError
 from ondevice.eval.references import ease_fit, ease_rank
 from ondevice.operator.build import (
+    ALS_CG_STEPS,
     BuildSettings,
     Csr,
     Progress,
@@ -47,6 +52,7 @@ from ondevice.operator.build import (
     item_neighbours,
     item_popularity,
     make_segments,
+    single_threaded_blas,
     train_als,
 )
 from ondevice.segments import assign_segment, segment_by_id
@@ -61,6 +67,7 @@ __all__ = [
     "evaluate",
     "from_synthetic",
     "holdout_size",
+    "usable_cpus",
     "user_metrics",
 ]
 
@@ -69,6 +76,7 @@ log = logging.getLogger(__name__)
 I32 = npt.NDArray[np.int32]
 I64 = npt.NDArray[np.int64]
 F32 = npt.NDArray[np.float32]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +170,11 @@ class EvalSettings:
     seed: int = 0
     factors: int = 64
     als_iterations: int = 8
+    als_cg_steps: int = ALS_CG_STEPS
+    """Conjugate-gradient steps of the ALS training (0: exact solves); see
+    :data:`ondevice.operator.build.ALS_CG_STEPS`."""
+    als_threads: int = 0
+    """Threads of each ALS training (0: every core)."""
     als_grid: tuple[tuple[float, float], ...] = ((2.0, 2.0), (10.0, 5.0), (30.0, 10.0))
     """(regularization, alpha) pairs."""
     ease_grid: tuple[float, ...] = (100.0, 300.0, 1000.0)
@@ -189,9 +202,15 @@ class EvalSettings:
     def __post_init__(self) -> None:
         if self.folds < 2:
             raise InvalidInputError("need at least 2 folds")
+        if self.als_cg_steps < 0 or self.als_threads < 0:
+            raise InvalidInputError("als_cg_steps and als_threads must be >= 0")
         bad = set(self.protocols) - {"loo", "t20"}
         if bad or not self.protocols:
             raise InvalidInputError(f"unknown protocol(s): {sorted(bad)}")
+
+
+def _solver_text(cg_steps: int) -> str:
+    return "exact solves" if cg_steps == 0 else f"{cg_steps} conjugate-gradient steps per row"
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +245,9 @@ class EvalResult:
     segment_counts: Mapping[str, tuple[int, ...]]
     seconds: float
     command: str = ""
+    cpu_seconds: float = 0.0
+    """CPU time of the run, worker processes included."""
+    jobs: int = 1
 
     def row(self, protocol: str, key: str) -> LevelResult:
         """The row of ``key`` under ``protocol``."""
@@ -316,8 +338,13 @@ class EvalResult:
             f"ranking over all items (training items excluded); {s.folds}-fold user "
             f"cross-validation (device users = the fold, the catalog from the other users "
             f"only); hyper-parameters chosen per fold on an inner validation split of the "
-            f"training data. Mean over users, ± one standard error. Run time "
-            f"{self.seconds:.0f} s.",
+            f"training data. Mean over users, ± one standard error.",
+            "",
+            f"ALS: {s.factors} factors, {s.als_iterations} iterations trained by `implicit` "
+            f"({_solver_text(s.als_cg_steps)}), then one exact user step. Run time "
+            f"{self.seconds:.0f} s wall, {self.cpu_seconds:.0f} s CPU, "
+            f"{self.jobs} worker process{'es' if self.jobs > 1 else ''} "
+            f"({'the main process' if self.jobs == 1 else 'one fold each'}).",
             "",
         ]
         for p in self.rows:
@@ -343,9 +370,13 @@ class EvalResult:
                 )
             lines.append("")
         lines += [
-            "## Targets (NDCG@10 ratios)",
+            "## Quality targets (NDCG@10 ratios)",
             "",
-            "| protocol | target | measured | required | met |",
+            "Each ratio divides the NDCG@10 of one row above by another's (the order "
+            "check is 1 when none < segment < behavioral <= contextual, individual holds); "
+            "the target is the least the project accepts.",
+            "",
+            "| protocol | ratio | measured | target | met |",
             "|---|---|---|---|---|",
         ]
         for p, name, got, need, ok in self.targets():
@@ -408,6 +439,25 @@ class _View:
     targets: I64
     now: float
     signals: Mapping[str, str]
+    memo: dict[tuple[object, ...], tuple[object, object]] | None = None
+    """Validation views only: per-user intermediate results (a user vector, neighbour
+    scores, context affinities) shared by the candidates of one search that do not change
+    them. Test views have none, so their times per user count every step."""
+
+
+def _memo(v: _View, anchor: object, parts: tuple[object, ...], make: Callable[[], T]) -> T:
+    """``make()``, remembered in the validation view ``v`` under ``parts`` for the array
+    ``anchor`` it was computed from (kept alive with the entry, so its ``id`` cannot be
+    reused while the entry exists)."""
+    if v.memo is None:
+        return make()
+    key = (id(anchor), *parts)
+    hit = v.memo.get(key)
+    if hit is not None and hit[0] is anchor:
+        return cast(T, hit[1])
+    value = make()
+    v.memo[key] = (anchor, value)
+    return value
 
 
 def _views(
@@ -440,6 +490,7 @@ def _views(
                 targets=test.copy(),
                 now=float(ttest[0]),
                 signals=data.signals[u],
+                memo={} if inner else None,
             )
         )
     return out
@@ -454,6 +505,20 @@ class _Acc:
     recall: list[float] = field(default_factory=list)
     ms: list[float] = field(default_factory=list)
     covered: set[int] = field(default_factory=set)
+
+    def extend(self, other: _Acc) -> None:
+        """Append ``other``'s users after this one's."""
+        self.hr.extend(other.hr)
+        self.ndcg.extend(other.ndcg)
+        self.recall.extend(other.recall)
+        self.ms.extend(other.ms)
+        self.covered.update(other.covered)
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the fold workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 Ranker = Callable[[_View], npt.NDArray[np.integer]]
@@ -541,6 +606,34 @@ def _rank_none(m: _Model, depth: int, *, exclude_seen: bool = True) -> Ranker:
     )
 
 
+def _segment_vector(cat: Catalog, v: _View, half_life: float) -> F32:
+    """The segment level's user vector: it keeps only recency-decayed aggregates
+    ``b`` (f) and ``A`` (f x f) and solves against the catalog's Gram matrix."""
+    assert cat.item_factors is not None and cat.gram is not None and cat.als is not None
+    w = scoring.decay_weights(v.window.size, half_life)
+    b, a = scoring.aggregates(cat.item_factors, v.window, alpha=cat.als.alpha, weights=w)
+    return scoring.fold_in_aggregates(cat.gram, b, a, regularization=cat.als.regularization)
+
+
+def _neighbours(m: _Model, v: _View, half_life: float, max_window: int | None = None) -> F32:
+    """The decayed neighbour scores of the user's window (remembered in validation)."""
+    cat = m.catalog
+    return _memo(
+        v,
+        cat.nbr_indptr,
+        ("neighbours", half_life, max_window),
+        lambda: scoring.neighbour_scores(
+            cat.nbr_indptr,
+            cat.nbr_indices,
+            cat.nbr_weights,
+            v.window,
+            n_items=cat.n_items,
+            half_life=half_life,
+            max_window=max_window,
+        ),
+    )
+
+
 def _rank_segment(
     m: _Model,
     depth: int,
@@ -555,10 +648,12 @@ def _rank_segment(
         seen = v.seen if exclude_seen else None
         vec = None
         if behaviour and cat.item_factors is not None and cat.gram is not None and cat.als:
-            # the segment level keeps only recency-decayed aggregates: b (f), A (f x f)
-            w = scoring.decay_weights(v.window.size, half_life)
-            b, a = scoring.aggregates(cat.item_factors, v.window, alpha=cat.als.alpha, weights=w)
-            vec = scoring.fold_in_aggregates(cat.gram, b, a, regularization=cat.als.regularization)
+            vec = _memo(
+                v,
+                cat.item_factors,
+                ("aggregates", half_life, cat.als.alpha, cat.als.regularization),
+                lambda: _segment_vector(cat, v, half_life),
+            )
         sid = assign_segment(cat, signals=None if behaviour else v.signals, user_vector=vec)
         seg = segment_by_id(cat, sid)
         if seg is None:
@@ -573,18 +668,8 @@ def _rank_segment(
 def _rank_behavioral(
     m: _Model, depth: int, half_life: float, max_window: int | None = None
 ) -> Ranker:
-    cat = m.catalog
-
     def rank(v: _View) -> I32:
-        sc = scoring.neighbour_scores(
-            cat.nbr_indptr,
-            cat.nbr_indices,
-            cat.nbr_weights,
-            v.window,
-            n_items=cat.n_items,
-            half_life=half_life,
-            max_window=max_window,
-        )
+        sc = _neighbours(m, v, half_life, max_window)
         return scoring.rank_sparse(sc, depth, exclude=v.seen, fallback=m.pop_order)
 
     return rank
@@ -592,8 +677,13 @@ def _rank_behavioral(
 
 def _affinity(m: _Model, v: _View) -> dict[str, F32]:
     n_cat = int(m.cat_indices.max()) + 1 if m.cat_indices.size else 0
-    return scoring.context_affinity(
-        m.cat_indptr, m.cat_indices, n_cat, v.window, [daypart(float(t)) for t in v.times]
+    return _memo(
+        v,
+        m.cat_indices,
+        ("affinity",),
+        lambda: scoring.context_affinity(
+            m.cat_indptr, m.cat_indices, n_cat, v.window, [daypart(float(t)) for t in v.times]
+        ),
     )
 
 
@@ -632,15 +722,16 @@ def _user_vector(m: _Model, v: _View, half_life: float) -> F32:
         row: F32 = m.user_factors[v.row]  # central ALS: the user's own trained vector
         return row
     assert cat.item_factors is not None and cat.gram is not None and cat.als is not None
-    w = None if math.isinf(half_life) else scoring.decay_weights(v.window.size, half_life)
-    return scoring.fold_in(
-        cat.item_factors,
-        cat.gram,
-        v.window,
-        weights=w,
-        regularization=cat.als.regularization,
-        alpha=cat.als.alpha,
-    )
+    als = cat.als
+    y, gram = cat.item_factors, cat.gram
+
+    def solve() -> F32:
+        w = None if math.isinf(half_life) else scoring.decay_weights(v.window.size, half_life)
+        return scoring.fold_in(
+            y, gram, v.window, weights=w, regularization=als.regularization, alpha=als.alpha
+        )
+
+    return _memo(v, y, ("fold-in", half_life, als.alpha, als.regularization), solve)
 
 
 def _rank_individual(
@@ -657,16 +748,7 @@ def _rank_individual(
 
     def rank(v: _View) -> I32:
         x = _user_vector(m, v, foldin_half_life)
-        nb = None
-        if weight != 0.0:
-            nb = scoring.neighbour_scores(
-                cat.nbr_indptr,
-                cat.nbr_indices,
-                cat.nbr_weights,
-                v.window,
-                n_items=cat.n_items,
-                half_life=half_life,
-            )
+        nb = _neighbours(m, v, half_life) if weight != 0.0 else None
         assert cat.item_factors is not None
         return scoring.individual_ranking(
             cat.item_factors,
@@ -782,6 +864,8 @@ def _als_grid(x: Csr, s: EvalSettings) -> dict[tuple[float, float], tuple[F32, F
             alpha=c[1],
             iterations=s.als_iterations,
             seed=s.seed,
+            threads=s.als_threads,
+            cg_steps=s.als_cg_steps,
         )
         for c in s.als_grid
     }
@@ -791,9 +875,6 @@ def _matrix(data: Dataset, rows: Mapping[int, I64]) -> Csr:
     users = np.concatenate([np.full(v.size, u, dtype=np.int64) for u, v in rows.items()])
     items = np.concatenate(list(rows.values()))
     return interaction_matrix(users, items, data.n_users, data.n_items)
-
-
-T = TypeVar("T")
 
 
 def _best(
@@ -1000,6 +1081,8 @@ def _protocol(
         alpha=ccfg[1],
         iterations=s.als_iterations,
         seed=s.seed,
+        threads=s.als_threads,
+        cg_steps=s.als_cg_steps,
     )
     nbr_c = item_neighbours(x_train, top_n=s.neighbours)
     cmod = _model(
@@ -1033,18 +1116,149 @@ def _prefixed(tick: Callable[[str], None], prefix: str, stage: str) -> None:
     tick(prefix + stage)
 
 
+@dataclass(frozen=True, slots=True)
+class _FoldResult:
+    """What one fold contributes: per protocol, the per-user metrics of every level,
+    the chosen hyper-parameters and the behaviour segment count."""
+
+    fold: int
+    accs: Mapping[str, Mapping[str, _Acc]]
+    chosen: Mapping[str, dict[str, object]]
+    segments: Mapping[str, int]
+
+
+def _run_fold(
+    data: Dataset,
+    s: EvalSettings,
+    rules: tuple[str, ...],
+    f: int,
+    device: I64,
+    tick: Callable[[str], None],
+) -> _FoldResult:
+    """One fold: its panel catalog, then tuning and measuring under every protocol."""
+    dev = set(device.tolist())
+    panel_rows = {u: data.sequences[u] for u in range(data.n_users) if u not in dev}
+    xp = _matrix(data, panel_rows)
+    panel = _Panel(
+        rows=panel_rows,
+        x=xp,
+        nbr=item_neighbours(xp, top_n=s.neighbours),
+        als=_als_grid(xp, s),
+    )
+    tick(f"fold {f + 1}: panel catalog")
+    accs = {p: {key: _Acc() for key, *_ in _LEVELS} for p in s.protocols}
+    chosen: dict[str, dict[str, object]] = {}
+    seg_counts: dict[str, int] = {}
+    for p in s.protocols:
+        prefix = f"fold {f + 1} {p}: "
+        ch, n_seg = _protocol(
+            data,
+            s,
+            rules,
+            device.tolist(),
+            panel,
+            p,
+            accs[p],
+            functools.partial(_prefixed, tick, prefix),
+        )
+        chosen[p] = ch
+        seg_counts[p] = n_seg
+        log.info("fold %d %s: %s", f, p, ch)
+    return _FoldResult(fold=f, accs=accs, chosen=chosen, segments=seg_counts)
+
+
+# ---- running folds in worker processes ----
+
+_worker_queue: Any = None
+_worker_limits: Any = None
+
+
+def _worker_init(queue: Any) -> None:
+    """A worker process: progress goes to ``queue``; BLAS stays at one thread."""
+    global _worker_queue, _worker_limits
+    _worker_queue = queue
+    _worker_limits = single_threaded_blas()
+
+
+def _worker_tick(stage: str) -> None:
+    if _worker_queue is not None:
+        _worker_queue.put(stage)
+
+
+def _worker_fold(
+    data: Dataset, s: EvalSettings, rules: tuple[str, ...], f: int, device: I64
+) -> _FoldResult:
+    return _run_fold(data, s, rules, f, device, _worker_tick)
+
+
+def _parallel_folds(
+    data: Dataset,
+    s: EvalSettings,
+    rules: tuple[str, ...],
+    folds: Sequence[I64],
+    jobs: int,
+    tick: Callable[[str], None],
+) -> list[_FoldResult]:
+    """Every fold in its own task on ``jobs`` worker processes (spawned, so no thread
+    state is inherited); progress messages come back through a queue."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    out: list[_FoldResult] = []
+    with ProcessPoolExecutor(
+        max_workers=jobs, mp_context=ctx, initializer=_worker_init, initargs=(queue,)
+    ) as pool:
+        pending = {
+            pool.submit(_worker_fold, data, s, rules, f, device) for f, device in enumerate(folds)
+        }
+        while pending:
+            finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            while True:
+                try:
+                    tick(queue.get_nowait())
+                except Empty:
+                    break
+            out.extend(fut.result() for fut in finished)
+    while True:  # messages sent just before the last fold returned
+        try:
+            tick(queue.get(timeout=0.2))
+        except Empty:
+            break
+    queue.close()
+    return sorted(out, key=lambda r: r.fold)
+
+
+def usable_cpus() -> int:
+    """How many CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def evaluate(
     data: Dataset,
     *,
     settings: EvalSettings | None = None,
     progress: Progress | None = None,
     command: str = "",
+    jobs: int = 1,
 ) -> EvalResult:
     """Run the whole protocol on ``data``; ``progress(done, total, stage)`` is called
-    after each step."""
+    after each step.
+
+    ``jobs`` > 1 runs the folds in that many worker processes (each ALS training then
+    uses ``max(1, usable_cpus() // jobs)`` threads unless ``settings.als_threads`` says
+    otherwise). The result is the same for any ``jobs``: folds are independent, seeded
+    alike and merged in fold order; only the measured times differ. The workers are
+    spawned (a fresh interpreter each), so a script that asks for them must call this
+    under ``if __name__ == "__main__":``.
+    """
     s = settings or EvalSettings()
+    if jobs < 1:
+        raise InvalidInputError("jobs must be >= 1")
     t_start = time.perf_counter()
-    rules = s.rule_signals if s.rule_signals is not None else data.rule_signals
+    cpu_start = _cpu_seconds()
+    rules = tuple(s.rule_signals if s.rule_signals is not None else data.rule_signals)
     rng = np.random.default_rng(s.seed)
     perm = rng.permutation(data.n_users)
     folds = [np.sort(f) for f in np.array_split(perm, s.folds)]
@@ -1057,35 +1271,26 @@ def evaluate(
         if progress is not None:
             progress(done, total, stage)
 
+    if progress is not None:
+        progress(0, total, "starting")
+    jobs = min(jobs, len(folds))
+    if jobs > 1:
+        if s.als_threads == 0:
+            s = replace(s, als_threads=max(1, usable_cpus() // jobs))
+        results = _parallel_folds(data, s, rules, folds, jobs, tick)
+        s = settings or EvalSettings()
+    else:
+        with single_threaded_blas():
+            results = [_run_fold(data, s, rules, f, dev, tick) for f, dev in enumerate(folds)]
     accs = {p: {key: _Acc() for key, *_ in _LEVELS} for p in s.protocols}
     chosen: dict[str, list[dict[str, object]]] = {p: [] for p in s.protocols}
     seg_counts: dict[str, list[int]] = {p: [] for p in s.protocols}
-    for f, device in enumerate(folds):
-        dev = set(device.tolist())
-        panel_rows = {u: data.sequences[u] for u in range(data.n_users) if u not in dev}
-        xp = _matrix(data, panel_rows)
-        panel = _Panel(
-            rows=panel_rows,
-            x=xp,
-            nbr=item_neighbours(xp, top_n=s.neighbours),
-            als=_als_grid(xp, s),
-        )
-        tick(f"fold {f + 1}: panel catalog")
+    for res in results:  # in fold order, as a single process would have appended them
         for p in s.protocols:
-            prefix = f"fold {f + 1} {p}: "
-            ch, n_seg = _protocol(
-                data,
-                s,
-                tuple(rules),
-                device.tolist(),
-                panel,
-                p,
-                accs[p],
-                functools.partial(_prefixed, tick, prefix),
-            )
-            chosen[p].append(ch)
-            seg_counts[p].append(n_seg)
-            log.info("fold %d %s: %s", f, p, ch)
+            for key, acc in res.accs[p].items():
+                accs[p][key].extend(acc)
+            chosen[p].append(res.chosen[p])
+            seg_counts[p].append(res.segments[p])
 
     rows: dict[str, tuple[LevelResult, ...]] = {}
     for p in s.protocols:
@@ -1132,4 +1337,6 @@ def evaluate(
         segment_counts={p: tuple(v) for p, v in seg_counts.items()},
         seconds=time.perf_counter() - t_start,
         command=command,
+        cpu_seconds=_cpu_seconds() - cpu_start,
+        jobs=jobs,
     )

@@ -23,6 +23,23 @@ F32 = npt.NDArray[np.float32]
 I32 = npt.NDArray[np.int32]
 
 
+def _spd_inverse(g: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """The inverse of a symmetric positive definite matrix through its Cholesky factor
+    (LAPACK ``potrf`` + ``potri``: half the work of a general inverse)."""
+    from scipy.linalg import lapack  # type: ignore[import-untyped]
+
+    c, info = lapack.dpotrf(g, lower=False)
+    if info == 0:
+        inv, info = lapack.dpotri(c, lower=False)
+        if info == 0:
+            upper = np.triu(inv)
+            out: npt.NDArray[np.float64] = upper + np.triu(upper, 1).T
+            return out
+    # not positive definite (regularization 0): the general way
+    general: npt.NDArray[np.float64] = np.linalg.inv(g).astype(np.float64)
+    return general
+
+
 def ease_fit(x: Csr, regularization: float) -> F32:
     """The EASE item-item weight matrix ``B`` (``float32[n, n]``) of a binary matrix."""
     n = x.shape[1]
@@ -31,7 +48,7 @@ def ease_fit(x: Csr, regularization: float) -> F32:
     xd[rows, x.indices] = 1.0
     g = (xd.T @ xd).astype(np.float64)
     g[np.diag_indices(n)] += regularization
-    p = np.linalg.inv(g)
+    p = _spd_inverse(g)
     b = -p / np.diag(p)[None, :]
     b[np.diag_indices(n)] = 0.0
     return b.astype(np.float32)

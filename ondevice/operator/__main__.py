@@ -5,7 +5,8 @@
 - ``build --panel panel.csv --signing-key signing.key --out catalog.bundle``: build a
   catalog from a consenting panel's interaction log (``user,item,timestamp[,value]``),
   optionally with signals (``user,signal,value``) and titles/categories
-  (``item,title[,category;category]``), and sign it. Progress is drawn on stderr.
+  (``item,title[,category;category]``), and sign it. Progress bars (``tqdm``) go to
+  stderr.
 - ``verify --bundle catalog.bundle --public-key HEX``: check a bundle as a device would.
 """
 
@@ -16,11 +17,11 @@ import csv
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from ..bundle import verify_bundle
 from ..errors import OndeviceError
+from ._progress import TqdmProgress
 from .build import BuildSettings, build_catalog
 from .bundle_writer import (
     generate_signing_key,
@@ -29,26 +30,6 @@ from .bundle_writer import (
     signing_key_from_bytes,
     write_bundle,
 )
-
-
-class _Bar:
-    """A one-line progress bar on stderr, fed by the builder's progress callback."""
-
-    def __init__(self) -> None:
-        self.t0 = time.perf_counter()
-        self.stage = ""
-
-    def __call__(self, done: int, total: int, stage: str) -> None:
-        width = 30
-        filled = int(width * done / max(total, 1))
-        elapsed = time.perf_counter() - self.t0
-        sys.stderr.write(
-            f"\r[{'#' * filled}{'.' * (width - filled)}] {stage:<12} {done}/{total} {elapsed:5.1f}s"
-        )
-        if done >= total and stage != self.stage:
-            sys.stderr.write("\n")
-        self.stage = stage if done < total else ""
-        sys.stderr.flush()
 
 
 def _read_signals(path: Path) -> dict[str, dict[str, str]]:
@@ -96,15 +77,16 @@ def _build(args: argparse.Namespace) -> int:
         rule_signals=tuple(args.rule_signal),
         name=args.name,
     )
-    catalog = build_catalog(
-        args.panel,
-        settings=settings,
-        signals=signals,
-        items=items,
-        titles=titles,
-        categories=categories,
-        progress=None if args.quiet else _Bar(),
-    )
+    with TqdmProgress() as bar:
+        catalog = build_catalog(
+            args.panel,
+            settings=settings,
+            signals=signals,
+            items=items,
+            titles=titles,
+            categories=categories,
+            progress=None if args.quiet else bar,
+        )
     info = write_bundle(catalog, args.out, private_key=key)
     print(
         json.dumps(
