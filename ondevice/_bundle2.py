@@ -230,22 +230,42 @@ class StringTable(Sequence[str]):
         return int(self._blob.nbytes + self._offsets.nbytes) + extra
 
 
-class ItemIndex:
-    """Item id to catalog index: a dictionary for small catalogs and format 1, a binary
-    search over the sorted string table for format 2 (no per-id object at all)."""
+INDEX_DICT_LIMIT = 1 << 18
+"""Catalogs of at most this many items get a dictionary of every id (built in tens of ms,
+a lookup in well under a microsecond); larger format 2 catalogs are searched in their
+sorted id table instead, with the ids looked up recently remembered."""
+_MEMO_SIZE = 1 << 16
 
-    __slots__ = ("_map", "_table")
+
+class ItemIndex:
+    """Item id to catalog index: a dictionary for format 1 and catalogs up to
+    :data:`INDEX_DICT_LIMIT` items; above that, a binary search over the sorted string
+    table of format 2 (no per-id object for millions of ids) with a bounded memo of the
+    ids looked up lately (a user's window is looked up at every request)."""
+
+    __slots__ = ("_map", "_memo", "_table")
 
     def __init__(self, ids: Sequence[str]) -> None:
-        self._table = ids if isinstance(ids, StringTable) and ids._order is not None else None
+        self._table: StringTable | None = None
+        if isinstance(ids, StringTable) and ids._order is not None and len(ids) > INDEX_DICT_LIMIT:
+            self._table = ids
         self._map = None if self._table is not None else {s: i for i, s in enumerate(ids)}
+        self._memo: dict[str, int | None] = {}
 
     def get(self, item_id: str, default: int | None = None) -> int | None:
         """The index of ``item_id``, or ``default``."""
         if self._map is not None:
             return self._map.get(item_id, default)
         assert self._table is not None
-        found = self._table.find(item_id) if isinstance(item_id, str) else None
+        if not isinstance(item_id, str):
+            return default
+        try:
+            found = self._memo[item_id]
+        except KeyError:
+            found = self._table.find(item_id)
+            if len(self._memo) >= _MEMO_SIZE:
+                self._memo.clear()
+            self._memo[item_id] = found
         return default if found is None else found
 
     def __contains__(self, item_id: object) -> bool:

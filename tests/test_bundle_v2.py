@@ -119,18 +119,24 @@ def test_round_trip_exact_where_exact_and_within_the_stated_error_elsewhere(
     np.testing.assert_allclose(got.gram, y.T @ y, rtol=1e-5, atol=1e-5)
 
 
-def test_the_runtime_finds_every_id_by_binary_search_and_nothing_else(
-    tmp_path: Path, key: Ed25519PrivateKey, pinned: bytes
+@pytest.mark.parametrize("search", [True, False], ids=["binary-search", "dictionary"])
+def test_the_runtime_finds_every_id_and_nothing_else(
+    tmp_path: Path, key: Ed25519PrivateKey, pinned: bytes, monkeypatch: pytest.MonkeyPatch,
+    search: bool,
 ) -> None:
+    if search:  # as if the catalog had millions of items
+        monkeypatch.setattr(_bundle2, "INDEX_DICT_LIMIT", 0)
     want = _with_unicode_ids(make_catalog(5, n=200))
     write_bundle(want, tmp_path / "c.odb", private_key=key)
     got = load_bundle(tmp_path / "c.odb", public_key=pinned)
     assert isinstance(got.item_ids, StringTable)
     rt = CatalogRuntime(got, "fp")
-    for i, item in enumerate(want.item_ids):
-        assert rt.index.get(item) == i and item in rt.index and rt.index[item] == i
-    for missing in ("", "zé", "zé-0", "item-1", "\udcff", "日本-999"):
-        assert rt.index.get(missing) is None and missing not in rt.index
+    assert (rt.index._table is not None) == search
+    for _ in range(2):  # the second pass answers from the memo
+        for i, item in enumerate(want.item_ids):
+            assert rt.index.get(item) == i and item in rt.index and rt.index[item] == i
+        for missing in ("", "zé", "zé-0", "item-1", "\udcff", "日本-999"):
+            assert rt.index.get(missing) is None and missing not in rt.index
     assert 3 not in rt.index  # not a string
     with pytest.raises(KeyError):
         rt.index["nope"]
