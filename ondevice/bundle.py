@@ -557,26 +557,12 @@ def _parse_header(raw: _Raw, where: str) -> dict[str, Any]:
 
 def _build(raw: _Raw, header: dict[str, Any], where: str) -> Catalog:
     """Turn a verified header and array region into a Catalog (structure checks only)."""
-    region = raw.region
-    specs = _array_table(header["arrays"], region.size, where, _V1_DTYPES)
-    unused = set(specs)
+    arrays = _Arrays(raw.region, _array_table(header["arrays"], raw.region.size, where,
+                                              _V1_DTYPES), where)
+    specs = arrays.specs
 
     def array(name: str, dtype: str, ndim: int) -> npt.NDArray[Any]:
-        spec = specs.get(name)
-        if spec is None:
-            raise BundleError(f"{where}: array {name!r} is missing from the array table")
-        if spec.dtype != _DTYPES[dtype] or len(spec.shape) != ndim:
-            raise BundleError(
-                f"{where}: array {name!r} must be {ndim}-D {dtype}, "
-                f"not {len(spec.shape)}-D {spec.dtype.str}"
-            )
-        unused.discard(name)
-        view = region[spec.offset : spec.offset + spec.length].view(spec.dtype)
-        view = view.reshape(spec.shape)
-        if not spec.dtype.isnative:
-            view = view.astype(spec.dtype.newbyteorder("="))
-            view.flags.writeable = False
-        return view
+        return arrays.get(name, (dtype,), (None,) * ndim)
 
     def optional_array(name: object, dtype: str, ndim: int) -> npt.NDArray[Any] | None:
         if name is None:
@@ -635,8 +621,8 @@ def _build(raw: _Raw, header: dict[str, Any], where: str) -> Catalog:
         created_at=_float(header["created_at"], "created_at", where),
         extra=_extra(header["extra"], where),
     )
-    if unused:
-        raise BundleError(f"{where}: arrays {sorted(unused)} are not used by the catalog")
+    if arrays.unused:
+        raise BundleError(f"{where}: arrays {sorted(arrays.unused)} are not used by the catalog")
     return catalog
 
 
