@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         "--jobs",
         type=int,
         default=None,
-        help="worker processes, one fold each (default: the usable CPUs, at most --folds); "
+        help="worker processes sharing the folds and protocols (default: the usable CPUs); "
         "the numbers do not depend on it",
     )
     ap.add_argument("--quiet", action="store_true", help="no progress bar")

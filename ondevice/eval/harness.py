@@ -30,7 +30,7 @@ import multiprocessing
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from itertools import product
 from queue import Empty
@@ -342,9 +342,8 @@ class EvalResult:
             "",
             f"ALS: {s.factors} factors, {s.als_iterations} iterations trained by `implicit` "
             f"({_solver_text(s.als_cg_steps)}), then one exact user step. Run time "
-            f"{self.seconds:.0f} s wall, {self.cpu_seconds:.0f} s CPU, "
-            f"{self.jobs} worker process{'es' if self.jobs > 1 else ''} "
-            f"({'the main process' if self.jobs == 1 else 'one fold each'}).",
+            f"{self.seconds:.0f} s wall, {self.cpu_seconds:.0f} s CPU "
+            f"({'one process' if self.jobs == 1 else f'{self.jobs} worker processes'}).",
             "",
         ]
         for p in self.rows:
@@ -1117,25 +1116,21 @@ def _prefixed(tick: Callable[[str], None], prefix: str, stage: str) -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class _FoldResult:
-    """What one fold contributes: per protocol, the per-user metrics of every level,
-    the chosen hyper-parameters and the behaviour segment count."""
+class _ProtocolResult:
+    """What one fold contributes under one protocol: the per-user metrics of every
+    level, the chosen hyper-parameters and the behaviour segment count."""
 
     fold: int
-    accs: Mapping[str, Mapping[str, _Acc]]
-    chosen: Mapping[str, dict[str, object]]
-    segments: Mapping[str, int]
+    protocol: str
+    accs: Mapping[str, _Acc]
+    chosen: dict[str, object]
+    segments: int
 
 
-def _run_fold(
-    data: Dataset,
-    s: EvalSettings,
-    rules: tuple[str, ...],
-    f: int,
-    device: I64,
-    tick: Callable[[str], None],
-) -> _FoldResult:
-    """One fold: its panel catalog, then tuning and measuring under every protocol."""
+def _make_panel(
+    data: Dataset, s: EvalSettings, f: int, device: I64, tick: Callable[[str], None]
+) -> _Panel:
+    """One fold's panel catalog pieces: every user outside the fold."""
     dev = set(device.tolist())
     panel_rows = {u: data.sequences[u] for u in range(data.n_users) if u not in dev}
     xp = _matrix(data, panel_rows)
@@ -1146,28 +1141,30 @@ def _run_fold(
         als=_als_grid(xp, s),
     )
     tick(f"fold {f + 1}: panel catalog")
-    accs = {p: {key: _Acc() for key, *_ in _LEVELS} for p in s.protocols}
-    chosen: dict[str, dict[str, object]] = {}
-    seg_counts: dict[str, int] = {}
-    for p in s.protocols:
-        prefix = f"fold {f + 1} {p}: "
-        ch, n_seg = _protocol(
-            data,
-            s,
-            rules,
-            device.tolist(),
-            panel,
-            p,
-            accs[p],
-            functools.partial(_prefixed, tick, prefix),
-        )
-        chosen[p] = ch
-        seg_counts[p] = n_seg
-        log.info("fold %d %s: %s", f, p, ch)
-    return _FoldResult(fold=f, accs=accs, chosen=chosen, segments=seg_counts)
+    return panel
 
 
-# ---- running folds in worker processes ----
+def _run_protocol(
+    data: Dataset,
+    s: EvalSettings,
+    rules: tuple[str, ...],
+    f: int,
+    device: I64,
+    panel: _Panel,
+    p: str,
+    tick: Callable[[str], None],
+) -> _ProtocolResult:
+    """Tuning and measuring one fold under one protocol."""
+    accs = {key: _Acc() for key, *_ in _LEVELS}
+    prefix = f"fold {f + 1} {p}: "
+    ch, n_seg = _protocol(
+        data, s, rules, device.tolist(), panel, p, accs, functools.partial(_prefixed, tick, prefix)
+    )
+    log.info("fold %d %s: %s", f, p, ch)
+    return _ProtocolResult(fold=f, protocol=p, accs=accs, chosen=ch, segments=n_seg)
+
+
+# ---- running the work in worker processes ----
 
 _worker_queue: Any = None
 _worker_limits: Any = None
@@ -1185,46 +1182,68 @@ def _worker_tick(stage: str) -> None:
         _worker_queue.put(stage)
 
 
-def _worker_fold(
-    data: Dataset, s: EvalSettings, rules: tuple[str, ...], f: int, device: I64
-) -> _FoldResult:
-    return _run_fold(data, s, rules, f, device, _worker_tick)
+def _worker_panel(data: Dataset, s: EvalSettings, f: int, device: I64) -> _Panel:
+    return _make_panel(data, s, f, device, _worker_tick)
 
 
-def _parallel_folds(
+def _worker_protocol(
+    data: Dataset,
+    s: EvalSettings,
+    rules: tuple[str, ...],
+    f: int,
+    device: I64,
+    panel: _Panel,
+    p: str,
+) -> _ProtocolResult:
+    return _run_protocol(data, s, rules, f, device, panel, p, _worker_tick)
+
+
+def _parallel(
     data: Dataset,
     s: EvalSettings,
     rules: tuple[str, ...],
     folds: Sequence[I64],
     jobs: int,
     tick: Callable[[str], None],
-) -> list[_FoldResult]:
-    """Every fold in its own task on ``jobs`` worker processes (spawned, so no thread
-    state is inherited); progress messages come back through a queue."""
+) -> list[_ProtocolResult]:
+    """The work on ``jobs`` worker processes (spawned, so no thread state is inherited):
+    first each fold's panel, then, as each panel arrives, one task per protocol of that
+    fold (small tasks keep every worker busy to the end). Progress messages come back
+    through a queue."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    out: list[_FoldResult] = []
+    out: list[_ProtocolResult] = []
+
+    def drain(timeout: float | None) -> None:
+        while True:
+            try:
+                tick(queue.get(timeout=timeout) if timeout else queue.get_nowait())
+            except Empty:
+                return
+
     with ProcessPoolExecutor(
         max_workers=jobs, mp_context=ctx, initializer=_worker_init, initargs=(queue,)
     ) as pool:
-        pending = {
-            pool.submit(_worker_fold, data, s, rules, f, device) for f, device in enumerate(folds)
+        panels: dict[Future[_Panel], int] = {
+            pool.submit(_worker_panel, data, s, f, device): f for f, device in enumerate(folds)
         }
+        pending: set[Future[Any]] = set(panels)
         while pending:
             finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-            while True:
-                try:
-                    tick(queue.get_nowait())
-                except Empty:
-                    break
-            out.extend(fut.result() for fut in finished)
-    while True:  # messages sent just before the last fold returned
-        try:
-            tick(queue.get(timeout=0.2))
-        except Empty:
-            break
+            drain(None)
+            for fut in finished:
+                if fut in panels:
+                    f = panels[fut]
+                    panel = fut.result()
+                    pending.update(
+                        pool.submit(_worker_protocol, data, s, rules, f, folds[f], panel, p)
+                        for p in s.protocols
+                    )
+                else:
+                    out.append(fut.result())
+    drain(0.2)  # messages sent just before the last task returned
     queue.close()
-    return sorted(out, key=lambda r: r.fold)
+    return out
 
 
 def usable_cpus() -> int:
@@ -1246,12 +1265,13 @@ def evaluate(
     """Run the whole protocol on ``data``; ``progress(done, total, stage)`` is called
     after each step.
 
-    ``jobs`` > 1 runs the folds in that many worker processes (each ALS training then
-    uses ``max(1, usable_cpus() // jobs)`` threads unless ``settings.als_threads`` says
-    otherwise). The result is the same for any ``jobs``: folds are independent, seeded
-    alike and merged in fold order; only the measured times differ. The workers are
-    spawned (a fresh interpreter each), so a script that asks for them must call this
-    under ``if __name__ == "__main__":``.
+    ``jobs`` > 1 runs the work in that many worker processes: each fold's panel, then
+    each (fold, protocol) pair (each ALS training then uses ``max(1, usable_cpus() //
+    jobs)`` threads unless ``settings.als_threads`` says otherwise). The result is the
+    same for any ``jobs``: the pieces are independent, seeded alike and merged in fold
+    order; only the measured times differ. The workers are spawned (a fresh interpreter
+    each), so a script that asks for them must call this under
+    ``if __name__ == "__main__":``.
     """
     s = settings or EvalSettings()
     if jobs < 1:
@@ -1273,24 +1293,29 @@ def evaluate(
 
     if progress is not None:
         progress(0, total, "starting")
-    jobs = min(jobs, len(folds))
+    jobs = min(jobs, len(folds) * len(s.protocols))
     if jobs > 1:
         if s.als_threads == 0:
             s = replace(s, als_threads=max(1, usable_cpus() // jobs))
-        results = _parallel_folds(data, s, rules, folds, jobs, tick)
+        results = _parallel(data, s, rules, folds, jobs, tick)
         s = settings or EvalSettings()
     else:
+        results = []
         with single_threaded_blas():
-            results = [_run_fold(data, s, rules, f, dev, tick) for f, dev in enumerate(folds)]
+            for f, dev in enumerate(folds):
+                panel = _make_panel(data, s, f, dev, tick)
+                results += [
+                    _run_protocol(data, s, rules, f, dev, panel, p, tick) for p in s.protocols
+                ]
     accs = {p: {key: _Acc() for key, *_ in _LEVELS} for p in s.protocols}
     chosen: dict[str, list[dict[str, object]]] = {p: [] for p in s.protocols}
     seg_counts: dict[str, list[int]] = {p: [] for p in s.protocols}
-    for res in results:  # in fold order, as a single process would have appended them
-        for p in s.protocols:
-            for key, acc in res.accs[p].items():
-                accs[p][key].extend(acc)
-            chosen[p].append(res.chosen[p])
-            seg_counts[p].append(res.segments[p])
+    # in fold order, as a single process appends them, whatever order they finished in
+    for res in sorted(results, key=lambda r: r.fold):
+        for key, acc in res.accs.items():
+            accs[res.protocol][key].extend(acc)
+        chosen[res.protocol].append(res.chosen)
+        seg_counts[res.protocol].append(res.segments)
 
     rows: dict[str, tuple[LevelResult, ...]] = {}
     for p in s.protocols:
