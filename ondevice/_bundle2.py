@@ -290,20 +290,80 @@ def is_permutation(order: npt.NDArray[np.integer], n: int) -> bool:
     return bool((np.bincount(order.astype(np.int64), minlength=n) == 1).all())
 
 
-_PAIR_BLOCK = 1 << 18
-"""Adjacent pairs compared at a time by :func:`strictly_increasing` (bounded scratch)."""
-_EIGHT = np.arange(8, dtype=np.int64)
+_PAIR_BLOCK = 1 << 16
+"""Strings or adjacent pairs handled at a time by :func:`strictly_increasing` (bounded
+scratch that stays in the CPU caches; larger blocks measured slower)."""
+_EIGHT = (~np.uint64(0)) << (np.uint64(8) * (np.uint64(8) - np.arange(9, dtype=np.uint64)))
+_EIGHT[0] = 0  # a shift by 64 is undefined: no byte kept
+_EIGHT[8] = ~np.uint64(0)
+"""``_EIGHT[k]`` keeps the ``k`` high (first) bytes of a big-endian word, ``k`` in 0..8."""
 
 
 def _word(
-    blob: U8, last: int, starts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64], pos: int
+    words: npt.NDArray[np.uint64],
+    tail: npt.NDArray[np.uint64],
+    split: int,
+    starts: npt.NDArray[np.int64],
+    lengths: npt.NDArray[np.int64],
+    pos: int,
 ) -> npt.NDArray[np.uint64]:
-    """Bytes ``pos .. pos + 7`` of each string as one big-endian word (zeros past its end)."""
-    idx = starts[:, None] + (pos + _EIGHT)
-    got = blob[np.minimum(idx, last)]
-    got[idx >= (starts + lengths)[:, None]] = 0
-    words: npt.NDArray[np.uint64] = got.view(">u8").ravel()
-    return words
+    """Bytes ``pos .. pos + 7`` of each string as one big-endian word (zeros past its end).
+
+    ``words[k]`` is the (unaligned, big-endian) word at blob byte ``k`` for
+    ``k < split``; ``tail[k - split]`` the zero-padded one for the last few bytes (see
+    :func:`_blob_words`). One gather per string, no per-byte work.
+    """
+    at = starts + pos
+    near_end = at >= split
+    if near_end.any():
+        got = np.empty(at.shape, dtype=np.uint64)
+        far = ~near_end
+        got[far] = words[at[far]]
+        got[near_end] = tail[np.minimum(at[near_end] - split, tail.size - 1)]
+    else:
+        got = words[at].astype(np.uint64)
+    keep = lengths - pos
+    np.maximum(keep, 0, out=keep)
+    np.minimum(keep, 8, out=keep)
+    got &= _EIGHT[keep]
+    return got
+
+
+def _blob_words(blob: U8) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], int]:
+    """Zero-copy big-endian words at every byte of ``blob`` that has 7 bytes after it,
+    and (copied) zero-padded words for the last bytes: ``(words, tail, split)``."""
+    size = int(blob.size)
+    split = max(size - 7, 0)
+    if split:
+        base = np.ascontiguousarray(blob)
+        rows = np.lib.stride_tricks.as_strided(base, shape=(split, 8), strides=(1, 1))
+        words: npt.NDArray[np.uint64] = rows.view(">u8")[:, 0]
+    else:
+        words = np.empty(0, dtype=np.uint64)
+    padded = np.zeros(16, dtype=np.uint8)
+    padded[: size - split] = blob[split:]
+    tail = np.lib.stride_tricks.as_strided(padded, shape=(9, 8), strides=(1, 1))
+    tail_words: npt.NDArray[np.uint64] = tail.view(">u8")[:, 0].astype(np.uint64)
+    return words, tail_words, split
+
+
+def _bounds(
+    offsets: npt.NDArray[np.integer], which: npt.NDArray[np.integer] | slice, size: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Start and length of the strings ``which`` (clipped into the blob: never a read out
+    of bounds, whatever the offsets)."""
+    if isinstance(which, slice):
+        lo, hi = offsets[which], offsets[which.start + 1 : which.stop + 1]
+    else:
+        lo, hi = offsets[which], offsets[which + 1]
+    starts = lo.astype(np.int64)
+    np.maximum(starts, 0, out=starts)
+    np.minimum(starts, size, out=starts)
+    ends = hi.astype(np.int64)
+    np.minimum(ends, size, out=ends)
+    ends -= starts
+    np.maximum(ends, 0, out=ends)
+    return starts, ends
 
 
 def strictly_increasing(
@@ -311,32 +371,89 @@ def strictly_increasing(
 ) -> bool:
     """Whether the strings ``blob[offsets[i]:offsets[i+1]]`` taken in ``order`` strictly
     increase by their bytes: the ids are sorted (so :meth:`StringTable.find` works) and
-    unique. Vectorized: adjacent pairs are compared eight bytes at a time, as big-endian
-    words, and only the pairs still equal go on to the next word."""
+    unique.
+
+    Vectorized. First, in storage order (sequential reads), each string's first sixteen
+    bytes become two big-endian words (gathers from an unaligned strided view of the
+    blob, masked past the string's end) and its length is kept in one byte (capped at
+    255). Then, in blocks of :data:`_PAIR_BLOCK`, the word pairs are taken in ``order``
+    (one random read per string) and adjacent ones compared; only the pairs tied on all
+    sixteen bytes with both strings longer go on, eight bytes at a time, from the blob.
+    Memory: 17 bytes per string plus per-block scratch. Expects what
+    :class:`StringTable` checks first: ``offsets`` monotone and inside the blob, ``order``
+    indexes of ``offsets[:-1]`` (no read outside the blob happens regardless).
+    """
     if order.size < 2:
         return True
-    o = order.astype(np.int64)
-    starts = offsets.astype(np.int64)
-    lengths = np.diff(starts)
-    last = max(int(blob.size) - 1, 0)
-    padded = blob if blob.size else np.zeros(1, np.uint8)
-    for lo in range(0, o.size - 1, _PAIR_BLOCK):
-        hi = min(lo + _PAIR_BLOCK, o.size - 1)
-        a, b = o[lo:hi], o[lo + 1 : hi + 1]
-        sa, sb, la, lb = starts[a], starts[b], lengths[a], lengths[b]
-        pos = 0
-        while sa.size:
-            wa, wb = _word(padded, last, sa, la, pos), _word(padded, last, sb, lb, pos)
-            if (wa > wb).any():
-                return False
-            tied = wa == wb
-            ended = tied & ((la - pos <= 8) | (lb - pos <= 8))
-            # tied words where a string ended: the shorter must be the first; equal: dup
+    size = int(blob.size)
+    words, tail, split = _blob_words(blob)
+    n = int(offsets.shape[0]) - 1
+    keys = np.empty((max(n, 0), 2), dtype=np.uint64)
+    short = np.empty(max(n, 0), dtype=np.uint8)  # min(length, 255)
+    for lo in range(0, n, _PAIR_BLOCK):
+        hi = min(lo + _PAIR_BLOCK, n)
+        starts, lengths = _bounds(offsets, slice(lo, hi), size)
+        keys[lo:hi, 0] = _word(words, tail, split, starts, lengths, 0)
+        keys[lo:hi, 1] = _word(words, tail, split, starts, lengths, 8)
+        np.minimum(lengths, 255, out=lengths)
+        short[lo:hi] = lengths
+    rows = keys.view(np.dtype((np.void, 16))).reshape(-1)  # one 16-byte item per string
+    for lo in range(0, order.size - 1, _PAIR_BLOCK):
+        hi = min(lo + _PAIR_BLOCK, order.size - 1)
+        o = order[lo : hi + 1]
+        k = np.take(rows, o).view(np.uint64).reshape(-1, 2)
+        wa, wb = k[:-1, 0], k[1:, 0]
+        if (wa > wb).any():
+            return False
+        tied = np.flatnonzero(wa == wb)
+        if not tied.size:
+            continue
+        for pos in (0, 8):
+            if pos:  # compare the second words of the pairs tied on the first
+                wa, wb = k[tied, 1], k[tied + 1, 1]
+                if (wa > wb).any():
+                    return False
+                tied = tied[wa == wb]
+            la = short[o[tied]].astype(np.int64)
+            lb = short[o[tied + 1]].astype(np.int64)
+            # tied words where a string ended: the shorter must be first; equal: a dup
+            ended = (la <= pos + 8) | (lb <= pos + 8)
             if (la[ended] >= lb[ended]).any():
                 return False
-            go_on = tied & ~ended
-            sa, sb, la, lb = sa[go_on], sb[go_on], la[go_on], lb[go_on]
-            pos += 8
+            tied = tied[~ended]
+            if not tied.size:
+                break
+        if tied.size and not _tail_increasing(offsets, size, words, tail, split, o, tied):
+            return False
+    return True
+
+
+def _tail_increasing(
+    offsets: npt.NDArray[np.integer],
+    size: int,
+    words: npt.NDArray[np.uint64],
+    tail: npt.NDArray[np.uint64],
+    split: int,
+    o: npt.NDArray[np.integer],
+    tied: npt.NDArray[np.intp],
+) -> bool:
+    """For the pairs ``(o[t], o[t + 1])`` whose first sixteen bytes tie and which both go
+    on: whether each first string is below the second, comparing from byte 16 on."""
+    sa, la = _bounds(offsets, o[tied].astype(np.int64), size)
+    sb, lb = _bounds(offsets, o[tied + 1].astype(np.int64), size)
+    pos = 16
+    while sa.size:
+        wa = _word(words, tail, split, sa, la, pos)
+        wb = _word(words, tail, split, sb, lb, pos)
+        if (wa > wb).any():
+            return False
+        tied_here = wa == wb
+        ended = tied_here & ((la - pos <= 8) | (lb - pos <= 8))
+        if (la[ended] >= lb[ended]).any():
+            return False
+        go_on = tied_here & ~ended
+        sa, sb, la, lb = sa[go_on], sb[go_on], la[go_on], lb[go_on]
+        pos += 8
     return True
 
 

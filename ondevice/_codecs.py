@@ -1,0 +1,574 @@
+"""Compact, randomly accessible encodings for large catalogs (building blocks of a bundle).
+
+Two codecs, both pure functions over numpy arrays plus a reader class that works on
+zero-copy views of a verified bundle buffer:
+
+- **Block-compressed strings** (:func:`encode_block_strings`, :class:`BlockStringTable`):
+  strings are grouped ``block`` at a time; each group is joined with the byte ``0xFF``
+  (which never occurs in UTF-8) and compressed with raw deflate (``zlib``, no header or
+  checksum: the bundle is signed) against a shared preset dictionary (a sample of the
+  strings themselves, at most 32 KiB), so that small groups still compress well. Reading
+  a string inflates its group (a few microseconds for 16 titles) into a small,
+  bounded, thread-safe LRU cache of decoded groups.
+- **Neighbour lists** (:func:`encode_neighbours`, :class:`NeighbourStore`): each CSR row
+  is kept in its original order as LEB128 varints: the entry count, then one varint per
+  entry holding the zig-zag delta of the target from the previous target (the row's own
+  item for the first) shifted left by ``code_bits``, or'ed with the zig-zag delta of its
+  weight code from the previous code (0 for the first) when that fits in ``code_bits``
+  bits, else an escape value whose code follows the row's entries as one more varint.
+  :meth:`NeighbourStore.gather` decodes many rows at once, vectorized in numpy.
+
+Every decoder treats its bytes as hostile: malformed input raises :class:`ValueError`
+(the bundle reader turns it into its own error), never another exception, and no read
+goes outside the arrays given.
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from typing import Final, overload
+
+import numpy as np
+import numpy.typing as npt
+
+U8 = npt.NDArray[np.uint8]
+I64 = npt.NDArray[np.int64]
+U64 = npt.NDArray[np.uint64]
+
+SEPARATOR: Final = 0xFF
+"""The byte between the strings of a block (never part of valid UTF-8)."""
+ZDICT_MAX: Final = 32 * 1024
+"""Largest preset dictionary (deflate's window)."""
+DEFAULT_BLOCK: Final = 16
+"""Strings per compressed block: 16 titles inflate in under 10 us (see the benchmark)."""
+DEFAULT_LEVEL: Final = 9
+DEFAULT_CACHE_BLOCKS: Final = 256
+"""Decoded blocks kept by a :class:`BlockStringTable` (a few hundred KiB for titles)."""
+DEFAULT_CODE_BITS: Final = 2
+"""Bits of each neighbour entry's varint that carry its code delta (2 measured smallest
+on the 1M synthetic catalog in cluster order; see ``benchmarks/bench_codecs.py``)."""
+MAX_VARINT_BYTES: Final = 8
+"""Longest varint a decoder accepts (56 bits: exact in int64 arithmetic)."""
+
+
+def _narrow_offsets(offsets: I64) -> npt.NDArray[np.integer]:
+    """int32 offsets when the last fits, else int64."""
+    return offsets.astype(np.int32) if int(offsets[-1]) < 2**31 else offsets
+
+
+def _check_offsets(offsets: npt.NDArray[np.integer], size: int, what: str) -> I64:
+    """``offsets`` as int64 after checking: 1-D, starts at 0, monotone, ends at ``size``."""
+    if not isinstance(offsets, np.ndarray) or offsets.ndim != 1 or offsets.shape[0] < 1:
+        raise ValueError(f"{what}: the offsets must be a non-empty 1-D array")
+    if offsets.dtype.kind not in "iu":
+        raise ValueError(f"{what}: the offsets must be integers")
+    if offsets.dtype.kind == "u" and offsets.dtype.itemsize == 8 and int(offsets.max()) >= 2**63:
+        raise ValueError(f"{what}: an offset is out of range")
+    off = offsets.astype(np.int64)
+    if int(off[0]) != 0 or int(off[-1]) != size:
+        raise ValueError(f"{what}: the offsets must start at 0 and end at {size}")
+    if off.shape[0] > 1 and bool((np.diff(off) < 0).any()):
+        raise ValueError(f"{what}: the offsets must be monotone")
+    return off
+
+
+# --- block-compressed strings -----------------------------------------------------
+
+
+def _sample_dictionary(encoded: Sequence[bytes], size: int) -> bytes:
+    """A preset dictionary: strings taken at an even stride, joined by the separator,
+    the last ``size`` bytes (deflate prefers near matches: the end of the dictionary)."""
+    if size <= 0 or not encoded:
+        return b""
+    total = sum(map(len, encoded)) + len(encoded)
+    stride = max(1, total // size)
+    picked = [encoded[i] for i in range(0, len(encoded), stride)]
+    joined = bytes([SEPARATOR]).join(picked)
+    return joined[-size:]
+
+
+def encode_block_strings(
+    strings: Sequence[str],
+    block: int = DEFAULT_BLOCK,
+    *,
+    level: int = DEFAULT_LEVEL,
+    dict_size: int | None = None,
+) -> tuple[npt.NDArray[np.integer], U8]:
+    """``(block_offsets, data)`` for :class:`BlockStringTable`.
+
+    ``data[block_offsets[0]:block_offsets[1]]`` is the preset dictionary (raw bytes, may
+    be empty); block ``b`` (strings ``b * block`` up to ``(b + 1) * block``) is the raw
+    deflate stream ``data[block_offsets[b + 1]:block_offsets[b + 2]]`` of those strings'
+    UTF-8 joined by ``0xFF``. So ``block_offsets`` has ``ceil(n / block) + 2`` entries
+    (int32, or int64 past 2 GiB). The reader needs ``n`` and ``block`` besides the two
+    arrays. ``dict_size`` defaults to ``min(32 KiB, raw bytes / 16)``; 0 disables it.
+    Raises ValueError for a string that is not encodable as UTF-8 (a lone surrogate) or
+    a bad ``block`` / ``level``.
+    """
+    if block < 1:
+        raise ValueError("block must be at least 1")
+    if not 0 <= level <= 9:
+        raise ValueError("level must be 0..9")
+    try:
+        encoded = [s.encode("utf-8") for s in strings]
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"strings must be encodable as UTF-8: {exc}") from None
+    raw_total = sum(map(len, encoded))
+    if dict_size is None:
+        dict_size = min(ZDICT_MAX, raw_total // 16)
+    if not 0 <= dict_size <= ZDICT_MAX:
+        raise ValueError(f"dict_size must be 0..{ZDICT_MAX}")
+    zdict = _sample_dictionary(encoded, dict_size)
+    parts: list[bytes] = [zdict]
+    sep = bytes([SEPARATOR])
+    for lo in range(0, len(encoded), block):
+        if zdict:
+            comp = zlib.compressobj(level, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, zdict)
+        else:
+            comp = zlib.compressobj(level, zlib.DEFLATED, -15, 9)
+        parts.append(comp.compress(sep.join(encoded[lo : lo + block])) + comp.flush())
+    lengths = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
+    offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    data = np.frombuffer(b"".join(parts), dtype=np.uint8)
+    return _narrow_offsets(offsets), data
+
+
+class BlockStringTable(Sequence[str]):
+    """A read-only sequence of ``count`` strings over :func:`encode_block_strings` output.
+
+    Construction checks only the cheap structure (``O(blocks)``): the offsets are 1-D
+    integers, start at 0, are monotone, end at ``data``'s end, number
+    ``ceil(count / block) + 2``, and the dictionary is at most 32 KiB. A block's content
+    is checked when it is first decoded: a stream that does not inflate, is truncated
+    or has trailing bytes, inflates past ``max_block_bytes``, splits into the wrong
+    number of strings or holds invalid UTF-8 raises :class:`ValueError` from that access
+    (and from every later access of the block: failures are not cached).
+    :meth:`validate` decodes every block (for install time or tests).
+
+    Decoded blocks are kept in an LRU cache of at most ``cache_blocks`` blocks, guarded
+    by a lock (inflating happens outside the lock; two threads may both decode a block,
+    harmlessly). The arrays may be read-only views of a bundle buffer: they are never
+    copied or written.
+    """
+
+    __slots__ = (
+        "_block",
+        "_cache",
+        "_cache_blocks",
+        "_count",
+        "_data",
+        "_lock",
+        "_max_block_bytes",
+        "_offsets",
+        "_zdict",
+    )
+
+    def __init__(
+        self,
+        block_offsets: npt.NDArray[np.integer],
+        data: U8,
+        *,
+        count: int,
+        block: int = DEFAULT_BLOCK,
+        cache_blocks: int = DEFAULT_CACHE_BLOCKS,
+        max_block_bytes: int = 1 << 24,
+    ) -> None:
+        if block < 1 or count < 0 or cache_blocks < 1 or max_block_bytes < 1:
+            raise ValueError("block, cache_blocks and max_block_bytes must be positive, count >= 0")
+        if not isinstance(data, np.ndarray) or data.ndim != 1 or data.dtype != np.uint8:
+            raise ValueError("block strings: the data must be a 1-D uint8 array")
+        offsets = _check_offsets(block_offsets, int(data.shape[0]), "block strings")
+        n_blocks = -(-count // block)
+        if offsets.shape[0] != n_blocks + 2:
+            raise ValueError(
+                f"block strings: {count} strings in blocks of {block} need "
+                f"{n_blocks + 2} offsets, not {offsets.shape[0]}"
+            )
+        if int(offsets[1]) > ZDICT_MAX:
+            raise ValueError("block strings: the dictionary is larger than 32 KiB")
+        self._offsets = offsets
+        self._data = data
+        self._count = int(count)
+        self._block = int(block)
+        self._zdict = data[: int(offsets[1])].tobytes()
+        self._cache: OrderedDict[int, tuple[str, ...]] = OrderedDict()
+        self._cache_blocks = int(cache_blocks)
+        self._max_block_bytes = int(max_block_bytes)
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def block(self) -> int:
+        """Strings per block."""
+        return self._block
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the encoded arrays (not counting the cache)."""
+        return int(self._offsets.nbytes + self._data.nbytes)
+
+    def cached_blocks(self) -> int:
+        """How many decoded blocks the cache holds now (at most ``cache_blocks``)."""
+        with self._lock:
+            return len(self._cache)
+
+    def _expected(self, b: int) -> int:
+        return min(self._block, self._count - b * self._block)
+
+    def _decode(self, b: int) -> tuple[str, ...]:
+        """Block ``b`` inflated, split and decoded (not cached); ValueError if corrupt."""
+        lo, hi = int(self._offsets[b + 1]), int(self._offsets[b + 2])
+        stream = self._data[lo:hi].tobytes()
+        try:
+            if self._zdict:
+                inflater = zlib.decompressobj(-15, zdict=self._zdict)
+            else:
+                inflater = zlib.decompressobj(-15)
+            raw = inflater.decompress(stream, self._max_block_bytes + 1)
+        except zlib.error as exc:
+            raise ValueError(f"block strings: block {b} does not inflate: {exc}") from None
+        if len(raw) > self._max_block_bytes:
+            raise ValueError(
+                f"block strings: block {b} inflates past {self._max_block_bytes} bytes"
+            )
+        if not inflater.eof or inflater.unused_data or inflater.unconsumed_tail:
+            raise ValueError(f"block strings: block {b} is truncated or has trailing bytes")
+        parts = raw.split(bytes([SEPARATOR]))
+        if len(parts) != self._expected(b):
+            raise ValueError(
+                f"block strings: block {b} holds {len(parts)} strings, not {self._expected(b)}"
+            )
+        try:
+            return tuple(p.decode("utf-8") for p in parts)
+        except UnicodeDecodeError:
+            raise ValueError(f"block strings: block {b} is not valid UTF-8") from None
+
+    def _get_block(self, b: int) -> tuple[str, ...]:
+        with self._lock:
+            hit = self._cache.get(b)
+            if hit is not None:
+                self._cache.move_to_end(b)
+                return hit
+        decoded = self._decode(b)
+        with self._lock:
+            self._cache[b] = decoded
+            self._cache.move_to_end(b)
+            while len(self._cache) > self._cache_blocks:
+                self._cache.popitem(last=False)
+        return decoded
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._count))]
+        i = int(index)
+        if i < 0:
+            i += self._count
+        if not 0 <= i < self._count:
+            raise IndexError(f"string {index} of {self._count}")
+        b, k = divmod(i, self._block)
+        return self._get_block(b)[k]
+
+    def get_many(self, indices: Sequence[int] | npt.NDArray[np.integer]) -> list[str]:
+        """The strings at ``indices`` (each block looked up once per call)."""
+        blocks: dict[int, tuple[str, ...]] = {}
+        out: list[str] = []
+        for index in indices:
+            i = int(index)
+            if i < 0:
+                i += self._count
+            if not 0 <= i < self._count:
+                raise IndexError(f"string {index} of {self._count}")
+            b, k = divmod(i, self._block)
+            got = blocks.get(b)
+            if got is None:
+                got = blocks[b] = self._get_block(b)
+            out.append(got[k])
+        return out
+
+    def __iter__(self) -> Iterator[str]:
+        for b in range(-(-self._count // self._block)):
+            yield from self._decode(b)  # a full scan bypasses (and keeps) the cache
+
+    def validate(self) -> None:
+        """Decode every block (without caching); ValueError at the first corrupt one."""
+        for b in range(-(-self._count // self._block)):
+            self._decode(b)
+
+
+# --- varints ------------------------------------------------------------------------
+
+
+def _zigzag(values: I64) -> U64:
+    """Signed to unsigned: 0, -1, 1, -2, ... -> 0, 1, 2, 3, ..."""
+    v = values.astype(np.int64)
+    out: U64 = ((v << np.int64(1)) ^ (v >> np.int64(63))).view(np.uint64)
+    return out
+
+
+def _unzigzag(values: U64) -> I64:
+    """The inverse of :func:`_zigzag` (for values below 2**63)."""
+    v = values.astype(np.uint64)
+    out: I64 = (v >> np.uint64(1)).view(np.int64) ^ -(v & np.uint64(1)).view(np.int64)
+    return out
+
+
+def _varint_lengths(values: U64) -> I64:
+    """Bytes of each value as an LEB128 varint (1..10)."""
+    lengths = np.ones(values.shape, dtype=np.int64)
+    for k in range(1, 10):
+        lengths += values >= np.uint64(1 << (7 * k))
+    return lengths
+
+
+def _write_varints(values: U64) -> tuple[U8, I64]:
+    """All ``values`` as consecutive LEB128 varints, and each one's length."""
+    lengths = _varint_lengths(values)
+    ends = np.cumsum(lengths)
+    out = np.empty(int(ends[-1]) if ends.size else 0, dtype=np.uint8)
+    starts = ends - lengths
+    rest = values.copy()
+    for k in range(int(lengths.max()) if lengths.size else 0):
+        live = np.flatnonzero(lengths > k)
+        byte = (rest[live] & np.uint64(0x7F)).astype(np.uint8)
+        byte[lengths[live] > k + 1] |= 0x80
+        out[starts[live] + k] = byte
+        rest >>= np.uint64(7)
+    return out, lengths
+
+
+def _read_varints(data: U8) -> tuple[U64, I64, I64]:
+    """Parse ``data`` (which must end a varint) into ``(values, first_byte, byte_varint)``:
+    each varint's value and first byte, and for each byte the varint it belongs to.
+    ValueError for a varint longer than :data:`MAX_VARINT_BYTES` or a truncated end."""
+    if data.size == 0:
+        return np.empty(0, np.uint64), np.empty(0, np.int64), np.empty(0, np.int64)
+    last = data < 0x80
+    if not bool(last[-1]):
+        raise ValueError("neighbours: a varint is truncated")
+    ends = np.flatnonzero(last)
+    firsts = np.empty(ends.shape, dtype=np.int64)
+    firsts[0] = 0
+    firsts[1:] = ends[:-1] + 1
+    if int((ends - firsts).max()) >= MAX_VARINT_BYTES:
+        raise ValueError(f"neighbours: a varint is longer than {MAX_VARINT_BYTES} bytes")
+    byte_varint: I64 = np.cumsum(last, dtype=np.int64) - last  # varint of each byte
+    shift = (np.arange(data.size, dtype=np.int64) - firsts[byte_varint]) * 7
+    contrib = (data & 0x7F).astype(np.uint64) << shift.astype(np.uint64)
+    values: U64 = np.add.reduceat(contrib, firsts)
+    return values, firsts, byte_varint
+
+
+# --- neighbour lists ------------------------------------------------------------------
+
+
+def encode_neighbours(
+    indptr: npt.NDArray[np.integer],
+    indices: npt.NDArray[np.integer],
+    codes: U8,
+    *,
+    code_bits: int = DEFAULT_CODE_BITS,
+) -> tuple[npt.NDArray[np.integer], U8]:
+    """``(row_offsets, payload)`` for :class:`NeighbourStore`: row ``i`` is
+    ``payload[row_offsets[i]:row_offsets[i + 1]]`` (int32 offsets, int64 past 2 GiB).
+
+    A row is LEB128 varints: its entry count ``k``; ``k`` entries, in the row's order,
+    each ``zigzag(target - previous_target) << code_bits | f`` (the previous target of
+    the first is the row's own item index), with ``f = zigzag(code - previous_code)``
+    (0 before the first) when that is below ``2**code_bits - 1``, else ``f`` is that
+    escape value; then one varint per escaped entry, in order: its code. Rows keep their
+    order exactly; codes are opaque bytes (the encoding is smallest when they change
+    little along a row). Raises ValueError for malformed CSR input.
+    """
+    if not 1 <= code_bits <= 8:
+        raise ValueError("code_bits must be 1..8")
+    ptr = np.asarray(indptr).astype(np.int64)
+    idx = np.asarray(indices).astype(np.int64)
+    cds = np.asarray(codes)
+    if ptr.ndim != 1 or ptr.size < 1 or int(ptr[0]) != 0 or int(ptr[-1]) != idx.size:
+        raise ValueError("neighbours: indptr must start at 0 and end at len(indices)")
+    if idx.shape != cds.shape or cds.dtype != np.uint8:
+        raise ValueError("neighbours: codes must be uint8, one per index")
+    if ptr.size > 1 and bool((np.diff(ptr) < 0).any()):
+        raise ValueError("neighbours: indptr must be monotone")
+    n = ptr.size - 1
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        raise ValueError("neighbours: an index is out of range")
+    counts = np.diff(ptr)
+    row_of = np.repeat(np.arange(n, dtype=np.int64), counts)
+    first = np.zeros(idx.size, dtype=np.bool_)
+    first[ptr[:-1][counts > 0]] = True
+    prev = np.empty_like(idx)
+    prev[1:] = idx[:-1]
+    prev[first] = row_of[first]
+    code = cds.astype(np.int64)
+    prev_code = np.empty_like(code)
+    prev_code[1:] = code[:-1]
+    prev_code[first] = 0
+    escape = (1 << code_bits) - 1
+    field = _zigzag(code - prev_code)
+    escaped = field >= np.uint64(escape)
+    field[escaped] = np.uint64(escape)
+    entry = (_zigzag(idx - prev) << np.uint64(code_bits)) | field
+    n_escaped = np.bincount(row_of[escaped], minlength=n).astype(np.int64)
+    per_row = 1 + counts + n_escaped
+    row_start = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(per_row, out=row_start[1:])
+    values = np.empty(int(row_start[-1]), dtype=np.uint64)
+    values[row_start[:-1]] = counts.astype(np.uint64)
+    local = np.arange(idx.size, dtype=np.int64) - ptr[:-1][row_of]
+    values[row_start[:-1][row_of] + 1 + local] = entry
+    esc_rows = row_of[escaped]
+    esc_rank = np.arange(esc_rows.size, dtype=np.int64) - np.searchsorted(esc_rows, esc_rows)
+    values[row_start[:-1][esc_rows] + 1 + counts[esc_rows] + esc_rank] = code[escaped].astype(
+        np.uint64
+    )
+    payload, lengths = _write_varints(values)
+    byte_ends = np.concatenate(([0], np.cumsum(lengths)))
+    row_offsets = byte_ends[row_start]
+    return _narrow_offsets(row_offsets), payload
+
+
+class NeighbourStore:
+    """Neighbour lists of ``n_items`` items over :func:`encode_neighbours` output.
+
+    Construction checks the offsets (``O(n)``: 1-D integers, ``n_items + 1`` of them,
+    from 0, monotone, to the payload's end). Rows are checked as they are decoded:
+    :meth:`gather` raises :class:`ValueError` when a requested row is empty or does not
+    end a varint, holds a varint over :data:`MAX_VARINT_BYTES`, a count that disagrees
+    with its varints, a target outside ``[0, n_items)`` or a code outside ``0..255``.
+    :meth:`validate` decodes every row. Nothing is cached; the store is immutable and
+    safe to share between threads.
+    """
+
+    __slots__ = ("_code_bits", "_n", "_offsets", "_payload")
+
+    def __init__(
+        self,
+        row_offsets: npt.NDArray[np.integer],
+        payload: U8,
+        n_items: int,
+        *,
+        code_bits: int = DEFAULT_CODE_BITS,
+    ) -> None:
+        if not 1 <= code_bits <= 8 or n_items < 0:
+            raise ValueError("code_bits must be 1..8 and n_items >= 0")
+        if not isinstance(payload, np.ndarray) or payload.ndim != 1 or payload.dtype != np.uint8:
+            raise ValueError("neighbours: the payload must be a 1-D uint8 array")
+        offsets = _check_offsets(row_offsets, int(payload.shape[0]), "neighbours")
+        if offsets.shape[0] != n_items + 1:
+            raise ValueError(f"neighbours: {n_items} items need {n_items + 1} row offsets")
+        self._offsets = offsets
+        self._payload = payload
+        self._n = int(n_items)
+        self._code_bits = int(code_bits)
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the encoded arrays."""
+        return int(self._offsets.nbytes + self._payload.nbytes)
+
+    def gather(self, items: npt.NDArray[np.integer] | Sequence[int]) -> tuple[I64, I64, U8]:
+        """``(owner_pos, targets, codes)`` of the rows of ``items``, concatenated: for
+        each requested item in turn its row in its original order, as CSR fancy
+        indexing would give; ``owner_pos[j]`` is the position in ``items`` of entry
+        ``j``'s row. IndexError for an item outside ``[0, n_items)``; ValueError for a
+        corrupt row."""
+        it = np.asarray(items)
+        if it.ndim != 1 or (it.size and it.dtype.kind not in "iu"):
+            raise IndexError("items must be a 1-D array of integers")
+        it = it.astype(np.int64)
+        if it.size and (int(it.min()) < 0 or int(it.max()) >= self._n):
+            raise IndexError(f"an item is outside [0, {self._n})")
+        return self._decode_rows(it)
+
+    def row(self, item: int) -> tuple[I64, U8]:
+        """``(targets, codes)`` of one item's row, in its original order."""
+        _, targets, codes = self.gather(np.array([item], dtype=np.int64))
+        return targets, codes
+
+    def validate(self, chunk: int = 1 << 16) -> None:
+        """Decode every row, ``chunk`` rows at a time; ValueError at a corrupt one."""
+        for lo in range(0, self._n, chunk):
+            self._decode_rows(np.arange(lo, min(lo + chunk, self._n), dtype=np.int64))
+
+    def _decode_rows(self, items: I64) -> tuple[I64, I64, U8]:
+        m = items.size
+        starts = self._offsets[items]
+        lens = self._offsets[items + 1] - starts
+        if m == 0:
+            return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.uint8)
+        if bool((lens <= 0).any()):
+            raise ValueError("neighbours: a row is empty (it must hold its count)")
+        byte_start = np.zeros(m + 1, dtype=np.int64)
+        np.cumsum(lens, out=byte_start[1:])
+        total = int(byte_start[-1])
+        where = np.repeat(starts - byte_start[:-1], lens) + np.arange(total, dtype=np.int64)
+        data = self._payload[where]
+        if bool((data[byte_start[1:] - 1] >= 0x80).any()):
+            raise ValueError("neighbours: a row does not end with a complete varint")
+        values, _, byte_varint = _read_varints(data)
+        first_var = byte_varint[byte_start[:-1]]
+        n_var = byte_varint[byte_start[1:] - 1] - first_var + 1
+        counts_u = values[first_var]
+        if bool((counts_u >= np.uint64(n_var.max())).any()):
+            raise ValueError("neighbours: a row's count exceeds its varints")
+        counts = counts_u.astype(np.int64)
+        n_esc = n_var - 1 - counts
+        if bool((n_esc < 0).any()):
+            raise ValueError("neighbours: a row's count exceeds its varints")
+        var_owner = np.repeat(np.arange(m, dtype=np.int64), n_var)
+        local = np.arange(values.size, dtype=np.int64) - first_var[var_owner]
+        row_k = counts[var_owner]
+        is_entry = (local >= 1) & (local <= row_k)
+        is_escape = local > row_k
+        entries = values[is_entry]
+        owner = var_owner[is_entry]
+        bits = np.uint64(self._code_bits)
+        escape = np.uint64((1 << self._code_bits) - 1)
+        field = entries & escape
+        escaped = field == escape
+        per_row_escaped = np.bincount(owner[escaped], minlength=m)
+        if not np.array_equal(per_row_escaped, n_esc):
+            raise ValueError("neighbours: a row's escaped codes do not match its entries")
+        # targets: a running sum of the deltas within each row, from the row's own item
+        delta = _unzigzag(entries >> bits)
+        entry_start = np.zeros(m + 1, dtype=np.int64)
+        np.cumsum(counts, out=entry_start[1:])
+        running = np.zeros(entries.size + 1, dtype=np.int64)
+        np.cumsum(delta, out=running[1:])
+        targets = items[owner] + running[1:] - running[entry_start[:-1]][owner]
+        if targets.size and (int(targets.min()) < 0 or int(targets.max()) >= self._n):
+            raise ValueError("neighbours: a target is outside the catalog")
+        # codes: a running sum of the code deltas, restarting at each row and escape
+        cdelta = _unzigzag(field)
+        cdelta[escaped] = 0
+        restart = escaped.copy()
+        restart[entry_start[:-1][counts > 0]] = True
+        base = np.zeros(entries.size, dtype=np.int64)
+        esc_codes = values[is_escape]
+        if bool((esc_codes > np.uint64(255)).any()):
+            raise ValueError("neighbours: an escaped code is over 255")
+        base[escaped] = esc_codes.astype(np.int64)
+        seg = np.cumsum(restart) - 1
+        heads = np.flatnonzero(restart)
+        csum = np.zeros(entries.size + 1, dtype=np.int64)
+        np.cumsum(cdelta, out=csum[1:])
+        codes = base[heads][seg] + csum[1:] - csum[heads][seg]
+        if codes.size and (int(codes.min()) < 0 or int(codes.max()) > 255):
+            raise ValueError("neighbours: a code is outside 0..255")
+        return owner, targets, codes.astype(np.uint8)

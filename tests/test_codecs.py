@@ -1,0 +1,379 @@
+"""Tests of ``ondevice._codecs`` and of ``_bundle2.strictly_increasing`` (against plain
+Python references, over generated cases, and against hostile bytes)."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ondevice import _bundle2
+from ondevice._bundle2 import strictly_increasing
+from ondevice._codecs import (
+    BlockStringTable,
+    NeighbourStore,
+    encode_block_strings,
+    encode_neighbours,
+)
+
+# --- strictly_increasing ----------------------------------------------------------
+
+
+def _pack(strings: Sequence[bytes]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
+    offsets = np.zeros(len(strings) + 1, dtype=np.int64)
+    np.cumsum([len(s) for s in strings], out=offsets[1:])
+    blob = np.frombuffer(b"".join(strings), dtype=np.uint8)
+    return offsets, blob
+
+
+def _reference(strings: Sequence[bytes], order: Sequence[int]) -> bool:
+    s = [strings[i] for i in order]
+    return all(a < b for a, b in itertools.pairwise(s))
+
+
+_PREFIXES = [b"", b"sku-", b"0123456789abcdef", b"0123456789abcdefXYZ", "é日".encode()]
+_piece = st.binary(max_size=20) | st.text(max_size=6).map(
+    lambda t: t.encode("utf-8", "surrogatepass")
+)
+_string = st.builds(lambda p, s: p + s, st.sampled_from(_PREFIXES), _piece) | st.binary(
+    max_size=3, min_size=0
+).map(lambda b: b.replace(b"\x01", b"\x00"))
+
+
+@st.composite
+def _cases(draw: st.DrawFn) -> tuple[list[bytes], list[int]]:
+    strings: list[bytes] = draw(st.lists(_string, max_size=40))
+    add_dup: bool = draw(st.booleans())
+    add_prefix: bool = draw(st.booleans())
+    if strings and add_dup:
+        strings.append(draw(st.sampled_from(strings)))  # a duplicate
+    if strings and add_prefix:  # a string and a prefix/extension of it
+        base = draw(st.sampled_from(strings))
+        strings.append(base + draw(st.sampled_from([b"\x00", b"a", b"\xff", b"x" * 17])))
+        strings.append(base[: draw(st.integers(0, len(base)))])
+    order = sorted(range(len(strings)), key=strings.__getitem__)
+    how = draw(st.sampled_from(["sorted", "shuffled", "swap"]))
+    if how == "shuffled":
+        order = draw(st.permutations(order))
+    elif how == "swap" and len(order) >= 2:
+        i = draw(st.integers(0, len(order) - 2))
+        order[i], order[i + 1] = order[i + 1], order[i]
+    return strings, order
+
+
+@settings(max_examples=600, deadline=None)
+@given(_cases(), st.sampled_from([1, 2, 3, 1 << 16]))
+def test_strictly_increasing_matches_reference(
+    case: tuple[list[bytes], list[int]], block: int
+) -> None:
+    strings, order = case
+    offsets, blob = _pack(strings)
+    saved = _bundle2._PAIR_BLOCK
+    _bundle2._PAIR_BLOCK = block  # small blocks exercise the block edges
+    try:
+        for off in (offsets, offsets.astype(np.int32)):
+            got = strictly_increasing(off, blob, np.asarray(order, dtype=np.int32))
+            assert got == _reference(strings, order)
+    finally:
+        _bundle2._PAIR_BLOCK = saved
+
+
+def test_strictly_increasing_unique_sorted_long_shared_prefixes() -> None:
+    prefix = b"p" * 40
+    strings = sorted({prefix + bytes([a, b]) for a in range(0, 256, 5) for b in range(0, 256, 7)})
+    strings = [prefix[:10], prefix, *strings]
+    offsets, blob = _pack(strings)
+    order = np.arange(len(strings), dtype=np.int64)
+    assert strictly_increasing(offsets, blob, order)
+    dup = [*strings[:5], strings[4], *strings[5:]]
+    o2, b2 = _pack(dup)
+    assert not strictly_increasing(o2, b2, np.arange(len(dup)))
+    rev = np.arange(len(strings))[::-1].copy()
+    assert not strictly_increasing(offsets, blob, rev)
+
+
+def test_strictly_increasing_trivial_and_empty_strings() -> None:
+    offsets, blob = _pack([])
+    assert strictly_increasing(offsets, blob, np.empty(0, np.int32))
+    offsets, blob = _pack([b""])
+    assert strictly_increasing(offsets, blob, np.zeros(1, np.int32))
+    offsets, blob = _pack([b"", b""])
+    assert not strictly_increasing(offsets, blob, np.arange(2))
+    offsets, blob = _pack([b"", b"\x00"])
+    assert strictly_increasing(offsets, blob, np.arange(2))
+    assert not strictly_increasing(offsets, blob, np.arange(2)[::-1].copy())
+
+
+# --- block-compressed strings ----------------------------------------------------
+
+_text = st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_text, max_size=60), st.integers(1, 9), st.sampled_from([None, 0, 64]))
+def test_block_strings_round_trip(strings: list[str], block: int, dict_size: int | None) -> None:
+    offsets, data = encode_block_strings(strings, block, dict_size=dict_size)
+    table = BlockStringTable(offsets, data, count=len(strings), block=block, cache_blocks=2)
+    assert len(table) == len(strings)
+    assert list(table) == strings
+    assert [table[i] for i in range(len(strings))][::-1] == strings[::-1]
+    assert table[:] == strings
+    if strings:
+        assert table[-1] == strings[-1]
+        assert table.get_many([len(strings) - 1, 0, 0]) == [strings[-1], strings[0], strings[0]]
+    assert table.cached_blocks() <= 2
+    table.validate()
+    with pytest.raises(IndexError):
+        table[len(strings)]
+
+
+def test_block_strings_realistic_and_bounded_cache() -> None:
+    strings = [f"Brand {i % 7} item {i} crème {'日本' * (i % 3)}" for i in range(5000)]
+    strings[17] = ""
+    offsets, data = encode_block_strings(strings, 16)
+    assert data.nbytes < len("".join(strings).encode()) / 2
+    table = BlockStringTable(offsets, data, count=len(strings), block=16, cache_blocks=8)
+    rng = np.random.default_rng(0)
+    for i in rng.integers(0, len(strings), 2000):
+        assert table[int(i)] == strings[int(i)]
+        assert table.cached_blocks() <= 8
+
+
+def test_block_strings_concurrent_reads() -> None:
+    strings = [f"title {i} {'é' * (i % 5)}" for i in range(3000)]
+    offsets, data = encode_block_strings(strings, 8)
+    table = BlockStringTable(offsets, data, count=len(strings), block=8, cache_blocks=4)
+    errors: list[str] = []
+
+    def reader(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for i in rng.integers(0, len(strings), 3000):
+            if table[int(i)] != strings[int(i)]:
+                errors.append(f"{i}")
+
+    threads = [threading.Thread(target=reader, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert table.cached_blocks() <= 4
+
+
+def test_block_strings_rejects_bad_structure() -> None:
+    strings = ["a", "bb", "ccc", "dddd", "eeeee"]
+    offsets, data = encode_block_strings(strings, 2, dict_size=0)
+    with pytest.raises(ValueError):
+        BlockStringTable(offsets, data, count=7, block=2)  # 4 blocks, not 3
+    with pytest.raises(ValueError):
+        BlockStringTable(offsets, data, count=5, block=1)
+    bad = offsets.copy()
+    bad[2], bad[3] = bad[3], bad[2]
+    with pytest.raises(ValueError):
+        BlockStringTable(bad, data, count=5, block=2)
+    with pytest.raises(ValueError):
+        BlockStringTable(offsets, data[:-1], count=5, block=2)
+    with pytest.raises(ValueError):
+        encode_block_strings(["\ud800"])
+    # a block decoding to the wrong number of strings
+    other_offsets, other_data = encode_block_strings(["a", "b", "c"], 3, dict_size=0)
+    table = BlockStringTable(other_offsets, other_data, count=2, block=2)
+    with pytest.raises(ValueError, match="holds 3 strings"):
+        table[0]
+    with pytest.raises(ValueError):
+        table.validate()
+
+
+def _hostile_variants(data: bytes) -> list[bytes]:
+    out = []
+    for i in range(len(data)):
+        for x in (0x01, 0x80, 0xFF, 0x10):
+            b = bytearray(data)
+            b[i] ^= x
+            out.append(bytes(b))
+        b = bytearray(data)
+        b[i] = 0
+        out.append(bytes(b))
+    out.extend(data[:k] for k in range(len(data)))
+    out.extend(data + bytes([x]) for x in (0, 0x80, 0xFF))
+    return out
+
+
+def test_block_strings_hostile_bytes() -> None:
+    strings = ["", "héllo", "日本語", "x" * 20, "a", "b", "zz"]
+    for dict_size in (0, 16):
+        offsets, data = encode_block_strings(strings, 3, dict_size=dict_size)
+        ok = raised = 0
+        for variant in _hostile_variants(data.tobytes()):
+            arr = np.frombuffer(variant, dtype=np.uint8)
+            off = offsets.astype(np.int64).copy()
+            off[-1] = arr.size  # keep the structure consistent: only the last block moves
+            if off[-1] < off[-2]:
+                with pytest.raises(ValueError):
+                    BlockStringTable(off, arr, count=len(strings), block=3)
+                continue
+            table = BlockStringTable(off, arr, count=len(strings), block=3)
+            try:
+                table.validate()
+                got = list(table)
+                assert len(got) == len(strings) and all(isinstance(s, str) for s in got)
+                ok += 1
+            except ValueError:
+                raised += 1
+            for i in range(len(strings)):  # per access: a string or ValueError
+                with contextlib.suppress(ValueError):
+                    assert isinstance(table[i], str)
+        assert raised > 0
+
+
+# --- neighbour lists ---------------------------------------------------------------
+
+
+def _random_csr(
+    rng: np.random.Generator, n: int, max_k: int, *, monotone_codes: bool
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
+    counts = rng.integers(0, max_k + 1, n)
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    indices = rng.integers(0, n, int(indptr[-1])) if n else np.empty(0, np.int64)
+    codes = rng.integers(0, 256, indices.size).astype(np.uint8)
+    if monotone_codes:
+        for i in range(n):
+            codes[indptr[i] : indptr[i + 1]].sort()
+    return indptr, indices, codes
+
+
+def _check_gather(
+    store: NeighbourStore,
+    indptr: npt.NDArray[np.int64],
+    indices: npt.NDArray[np.integer],
+    codes: npt.NDArray[np.uint8],
+    items: npt.NDArray[np.int64],
+) -> None:
+    owner, targets, got_codes = store.gather(items)
+    sel = (
+        np.concatenate([np.arange(indptr[i], indptr[i + 1]) for i in items])
+        if items.size
+        else np.empty(0, np.int64)
+    ).astype(np.int64)
+    assert np.array_equal(targets, indices[sel].astype(np.int64))
+    assert np.array_equal(got_codes, codes[sel])
+    assert got_codes.dtype == np.uint8 and targets.dtype == np.int64
+    assert np.array_equal(owner, np.repeat(np.arange(items.size), np.diff(indptr)[items]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.integers(0, 60),
+    st.integers(0, 25),
+    st.integers(1, 8),
+    st.booleans(),
+    st.integers(0, 2**32 - 1),
+)
+def test_neighbours_round_trip(n: int, max_k: int, code_bits: int, mono: bool, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    indptr, indices, codes = _random_csr(rng, n, max_k, monotone_codes=mono)
+    offsets, payload = encode_neighbours(indptr, indices, codes, code_bits=code_bits)
+    store = NeighbourStore(offsets, payload, n, code_bits=code_bits)
+    store.validate(chunk=7)
+    items = rng.integers(0, n, 40) if n else np.empty(0, np.int64)
+    _check_gather(store, indptr, indices, codes, items)
+    _check_gather(store, indptr, indices, codes, np.arange(n, dtype=np.int64))
+    for i in range(min(n, 5)):
+        t, c = store.row(i)
+        assert np.array_equal(t, indices[indptr[i] : indptr[i + 1]])
+        assert np.array_equal(c, codes[indptr[i] : indptr[i + 1]])
+
+
+def test_neighbours_single_item_and_empty() -> None:
+    for indptr, indices in (([0, 1], [0]), ([0, 0], []), ([0], [])):
+        ip = np.asarray(indptr, dtype=np.int64)
+        ind = np.asarray(indices, dtype=np.int64)
+        cd = np.full(ind.size, 200, dtype=np.uint8)
+        offsets, payload = encode_neighbours(ip, ind, cd)
+        store = NeighbourStore(offsets, payload, ip.size - 1)
+        store.validate()
+        _check_gather(store, ip, ind, cd, np.arange(ip.size - 1, dtype=np.int64))
+        with pytest.raises(IndexError):
+            store.gather(np.array([ip.size - 1 + 1]))
+        with pytest.raises(IndexError):
+            store.gather(np.array([-1]))
+
+
+def test_neighbours_more_than_2_24_items() -> None:
+    n = (1 << 24) + 5
+    rows = np.array([0, 3, n - 1, n - 2], dtype=np.int64)
+    counts = np.zeros(n, dtype=np.int64)
+    counts[rows] = [3, 2, 4, 1]
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    indices = np.array([n - 1, 0, 1 << 24, 5, n - 3, 0, n - 1, 1, 2, 7], dtype=np.uint32)
+    codes = np.array([0, 1, 255, 3, 3, 9, 0, 0, 128, 1], dtype=np.uint8)
+    offsets, payload = encode_neighbours(indptr, indices, codes)
+    store = NeighbourStore(offsets, payload, n)
+    _check_gather(store, indptr, indices, codes, np.concatenate((rows, rows[::-1], [1, 2])))
+
+
+def test_neighbours_rejects_bad_input() -> None:
+    with pytest.raises(ValueError):
+        encode_neighbours(np.array([0, 2]), np.array([0, 1]), np.zeros(2, np.uint8))  # 1 >= n
+    with pytest.raises(ValueError):
+        encode_neighbours(np.array([0, 1]), np.array([0]), np.zeros(2, np.uint8))
+    with pytest.raises(ValueError):
+        encode_neighbours(np.array([0, 2, 1]), np.array([0]), np.zeros(1, np.uint8))
+    offsets, payload = encode_neighbours(np.array([0, 1, 1]), np.array([1]), np.ones(1, np.uint8))
+    with pytest.raises(ValueError):
+        NeighbourStore(offsets, payload, 3)
+    with pytest.raises(ValueError):
+        NeighbourStore(offsets[::-1].copy(), payload, 2)
+    with pytest.raises(ValueError):
+        NeighbourStore(offsets, payload[:-1], 2)
+
+
+def test_neighbours_hostile_bytes() -> None:
+    rng = np.random.default_rng(3)
+    n = 6
+    indptr, indices, codes = _random_csr(rng, n, 5, monotone_codes=True)
+    codes[0] = 250
+    base_off, base_payload = encode_neighbours(indptr, indices, codes)
+    raw = base_payload.tobytes()
+    outcomes = {"ok": 0, "error": 0}
+
+    def attempt(off: npt.NDArray[np.int64], pay: bytes) -> None:
+        arr = np.frombuffer(pay, dtype=np.uint8)
+        try:
+            store = NeighbourStore(off, arr, n)
+        except ValueError:
+            outcomes["error"] += 1
+            return
+        for items in (np.arange(n), np.array([n - 1, 0, 0]), np.array([2])):
+            try:
+                owner, targets, got = store.gather(items)
+            except ValueError:
+                outcomes["error"] += 1
+                continue
+            assert owner.size == targets.size == got.size
+            assert targets.size == 0 or (targets.min() >= 0 and targets.max() < n)
+            outcomes["ok"] += 1
+
+    off64 = base_off.astype(np.int64)
+    for variant in _hostile_variants(raw):
+        off = off64.copy()
+        off[-1] = len(variant)
+        if off[-1] < off[-2]:
+            off = np.minimum(off, len(variant))
+        attempt(off, variant)
+    for _ in range(500):  # random bytes and random row boundaries
+        size = int(rng.integers(0, 40))
+        pay = rng.integers(0, 256, size).astype(np.uint8)
+        pay[rng.random(size) < 0.5] &= 0x7F
+        cuts = np.sort(rng.integers(0, size + 1, n - 1))
+        attempt(np.concatenate(([0], cuts, [size])).astype(np.int64), pay.tobytes())
+    assert outcomes["ok"] > 0 and outcomes["error"] > 0
