@@ -621,14 +621,16 @@ def public_key(seed: int) -> bytes:
 
 
 def format_digest() -> str:
-    """A digest of the bundle code's sources (every ``*bundle*.py`` of ``ondevice`` and
-    ``ondevice.operator``): a cached bundle is rewritten when any of them changes (the
+    """A digest of the bundle code's sources (every ``*bundle*.py``, ``ann*.py`` and
+    ``_codecs.py`` of ``ondevice`` and ``ondevice.operator``): a cached bundle is rewritten when any of them changes (the
     format may have)."""
     h = hashlib.sha256(b"gen %d" % GEN_VERSION)
     spec = importlib.util.find_spec("ondevice")
     for root in spec.submodule_search_locations or [] if spec is not None else []:
         base = Path(root)
-        for path in sorted(base.glob("*bundle*.py")) + sorted(base.glob("operator/*bundle*.py")):
+        sources = [*base.glob("*bundle*.py"), *base.glob("ann*.py"), *base.glob("_codecs.py")]
+        sources += [*base.glob("operator/*bundle*.py"), *base.glob("operator/ann*.py")]
+        for path in sorted(sources):
             h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:12]
 

@@ -62,7 +62,10 @@ permutation sorting the ids by their bytes), ``category_indptr``/``category_indi
 ``<i8``), ``nbr_indices`` (``<u2`` or ``<u4``), ``nbr_weight_codes`` (``|u1``, one per
 neighbour) with ``nbr_weight_table`` (``<f4[256]``, positive, strictly descending),
 ``item_factors`` (``|i1[n, f]``) with ``item_factor_scales`` (``<f4[n]``; factor row
-``i`` is ``codes[i] * scale[i]``) and ``gram`` (of the dequantized factors). At 1M items,
+``i`` is ``codes[i] * scale[i]``) and ``gram`` (of the dequantized factors); with an
+approximate index (header ``ann``: ``null`` or ``{"kind": "ivf", "nprobe",
+"recall_at_10"}``, see :mod:`ondevice.ann`) also ``ann_centroids`` (``<f4[C, f]``) and
+``ann_offsets`` (``<i4`` or ``<i8[C + 1]``; the items are stored in cluster order). At 1M items,
 64 factors and 20 neighbours (``benchmarks/bench_bundle.py``'s synthetic catalog) that is
 240 MB against format 1's 456 MB; the neighbour indices are the largest part (80 MB).
 
@@ -120,6 +123,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from ondevice import _bundle2
 from ondevice._bundle2 import StringTable
 from ondevice._fileio import open_regular
+from ondevice.ann import IvfIndex
 from ondevice.catalog import (
     DECODE_LIMIT,
     AlsParams,
@@ -198,7 +202,10 @@ _HEADER_KEYS = frozenset(
     }
 )
 
-_HEADER_KEYS_V2 = (_HEADER_KEYS - {"item_ids", "titles", "category_sets"}) | {"category_names"}
+_HEADER_KEYS_V2 = (_HEADER_KEYS - {"item_ids", "titles", "category_sets"}) | {
+    "category_names",
+    "ann",
+}
 
 PublicKeyLike = bytes | Ed25519PublicKey
 _U8 = npt.NDArray[np.uint8]
@@ -549,6 +556,9 @@ def _parse_header(raw: _Raw, where: str) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise BundleError(f"{where}: the header is not a JSON object")
     keys, wanted = set(header), _HEADER_KEYS if raw.version == 1 else _HEADER_KEYS_V2
+    if raw.version == 2 and "ann" not in keys:  # optional: no index
+        header["ann"] = None
+        keys.add("ann")
     if keys != wanted:
         missing, unknown = sorted(wanted - keys), sorted(keys - wanted)
         raise BundleError(f"{where}: header keys missing {missing}, unknown {unknown}")
@@ -726,8 +736,10 @@ def _build_v2(raw: _Raw, header: dict[str, Any], where: str) -> Catalog:
         raise BundleError(f"{where}: a neighbour index is out of range [0, {n})")
 
     item_factors = gram = factor_scales = None
+    codes_y_shape = None
     if arrays.has("item_factors"):
         codes_y = arrays.get("item_factors", ("|i1",), (n, None))
+        codes_y_shape = codes_y.shape
         scales = arrays.get("item_factor_scales", ("<f4",), (n,))
         _check_finite(scales, "item_factor_scales")
         if (scales < 0).any() or (scales > MAX_MAGNITUDE / 127).any():
@@ -740,6 +752,7 @@ def _build_v2(raw: _Raw, header: dict[str, Any], where: str) -> Catalog:
             item_factors, factor_scales = codes_y, scales
         gram = arrays.get("gram", ("<f4",), (codes_y.shape[1], codes_y.shape[1]))
     small = codes.size <= DECODE_LIMIT
+    ann = _ann(header["ann"], arrays, n, None if codes_y_shape is None else codes_y_shape[1], where)
 
     segments = []
     for entry in _list(header["segments"], "segments", where):
@@ -781,10 +794,40 @@ def _build_v2(raw: _Raw, header: dict[str, Any], where: str) -> Catalog:
         category_table=category_table,
         item_factor_scales=factor_scales,
         nbr_weight_table=None if small else table,
+        ann=ann,
     )
     if arrays.unused:
         raise BundleError(f"{where}: arrays {sorted(arrays.unused)} are not used by the catalog")
     return catalog
+
+
+def _ann(
+    value: object, arrays: _Arrays, n: int, n_factors: int | None, where: str
+) -> IvfIndex | None:
+    """The approximate index of a format 2 header (``null`` or its settings), checked
+    against its arrays: offsets from 0 to ``n``, non-decreasing; finite, bounded
+    centroids of the factors' width; ``nprobe`` between 1 and the cluster count."""
+    if value is None:
+        return None
+    entry = _object(value, "ann", where, {"kind", "nprobe", "recall_at_10"})
+    if entry["kind"] != "ivf":
+        raise BundleError(f"{where}: unknown approximate index kind {entry['kind']!r}")
+    if n_factors is None:
+        raise BundleError(f"{where}: an approximate index needs item factors")
+    centroids = arrays.get("ann_centroids", ("<f4",), (None, n_factors))
+    offsets = arrays.get("ann_offsets", _OFFSETS, (centroids.shape[0] + 1,))
+    _check_finite(centroids, "ann_centroids")
+    _check_bounded(centroids, "ann_centroids", MAX_MAGNITUDE)
+    _check_offsets(offsets, n, f"{where}: ann_offsets")
+    nprobe = _int(entry["nprobe"], "ann nprobe", where)
+    if not 1 <= nprobe <= centroids.shape[0]:
+        raise BundleError(f"{where}: ann nprobe must be between 1 and {centroids.shape[0]}")
+    recall = _float(entry["recall_at_10"], "ann recall_at_10", where)
+    if not 0.0 <= recall <= 1.0:
+        raise BundleError(f"{where}: ann recall_at_10 must be between 0 and 1")
+    return IvfIndex(
+        centroids=centroids, offsets=offsets.astype(np.int64), nprobe=nprobe, recall=recall
+    )
 
 
 def _rules(value: object, where: str) -> tuple[SegmentRule, ...]:
@@ -970,6 +1013,21 @@ def validate_catalog(catalog: Catalog) -> None:
             "als parameters must be a positive int, a regularization in [0, 1e9] and an "
             f"alpha in [0, {MAX_MAGNITUDE:g}]"
         )
+
+    if catalog.ann is not None:
+        index = catalog.ann
+        if factors is None:
+            raise BundleError("an approximate index needs item factors")
+        _check_array(index.centroids, "ann centroids", np.float32, (None, n_factors))
+        _check_finite(index.centroids, "ann centroids")
+        _check_bounded(index.centroids, "ann centroids", MAX_MAGNITUDE)
+        clusters = int(index.centroids.shape[0])
+        if clusters < 1:
+            raise BundleError("an approximate index needs at least one cluster")
+        _check_array(index.offsets, "ann offsets", np.int64, (clusters + 1,))
+        _check_offsets(index.offsets, n, "ann offsets")
+        if type(index.nprobe) is not int or not 1 <= index.nprobe <= clusters:
+            raise BundleError(f"ann nprobe must be an int between 1 and {clusters}")
 
     seg_ids = [s.id for s in catalog.segments]
     if not _only(seg_ids, int) or len(set(seg_ids)) != len(seg_ids):

@@ -27,6 +27,8 @@ from typing import overload
 import numpy as np
 import numpy.typing as npt
 
+from .ann import IvfIndex
+
 __all__ = ["AlsParams", "Catalog", "CategoryLists", "CategoryTable", "Segment", "SegmentRule"]
 
 FloatArray = npt.NDArray[np.float32]
@@ -134,6 +136,10 @@ class Catalog:
     them that way when they are large (:data:`DECODE_LIMIT`), to hold a quarter of the
     memory; read factors and weights through :meth:`factor_rows`, :meth:`factor_scores`,
     :meth:`weights_at` and :meth:`neighbours_of`, which work for both forms.
+
+    **Approximate top-k.** ``ann`` is an :class:`ondevice.ann.IvfIndex` when the bundle
+    was written with one (large catalogs): the items are then stored in cluster order
+    and the ``individual`` level scores only the clusters the index probes.
     """
 
     item_ids: Sequence[str]
@@ -156,6 +162,7 @@ class Catalog:
     category_table: CategoryTable | None = None
     item_factor_scales: FloatArray | None = None
     nbr_weight_table: FloatArray | None = None
+    ann: IvfIndex | None = None
 
     @property
     def n_items(self) -> int:

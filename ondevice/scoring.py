@@ -704,25 +704,42 @@ def individual_ranking(
     neighbour_weight: float = 1.0,
     c: float = 60.0,
     scores: FloatArray | None = None,
+    candidates: npt.NDArray[np.int64] | None = None,
 ) -> IntArray:
     """The ``individual`` level: ``Y @ x`` ranked by :func:`top_k` (to ``depth``),
     fused by :func:`rank_fusion` with the ranking of the decayed ``neighbour`` scores
     (weight ``neighbour_weight``; ``None`` or weight 0 gives the fold-in alone).
     ``scores``, if given, is ``Y @ x`` computed by the caller (a fresh array this
-    function may overwrite), e.g. from int8 factors."""
+    function may overwrite), e.g. from int8 factors. With ``candidates`` (increasing
+    item indices, e.g. the clusters an approximate index probed), ``scores`` holds their
+    scores only, and the fold-in ranking is taken among them."""
     k = _check_k(k)
     n = item_factors.shape[0]
     if scores is None:
+        if candidates is not None:
+            raise ValueError("candidates need their scores")
         scores = factor_scores(item_factors, user_vector)  # a fresh array: safe to edit
     excl = None if exclude is None else np.asarray(exclude)
     if excl is not None and excl.dtype != np.bool_:
         idx = excl.astype(np.int64, copy=False).ravel()
         excl = idx[(idx >= 0) & (idx < n)]
     if excl is not None and excl.size:
-        scores[excl] = -np.inf  # index or mask assignment, no copy of the scores
+        if candidates is None:
+            scores[excl] = -np.inf  # index or mask assignment, no copy of the scores
+        elif excl.dtype == np.bool_:
+            scores[excl[candidates]] = -np.inf
+        else:
+            scores[np.isin(candidates, excl)] = -np.inf
+
+    def fold_in_top(m: int) -> IntArray:
+        if candidates is None:
+            return _top_k(scores, m)
+        ranked: IntArray = candidates[_top_k(scores, m)].astype(np.int32)
+        return ranked
+
     if neighbour is None or neighbour_weight == 0.0:
-        return _top_k(scores, k)
+        return fold_in_top(k)
     d = max(depth, k)
-    first = _top_k(scores, d)
+    first = fold_in_top(d)
     second = rank_sparse(neighbour, d, exclude=excl)
     return rank_fusion([first, second], k, weights=[1.0, neighbour_weight], c=c)

@@ -44,16 +44,25 @@ def recommend(rt: CatalogRuntime, state: UserState, req: Request) -> Answer | st
     x = cached if cached is not None else fold_in(rt, state)
     weights = position_weights(rt, state)
     neighbours = window_scores(rt, state, weights)
+    depth = max(rt.params.fusion_depth, req.k)
+    candidates = scores = None
+    if cat.ann is not None:  # approximate: score the probed clusters only
+        want = depth + int(state.excluded.size)  # enough left after the exclusions
+        candidates = cat.ann.candidates(cat.ann.probe(x, want))
+        scores = cat.factor_rows(candidates) @ x
+    elif cat.item_factor_scales is not None:
+        scores = cat.factor_scores(x)
     ranked = scoring.individual_ranking(
         cat.item_factors,
         x,
         neighbours,
         req.k,
         exclude=state.excluded,
-        depth=rt.params.fusion_depth,
+        depth=depth,
         neighbour_weight=rt.params.fusion_weight,
         c=rt.params.fusion_c,
-        scores=None if cat.item_factor_scales is None else cat.factor_scores(x),
+        scores=scores,
+        candidates=candidates,
     )
     items = [int(i) for i in ranked]
     sub = cat.factor_rows(ranked) @ x if items else np.empty(0, np.float32)
