@@ -154,11 +154,11 @@ def recall_at(index: IvfIndex, y: F32, queries: F32, truth: I64, k: int = 10) ->
         s = y[cand] @ q
         top = cand[np.argsort(-s, kind="stable")[:k]]
         hits += int(np.isin(want, top).sum())
-    return hits / (queries.shape[0] * min(k, truth.shape[1]))
+    return float(hits / (queries.shape[0] * min(k, truth.shape[1])))
 
 
 def _reorder(
-    categories: Sequence[tuple[str, ...]], order: npt.NDArray[np.int64]
+    categories: Sequence[tuple[str, ...]], order: npt.NDArray[np.integer]
 ) -> tuple[tuple[str, ...], ...]:
     listed = list(categories)  # a CategoryLists decodes each item once, here
     return tuple(listed[i] for i in order.tolist())
