@@ -8,7 +8,16 @@ import sys
 from pathlib import Path
 
 from ondevice.errors import OndeviceError
-from ondevice.eval.harness import EvalResult, EvalSettings, evaluate, from_synthetic, usable_cpus
+from ondevice.eval.harness import (
+    ENCODINGS,
+    FULL,
+    Encoding,
+    EvalResult,
+    EvalSettings,
+    evaluate,
+    from_synthetic,
+    usable_cpus,
+)
 from ondevice.operator._progress import TqdmProgress
 
 
@@ -37,6 +46,19 @@ def _png(result: EvalResult, path: Path) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def parse_encodings(text: str) -> tuple[Encoding, ...]:
+    """``full,compact`` -> the named encodings, full precision first (it is the reference
+    and always measured: the levels are tuned on it)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ENCODINGS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown encoding(s) {', '.join(unknown)}; known: {', '.join(ENCODINGS)}"
+        )
+    rest = [ENCODINGS[n] for n in dict.fromkeys(names) if n != FULL.name]
+    return (FULL, *rest)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +96,16 @@ def main(argv: list[str] | None = None) -> int:
         help="worker processes sharing the folds and protocols (default: the usable CPUs); "
         "the numbers do not depend on it",
     )
+    ap.add_argument(
+        "--encodings",
+        type=parse_encodings,
+        default=parse_encodings("full,compact"),
+        metavar="LIST",
+        help="catalog encodings measured side by side, comma-separated (default: "
+        "full,compact): full = float32 as built, compact = a signed bundle format 2 "
+        "(int8 factors, one-byte weights) loaded back; full precision is always measured "
+        "(the reference), so '--encodings full' is the table without the compact pass",
+    )
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     command = "python -m ondevice.eval " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -91,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                     "the results will not match docs/evaluation.md",
                     file=sys.stderr,
                 )
-            settings = EvalSettings(folds=args.folds, seed=args.seed)
+            settings = EvalSettings(folds=args.folds, seed=args.seed, encodings=args.encodings)
         else:
             from ondevice.synthetic import generate
 
@@ -103,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 min_segment_users=20,
                 segments=5,
                 als_iterations=8,
+                encodings=args.encodings,
             )
         with TqdmProgress("evaluation") as bar:
             result = evaluate(

@@ -14,7 +14,14 @@ Protocol:
 - hyper-parameters are chosen per fold and protocol on an **inner validation split** of
   the device users' training data (the same holdout applied to it), never on test items;
 - in the same run and split, centralized references trained on everyone's training
-  data (panel + device users): EASE, ALS and each level's own method.
+  data (panel + device users): EASE, ALS and each level's own method;
+- per :class:`Encoding` beyond full precision (by default ``compact``: bundle format 2,
+  int8 item factors and one-byte neighbour weights), each fold's device catalog is
+  written as a signed bundle with :func:`~ondevice.operator.bundle_writer.write_bundle`,
+  read back with :func:`~ondevice.bundle.load_bundle`, and the device levels are
+  measured again on what the device would load, with the hyper-parameters chosen at
+  full precision (no ALS is retrained), so the two encodings can be compared user by
+  user.
 
 The device levels are scored with the functions of :mod:`ondevice.scoring` and
 :mod:`ondevice.segments` against a real :class:`~ondevice.catalog.Catalog`, so the
@@ -28,18 +35,22 @@ import logging
 import math
 import multiprocessing
 import os
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from itertools import product
+from pathlib import Path
 from queue import Empty
 from typing import Any, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ondevice import scoring
+from ondevice.bundle import load_bundle
 from ondevice.catalog import AlsParams, Catalog
 from ondevice.errors import InvalidInputError
 from ondevice.eval.references import ease_fit, ease_rank
@@ -55,11 +66,17 @@ from ondevice.operator.build import (
     single_threaded_blas,
     train_als,
 )
+from ondevice.operator.bundle_writer import generate_signing_key, public_key_bytes, write_bundle
 from ondevice.segments import assign_segment, segment_by_id
 from ondevice.synthetic import SyntheticData
 
 __all__ = [
+    "COMPACT",
+    "ENCODINGS",
+    "FULL",
     "Dataset",
+    "Encoding",
+    "EncodingDelta",
     "EvalResult",
     "EvalSettings",
     "LevelResult",
@@ -159,6 +176,56 @@ def from_synthetic(data: SyntheticData, *, name: str = "synthetic") -> Dataset:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Encoding:
+    """How the device catalog reaches the device in one measured variant.
+
+    ``format_version`` ``None`` measures the catalog as built in memory (float32
+    everything: what a format 1, full-precision, bundle carries unchanged). Otherwise the
+    fold's catalog goes through the real bundle path: ``write_bundle(catalog, path,
+    private_key=..., format_version=format_version, **dict(write_options))`` into a
+    temporary file, then :func:`~ondevice.bundle.load_bundle`, and the device levels are
+    measured on the loaded catalog. Whatever the bundle format does to a catalog
+    (quantization, a Gram matrix recomputed from the quantized factors, an item order
+    of its own) is therefore what gets measured.
+
+    ``write_options`` is the hook for variants of the format: extra keyword arguments
+    of ``write_bundle`` as ``(name, value)`` pairs, e.g. a third encoding
+    ``Encoding("compact+ann", "compact + ANN index", 2, (("ann", 64),))``. A loaded
+    catalog whose items come in another order (an approximate index writes them in
+    cluster order) is measured by item id: the users' items are renumbered into it.
+    """
+
+    name: str
+    label: str
+    format_version: int | None = 2
+    write_options: tuple[tuple[str, object], ...] = ()
+    only: str | None = None
+    """A diagnostic: ``"factors"`` measures the catalog as built with only the loaded
+    item factors and Gram matrix put in, ``"weights"`` with only the loaded neighbour
+    weights; ``None`` (the default) measures the loaded catalog as it is."""
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether this is the catalog as built (no bundle round trip)."""
+        return self.format_version is None
+
+
+FULL = Encoding("full", "full precision", None)
+"""The catalog as built: float32 factors and weights (equal to a format 1 bundle's)."""
+COMPACT = Encoding("compact", "compact (format 2)", 2)
+"""Bundle format 2 as :func:`write_bundle` writes it by default: int8 item factors with
+a scale per item, neighbour weights as one-byte codes into a log table."""
+COMPACT_FACTORS = Encoding("compact-factors", "format 2 factors only", 2, only="factors")
+"""Diagnostic: full precision but for the item factors (and Gram matrix) of format 2."""
+COMPACT_WEIGHTS = Encoding("compact-weights", "format 2 weights only", 2, only="weights")
+"""Diagnostic: full precision but for the neighbour weights of format 2."""
+ENCODINGS: Mapping[str, Encoding] = {
+    e.name: e for e in (FULL, COMPACT, COMPACT_FACTORS, COMPACT_WEIGHTS)
+}
+"""The encodings ``python -m ondevice.eval --encodings`` knows by name."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EvalSettings:
     """The protocol's knobs and the hyper-parameter grids searched on validation."""
@@ -198,10 +265,26 @@ class EvalSettings:
     shrinkage_grid: tuple[float, ...] = (0.0, 20.0, 100.0)
     rule_signals: tuple[str, ...] | None = None
     """Declared signals crossed into rule segments; ``None``: the dataset's default."""
+    encodings: tuple[Encoding, ...] = (FULL, COMPACT)
+    """The catalog encodings the device levels are measured under, :data:`FULL` first:
+    full precision is the reference the others are compared with, and the
+    hyper-parameters chosen on validation at full precision are reused for the others
+    (the comparison is of the encoding alone). Add an :class:`Encoding` with
+    ``write_options`` to measure a variant of the bundle format."""
 
     def __post_init__(self) -> None:
         if self.folds < 2:
             raise InvalidInputError("need at least 2 folds")
+        if not self.encodings or self.encodings[0] != FULL:
+            raise InvalidInputError(
+                "encodings must start with full precision (the reference the others are "
+                "compared with, and the one the hyper-parameters are chosen on)"
+            )
+        names = [e.name for e in self.encodings]
+        if len(set(names)) != len(names):
+            raise InvalidInputError(f"encoding names repeat: {names}")
+        if any(e.in_memory for e in self.encodings[1:]):
+            raise InvalidInputError("only the first encoding may be the in-memory catalog")
         if self.als_cg_steps < 0 or self.als_threads < 0:
             raise InvalidInputError("als_cg_steps and als_threads must be >= 0")
         bad = set(self.protocols) - {"loo", "t20"}
@@ -232,6 +315,47 @@ class LevelResult:
     users: int
 
 
+ENCODING_TOLERANCE = 0.01
+"""The largest relative change of a level's NDCG@10 under another encoding, against full
+precision, that counts as "within" (1%)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EncodingDelta:
+    """One device level's NDCG@10 under one encoding next to full precision, on the same
+    users, folds and hyper-parameters."""
+
+    protocol: str
+    key: str
+    label: str
+    encoding: str
+    reference: float
+    """NDCG@10 at full precision."""
+    reference_se: float
+    measured: float
+    """NDCG@10 under ``encoding``."""
+    measured_se: float
+    diff_se: float
+    """Standard error of the per-user difference ``measured - reference`` (paired: the
+    same users and targets), the noise to judge the difference by."""
+
+    @property
+    def change(self) -> float:
+        """Relative change ``measured / reference - 1`` (NaN if the reference is 0)."""
+        return self.measured / self.reference - 1.0 if self.reference > 0 else math.nan
+
+    @property
+    def change_se(self) -> float:
+        """:attr:`diff_se` relative to the reference."""
+        return self.diff_se / self.reference if self.reference > 0 else math.nan
+
+    def within(self, tolerance: float = ENCODING_TOLERANCE) -> bool:
+        """Whether ``|change| <= tolerance`` (an unchanged zero counts as within)."""
+        if self.reference <= 0:
+            return self.measured == self.reference
+        return abs(self.change) <= tolerance + 1e-12
+
+
 @dataclass(frozen=True, slots=True)
 class EvalResult:
     """Every row of every protocol, the chosen hyper-parameters and the run time."""
@@ -248,6 +372,16 @@ class EvalResult:
     cpu_seconds: float = 0.0
     """CPU time of the run, worker processes included."""
     jobs: int = 1
+    encoded: Mapping[str, Mapping[str, tuple[LevelResult, ...]]] = field(default_factory=dict)
+    """Per protocol and encoding other than full precision: the device rows measured on
+    the catalog as loaded from that encoding's bundle (``rows`` holds full precision)."""
+    deltas: tuple[EncodingDelta, ...] = ()
+    """Each device row of ``encoded`` next to its full-precision row."""
+    encoding_stats: Mapping[str, Mapping[str, tuple[Mapping[str, float], ...]]] = field(
+        default_factory=dict
+    )
+    """Per protocol and encoding, per fold: how far the loaded catalog is from the one
+    built (see :func:`_encoding_stats`)."""
 
     def row(self, protocol: str, key: str) -> LevelResult:
         """The row of ``key`` under ``protocol``."""
@@ -368,6 +502,7 @@ class EvalResult:
                     f"{r.coverage:.1%} | {lift:.2f}x | {r.ms_per_user:.2f} |"
                 )
             lines.append("")
+        lines += self._encodings_markdown()
         lines += [
             "## Quality targets (NDCG@10 ratios)",
             "",
@@ -389,6 +524,97 @@ class EvalResult:
                 lines.append(f"  - fold {f}: {desc}")
         lines.append("")
         return "\n".join(lines)
+
+    def delta(self, protocol: str, key: str, encoding: str) -> EncodingDelta:
+        """The comparison of ``key`` under ``encoding`` with full precision."""
+        for d in self.deltas:
+            if (d.protocol, d.key, d.encoding) == (protocol, key, encoding):
+                return d
+        raise KeyError((protocol, key, encoding))
+
+    def _encodings_markdown(self) -> list[str]:
+        """The side-by-side section: each device level's NDCG@10 under every encoding."""
+        others = [e for e in self.settings.encodings if not e.in_memory]
+        if not others:
+            return []
+        tol = f"{ENCODING_TOLERANCE:.0%}"
+        lines = [
+            "## Full precision and compact bundles side by side",
+            "",
+            "NDCG@10 of each device level with the catalog as built (full precision: "
+            "float32 factors and weights, what a format 1 bundle carries unchanged) and as "
+            "the device loads it from a signed bundle of each other encoding ("
+            + "; ".join(
+                f"{e.label}: `write_bundle(..., format_version={e.format_version}"
+                + "".join(f", {k}={v!r}" for k, v in e.write_options)
+                + ")`, then `load_bundle`"
+                + ("" if e.only is None else f", only its {_PARTS[e.only]} used")
+                for e in others
+            )
+            + "). Same users, folds and hyper-parameters (chosen on validation at full "
+            "precision); only the catalog's encoding differs. Change: the encoding's "
+            "NDCG@10 / full precision's - 1; ± its standard error, from the per-user "
+            "differences (paired), relative to full precision. "
+            f"Within {tol}: |change| <= {tol}.",
+            "",
+        ]
+        for p in self.rows:
+            title = {"loo": "leave last one out (LOO)", "t20": "last 20% held out (T20)"}[p]
+            head = "| level | NDCG@10 full precision |"
+            rule = "|---|---|"
+            for e in others:
+                head += f" NDCG@10 {e.label} | change | ± SE (paired) | within {tol} |"
+                rule += "---|---|---|---|"
+            lines += [f"### {title}", "", head, rule]
+            for r in self.rows[p]:
+                if not r.group.startswith("on the device"):
+                    continue
+                cells = f"| {r.label} | {r.ndcg:.4f} ± {r.ndcg_se:.4f} |"
+                for e in others:
+                    d = self.delta(p, r.key, e.name)
+                    cells += (
+                        f" {d.measured:.4f} ± {d.measured_se:.4f} | {d.change:+.2%} | "
+                        f"± {d.change_se:.2%} | {'yes' if d.within() else 'NO'} |"
+                    )
+                lines.append(cells)
+            lines.append("")
+        lines += ["What each bundle changed in the catalog (mean over folds):", ""]
+        for p in self.rows:
+            for e in others:
+                st = self.encoding_stats.get(p, {}).get(e.name, ())
+                if not st:
+                    continue
+
+                def mean(k: str, st: tuple[Mapping[str, float], ...] = st) -> float:
+                    return float(np.mean([x[k] for x in st]))
+
+                lines.append(
+                    f"- {p}, {e.label}: item factors changed in "
+                    f"{mean('factors_changed'):.1%} of their entries, relative error "
+                    f"||Y' - Y|| / ||Y|| {mean('factors_rel_error'):.2e}; neighbour weights "
+                    f"changed in {mean('weights_changed'):.1%} of entries, largest relative "
+                    f"error {mean('weights_max_rel_error'):.2e}; Gram matrix relative error "
+                    f"{mean('gram_rel_error'):.2e}; kept as int8 and codes in memory: "
+                    f"{_yes_no(mean('kept_compact'))} (if not, the loader decoded them to "
+                    f"float32: the quantized values); items reordered by the bundle: "
+                    f"{_yes_no(mean('reordered'))}; approximate index: "
+                    f"{_yes_no(mean('ann'))}."
+                )
+        lines.append("")
+        return lines
+
+
+_PARTS = {"factors": "item factors and Gram matrix", "weights": "neighbour weights"}
+"""What a diagnostic :attr:`Encoding.only` takes from the loaded bundle."""
+
+
+def _yes_no(fraction: float) -> str:
+    """'yes', 'no' or the share of folds where it held."""
+    if fraction >= 1.0:
+        return "yes"
+    if fraction <= 0.0:
+        return "no"
+    return f"in {fraction:.0%} of folds"
 
 
 def holdout_size(n: int, protocol: str) -> int:
@@ -591,6 +817,122 @@ def _model(cat: Catalog, user_factors: F32 | None = None) -> _Model:
     return _Model(
         catalog=cat, pop_order=order, cat_indptr=ip, cat_indices=ix, user_factors=user_factors
     )
+
+
+def _decoded(cat: Catalog) -> Catalog:
+    """``cat`` with arrays a format 2 bundle kept compact (int8 factors with scales,
+    one-byte weight codes: large catalogs) decoded to float32: the same values, in the
+    form the harness's rankers read. A small catalog is decoded by the loader already."""
+    if cat.item_factor_scales is not None:
+        cat = replace(cat, item_factors=cat.decoded_factors(), item_factor_scales=None)
+    if cat.nbr_weight_table is not None:
+        cat = replace(
+            cat,
+            nbr_weights=cat.decoded_weights(),
+            nbr_weight_table=None,
+            nbr_indices=np.asarray(cat.nbr_indices, dtype=np.int32),
+        )
+    return cat
+
+
+def _measured(built: Catalog, loaded: Catalog, enc: Encoding) -> Catalog:
+    """The catalog ``enc`` measures: ``loaded`` decoded, or for a diagnostic encoding
+    ``built`` with only the loaded factors and Gram matrix, or only the loaded neighbour
+    weights, put in."""
+    dec = _decoded(loaded)
+    if enc.only is None:
+        return dec
+    if _renumbering(built, loaded) is not None:
+        raise InvalidInputError(f"encoding {enc.name!r} needs a bundle that keeps the item order")
+    if enc.only == "factors":
+        return replace(built, item_factors=dec.item_factors, gram=dec.gram)
+    if enc.only == "weights":
+        if not np.array_equal(dec.nbr_indices, built.nbr_indices):
+            raise InvalidInputError("the bundle changed the neighbour lists")
+        return replace(built, nbr_weights=dec.nbr_weights)
+    raise InvalidInputError(f"unknown part {enc.only!r} of encoding {enc.name!r}")
+
+
+def _through_bundle(cat: Catalog, enc: Encoding, path: Path, key: Ed25519PrivateKey) -> Catalog:
+    """``cat`` written as ``enc``'s signed bundle at ``path`` and loaded back, as a
+    device loads it (the file is removed afterwards)."""
+    assert enc.format_version is not None
+    write_bundle(
+        cat,
+        path,
+        private_key=key,
+        format_version=enc.format_version,
+        **dict(enc.write_options),  # type: ignore[arg-type]
+    )
+    try:
+        return load_bundle(path, public_key=public_key_bytes(key))
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _renumbering(built: Catalog, loaded: Catalog) -> I64 | None:
+    """For each item of ``built`` its index in ``loaded`` (matched by id), or ``None``
+    when the bundle kept the order."""
+    ids = list(loaded.item_ids)
+    if ids == list(built.item_ids):
+        return None
+    where = {item: i for i, item in enumerate(ids)}
+    try:
+        return np.asarray([where[item] for item in built.item_ids], dtype=np.int64)
+    except KeyError as exc:
+        raise InvalidInputError(f"the bundle lost item {exc.args[0]!r}") from exc
+
+
+def _renumbered(views: Sequence[_View], order: I64 | None) -> list[_View]:
+    """``views`` with every item index moved to a loaded catalog's numbering."""
+    if order is None:
+        return list(views)
+    return [
+        replace(v, window=order[v.window], seen=order[v.seen], targets=order[v.targets])
+        for v in views
+    ]
+
+
+def _rel(a: npt.NDArray[np.floating], b: npt.NDArray[np.floating]) -> float:
+    """``||a - b|| / ||b||`` in float64 (0 for two zero arrays)."""
+    a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    den = float(np.linalg.norm(b64))
+    num = float(np.linalg.norm(a64 - b64))
+    return num / den if den > 0 else num
+
+
+def _encoding_stats(built: Catalog, loaded: Catalog, order: I64 | None) -> dict[str, float]:
+    """How far the catalog a device loads is from the one built: the share of factor and
+    neighbour-weight entries that changed, their relative errors, the Gram matrix's
+    relative error, whether arrays stayed compact in memory, whether the items were
+    reordered and whether an approximate index came with them. Weight errors are NaN
+    when the items were reordered (the lists are not compared then)."""
+    out: dict[str, float] = {
+        "kept_compact": float(
+            loaded.item_factor_scales is not None or loaded.nbr_weight_table is not None
+        ),
+        "reordered": float(order is not None),
+        "ann": float(getattr(loaded, "ann", None) is not None),
+    }
+    y, y_l = built.item_factors, loaded.decoded_factors()
+    if y is not None and y_l is not None:
+        y_l = y_l if order is None else y_l[order]
+        out["factors_changed"] = float(np.mean(y_l != y))
+        out["factors_rel_error"] = _rel(y_l, y)
+    if built.gram is not None and loaded.gram is not None:
+        out["gram_rel_error"] = _rel(loaded.gram, built.gram)
+    if order is None:
+        w, w_l = built.decoded_weights(), loaded.decoded_weights()
+        out["weights_changed"] = float(np.mean(w_l != w)) if w.size else 0.0
+        nz = w != 0
+        out["weights_max_rel_error"] = (
+            float(np.max(np.abs(w_l[nz].astype(np.float64) - w[nz]) / np.abs(w[nz])))
+            if nz.any()
+            else 0.0
+        )
+    else:
+        out["weights_changed"] = out["weights_max_rel_error"] = math.nan
+    return out
 
 
 # ---- the device levels, each a thin call into ondevice.scoring / ondevice.segments ----
@@ -851,6 +1193,10 @@ _LEVELS: tuple[tuple[str, str, str, str], ...] = (
         "all users' histories",
     ),
 )
+_DEVICE_KEYS: tuple[str, ...] = tuple(
+    key for key, _, group, _ in _LEVELS if group.startswith("on the device")
+)
+"""The rows measured on the device's catalog (under every encoding)."""
 
 
 def _als_grid(x: Csr, s: EvalSettings) -> dict[tuple[float, float], tuple[F32, F32]]:
@@ -928,6 +1274,46 @@ def _with_segments(
     return replace(model, catalog=cat)
 
 
+def _device_levels(
+    test: Sequence[_View],
+    mod: _Model,
+    seg_b: _Model,
+    seg_r: _Model | None,
+    ch: Mapping[str, Any],
+    a: Mapping[str, _Acc],
+    s: EvalSettings,
+) -> None:
+    """Measure every device level on ``test`` with the hyper-parameters ``ch`` chosen on
+    validation: ``mod`` is the fold's catalog, ``seg_b`` it with behaviour segments,
+    ``seg_r`` with declared-signal rule segments (``None``: no rules)."""
+    depth = max(s.cutoff, s.recall_cutoff)
+    hl, fh, sh = ch["half_life"], ch["foldin_half_life"], ch["segment_half_life"]
+    w_c, ctx = ch["fusion"], ch["context"]
+    _run(test, _rank_none(mod, depth), a["none"], s)
+    if seg_r is not None:
+        _run(test, _rank_segment(seg_r, depth, behaviour=False), a["segment_rules"], s)
+    _run(test, _rank_segment(seg_b, depth, behaviour=True, half_life=sh), a["segment"], s)
+    # As the device serves them: levels none and segment keep no item ids, so they
+    # cannot leave out what the user has already seen.
+    _run(test, _rank_none(mod, depth, exclude_seen=False), a["none_served"], s)
+    _run(
+        test,
+        _rank_segment(seg_b, depth, behaviour=True, half_life=sh, exclude_seen=False),
+        a["segment_served"],
+        s,
+    )
+    _run(test, _rank_behavioral(mod, depth, math.inf, s.flat_window), a["flat100"], s)
+    _run(test, _rank_behavioral(mod, depth, hl), a["behavioral"], s)
+    _run(test, _rank_contextual(mod, depth, hl, ctx[0], ctx[1], s.session_gap), a["contextual"], s)
+    _run(test, _rank_individual(mod, depth, hl, 0.0, 60.0, s.fusion_depth), a["foldin"], s)
+    _run(
+        test,
+        _rank_individual(mod, depth, hl, w_c[0], w_c[1], s.fusion_depth, fh),
+        a["individual"],
+        s,
+    )
+
+
 def _protocol(
     data: Dataset,
     s: EvalSettings,
@@ -937,9 +1323,13 @@ def _protocol(
     p: str,
     a: Mapping[str, _Acc],
     tick: Callable[[str], None],
+    enc_accs: Mapping[str, Mapping[str, _Acc]],
+    stats: dict[str, dict[str, float]],
 ) -> tuple[dict[str, object], int]:
     """Tune on validation, then measure every level and reference for one fold and one
-    protocol; returns the chosen hyper-parameters and the behaviour segment count."""
+    protocol, and the device levels again under every encoding other than full precision
+    (into ``enc_accs[encoding]``, with what the bundle changed in ``stats[encoding]``);
+    returns the chosen hyper-parameters and the behaviour segment count."""
     depth = max(s.cutoff, s.recall_cutoff)
     val = _views(data, device, p, s.window, inner=True)
     test = _views(data, device, p, s.window, inner=False)
@@ -1025,31 +1415,32 @@ def _protocol(
     )
     tick("tuning")
     # -- the device levels on the test items --
-    seg_r = seg(m_rule, False)
-    _run(test, _rank_none(mod, depth), a["none"], s)
-    if rules:
-        _run(test, _rank_segment(seg_r, depth, behaviour=False), a["segment_rules"], s)
-    _run(test, _rank_segment(seg_b, depth, behaviour=True, half_life=sh), a["segment"], s)
-    # As the device serves them: levels none and segment keep no item ids, so they
-    # cannot leave out what the user has already seen.
-    _run(test, _rank_none(mod, depth, exclude_seen=False), a["none_served"], s)
-    _run(
-        test,
-        _rank_segment(seg_b, depth, behaviour=True, half_life=sh, exclude_seen=False),
-        a["segment_served"],
-        s,
-    )
-    _run(test, _rank_behavioral(mod, depth, math.inf, s.flat_window), a["flat100"], s)
-    _run(test, _rank_behavioral(mod, depth, hl), a["behavioral"], s)
-    _run(test, _rank_contextual(mod, depth, hl, ctx[0], ctx[1], s.session_gap), a["contextual"], s)
-    _run(test, _rank_individual(mod, depth, hl, 0.0, 60.0, s.fusion_depth), a["foldin"], s)
-    _run(
-        test,
-        _rank_individual(mod, depth, hl, w_c[0], w_c[1], s.fusion_depth, fh),
-        a["individual"],
-        s,
-    )
+    seg_r = seg(m_rule, False) if rules else None
+    _device_levels(test, mod, seg_b, seg_r, ch, a, s)
     tick("device levels")
+    # -- the same levels on the catalog as each other encoding's bundle delivers it --
+    others = [e for e in s.encodings if not e.in_memory]
+    if others:
+        key = generate_signing_key()
+        with tempfile.TemporaryDirectory(prefix="ondevice-eval-") as tmp:
+            for enc in others:
+                loaded_b = _through_bundle(seg_b.catalog, enc, Path(tmp) / "segments.odb", key)
+                order = _renumbering(seg_b.catalog, loaded_b)
+                stats[enc.name] = _encoding_stats(seg_b.catalog, loaded_b, order)
+                loaded_r = None
+                if seg_r is not None:
+                    cat_r = _through_bundle(seg_r.catalog, enc, Path(tmp) / "rules.odb", key)
+                    order_r = _renumbering(seg_r.catalog, cat_r)
+                    if (order is None) != (order_r is None) or not np.array_equal(
+                        order if order is not None else 0, order_r if order_r is not None else 0
+                    ):
+                        raise InvalidInputError("two bundles of one fold put items apart")
+                    loaded_r = _model(_measured(seg_r.catalog, cat_r, enc))
+                loaded = _model(_measured(seg_b.catalog, loaded_b, enc))
+                _device_levels(
+                    _renumbered(test, order), loaded, loaded, loaded_r, ch, enc_accs[enc.name], s
+                )
+                tick(f"{enc.name} levels")
     # -- central references: everyone's training data --
     fit_rows = dict(panel.rows)
     fit_rows.update({v.row: v.seen for v in val})
@@ -1125,6 +1516,10 @@ class _ProtocolResult:
     accs: Mapping[str, _Acc]
     chosen: dict[str, object]
     segments: int
+    encoded: Mapping[str, Mapping[str, _Acc]] = field(default_factory=dict)
+    """Per encoding other than full precision: the device levels' per-user metrics."""
+    stats: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    """Per encoding other than full precision: what its bundle changed in the catalog."""
 
 
 def _make_panel(
@@ -1156,12 +1551,27 @@ def _run_protocol(
 ) -> _ProtocolResult:
     """Tuning and measuring one fold under one protocol."""
     accs = {key: _Acc() for key, *_ in _LEVELS}
+    enc_accs = {
+        e.name: {key: _Acc() for key in _DEVICE_KEYS} for e in s.encodings if not e.in_memory
+    }
+    stats: dict[str, dict[str, float]] = {}
     prefix = f"fold {f + 1} {p}: "
     ch, n_seg = _protocol(
-        data, s, rules, device.tolist(), panel, p, accs, functools.partial(_prefixed, tick, prefix)
+        data,
+        s,
+        rules,
+        device.tolist(),
+        panel,
+        p,
+        accs,
+        functools.partial(_prefixed, tick, prefix),
+        enc_accs,
+        stats,
     )
     log.info("fold %d %s: %s", f, p, ch)
-    return _ProtocolResult(fold=f, protocol=p, accs=accs, chosen=ch, segments=n_seg)
+    return _ProtocolResult(
+        fold=f, protocol=p, accs=accs, chosen=ch, segments=n_seg, encoded=enc_accs, stats=stats
+    )
 
 
 # ---- running the work in worker processes ----
@@ -1282,7 +1692,8 @@ def evaluate(
     rng = np.random.default_rng(s.seed)
     perm = rng.permutation(data.n_users)
     folds = [np.sort(f) for f in np.array_split(perm, s.folds)]
-    total = s.folds * (1 + 3 * len(s.protocols))
+    n_other = sum(1 for e in s.encodings if not e.in_memory)
+    total = s.folds * (1 + (3 + n_other) * len(s.protocols))
     done = 0
 
     def tick(stage: str) -> None:
@@ -1308,50 +1719,52 @@ def evaluate(
                     _run_protocol(data, s, rules, f, dev, panel, p, tick) for p in s.protocols
                 ]
     accs = {p: {key: _Acc() for key, *_ in _LEVELS} for p in s.protocols}
+    others = [e.name for e in s.encodings if not e.in_memory]
+    enc_accs = {p: {e: {k: _Acc() for k in _DEVICE_KEYS} for e in others} for p in s.protocols}
+    stats: dict[str, dict[str, list[Mapping[str, float]]]] = {
+        p: {e: [] for e in others} for p in s.protocols
+    }
     chosen: dict[str, list[dict[str, object]]] = {p: [] for p in s.protocols}
     seg_counts: dict[str, list[int]] = {p: [] for p in s.protocols}
     # in fold order, as a single process appends them, whatever order they finished in
     for res in sorted(results, key=lambda r: r.fold):
         for key, acc in res.accs.items():
             accs[res.protocol][key].extend(acc)
+        for e in others:
+            for key, acc in res.encoded[e].items():
+                enc_accs[res.protocol][e][key].extend(acc)
+            stats[res.protocol][e].append(res.stats[e])
         chosen[res.protocol].append(res.chosen)
         seg_counts[res.protocol].append(res.segments)
 
     rows: dict[str, tuple[LevelResult, ...]] = {}
+    encoded: dict[str, dict[str, tuple[LevelResult, ...]]] = {}
+    deltas: list[EncodingDelta] = []
     for p in s.protocols:
-        out = []
-        for key, label, group, reads in _LEVELS:
-            if key == "segment_rules" and not rules:
-                continue
-            acc = accs[p][key]
-            n = len(acc.ndcg)
-
-            def ms(vals: list[float], n: int = n) -> tuple[float, float]:
-                arr = np.asarray(vals)
-                se = float(arr.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
-                return float(arr.mean()) if n else 0.0, se
-
-            hr, hr_se = ms(acc.hr)
-            nd, nd_se = ms(acc.ndcg)
-            rc, rc_se = ms(acc.recall)
-            out.append(
-                LevelResult(
-                    key=key,
-                    label=label.format(rules=" x ".join(rules)),
-                    group=group,
-                    reads=reads,
-                    hr=hr,
-                    hr_se=hr_se,
-                    ndcg=nd,
-                    ndcg_se=nd_se,
-                    recall=rc,
-                    recall_se=rc_se,
-                    coverage=len(acc.covered) / data.n_items,
-                    ms_per_user=float(np.mean(acc.ms)) if acc.ms else 0.0,
-                    users=n,
-                )
+        levels = [lv for lv in _LEVELS if lv[0] != "segment_rules" or rules]
+        rows[p] = tuple(_level_result(lv, accs[p][lv[0]], rules, data.n_items) for lv in levels)
+        encoded[p] = {}
+        for e in others:
+            encoded[p][e] = tuple(
+                _level_result(lv, enc_accs[p][e][lv[0]], rules, data.n_items)
+                for lv in levels
+                if lv[0] in _DEVICE_KEYS
             )
-        rows[p] = tuple(out)
+            for r in encoded[p][e]:
+                ref = next(x for x in rows[p] if x.key == r.key)
+                deltas.append(
+                    EncodingDelta(
+                        protocol=p,
+                        key=r.key,
+                        label=r.label,
+                        encoding=e,
+                        reference=ref.ndcg,
+                        reference_se=ref.ndcg_se,
+                        measured=r.ndcg,
+                        measured_se=r.ndcg_se,
+                        diff_se=_paired_se(enc_accs[p][e][r.key].ndcg, accs[p][r.key].ndcg),
+                    )
+                )
     return EvalResult(
         dataset=data.name,
         n_users=data.n_users,
@@ -1364,4 +1777,49 @@ def evaluate(
         command=command,
         cpu_seconds=_cpu_seconds() - cpu_start,
         jobs=jobs,
+        encoded=encoded,
+        deltas=tuple(deltas),
+        encoding_stats={p: {e: tuple(v) for e, v in st.items()} for p, st in stats.items()},
+    )
+
+
+def _mean_se(vals: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error (0 for fewer than two values)."""
+    arr = np.asarray(vals, dtype=np.float64)
+    n = arr.size
+    if n == 0:
+        return 0.0, 0.0
+    se = float(arr.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+    return float(arr.mean()), se
+
+
+def _paired_se(a: Sequence[float], b: Sequence[float]) -> float:
+    """Standard error of the mean of ``a - b`` (the same users in the same order)."""
+    if len(a) != len(b):
+        raise InvalidInputError("paired metrics of different users")
+    return _mean_se(list(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)))[1]
+
+
+def _level_result(
+    level: tuple[str, str, str, str], acc: _Acc, rules: tuple[str, ...], n_items: int
+) -> LevelResult:
+    """One table row from the per-user metrics of one level."""
+    key, label, group, reads = level
+    hr, hr_se = _mean_se(acc.hr)
+    nd, nd_se = _mean_se(acc.ndcg)
+    rc, rc_se = _mean_se(acc.recall)
+    return LevelResult(
+        key=key,
+        label=label.format(rules=" x ".join(rules)),
+        group=group,
+        reads=reads,
+        hr=hr,
+        hr_se=hr_se,
+        ndcg=nd,
+        ndcg_se=nd_se,
+        recall=rc,
+        recall_se=rc_se,
+        coverage=len(acc.covered) / n_items,
+        ms_per_user=float(np.mean(acc.ms)) if acc.ms else 0.0,
+        users=len(acc.ndcg),
     )
