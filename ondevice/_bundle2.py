@@ -230,6 +230,15 @@ class StringTable(Sequence[str]):
         return int(self._blob.nbytes + self._offsets.nbytes) + extra
 
 
+POPULAR_PREFIX = 1 << 16
+"""A format 2 bundle ships the head of the popularity ranking, at most this many items
+(every ranking falls back on it; no request excludes 65,536 items)."""
+
+LARGE_ITEMS = 1 << 18
+"""From this many items (262,144) the writer stores titles as deflated blocks and
+neighbour lists as varint rows (:mod:`ondevice._codecs`): a third of the bytes, decoded
+per request. Smaller catalogs keep the plain tables, decoded at load in milliseconds."""
+
 INDEX_DICT_LIMIT = 1 << 18
 """Catalogs of at most this many items get a dictionary of every id (built in tens of ms,
 a lookup in well under a microsecond); larger format 2 catalogs are searched in their

@@ -122,6 +122,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ondevice import _bundle2
 from ondevice._bundle2 import StringTable
+from ondevice._codecs import BlockStringTable, NeighbourStore
 from ondevice._fileio import open_regular
 from ondevice.ann import IvfIndex
 from ondevice.catalog import (
@@ -205,7 +206,12 @@ _HEADER_KEYS = frozenset(
 _HEADER_KEYS_V2 = (_HEADER_KEYS - {"item_ids", "titles", "category_sets"}) | {
     "category_names",
     "ann",
+    "title_block",
+    "nbr_code_bits",
 }
+_OPTIONAL_V2 = ("ann", "title_block", "nbr_code_bits")
+"""Format 2 header fields that may be left out (meaning ``null``: no index, plain titles,
+plain neighbour arrays)."""
 
 PublicKeyLike = bytes | Ed25519PublicKey
 _U8 = npt.NDArray[np.uint8]
@@ -556,9 +562,11 @@ def _parse_header(raw: _Raw, where: str) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise BundleError(f"{where}: the header is not a JSON object")
     keys, wanted = set(header), _HEADER_KEYS if raw.version == 1 else _HEADER_KEYS_V2
-    if raw.version == 2 and "ann" not in keys:  # optional: no index
-        header["ann"] = None
-        keys.add("ann")
+    if raw.version == 2:
+        for name in _OPTIONAL_V2:
+            if name not in keys:
+                header[name] = None
+                keys.add(name)
     if keys != wanted:
         missing, unknown = sorted(wanted - keys), sorted(keys - wanted)
         raise BundleError(f"{where}: header keys missing {missing}, unknown {unknown}")
@@ -699,7 +707,19 @@ def _build_v2(raw: _Raw, header: dict[str, Any], where: str) -> Catalog:
         return StringTable(offsets, blob, order=order, what=f"{where}: {prefix}s")
 
     item_ids = strings("item_id", ordered=True)
-    titles = strings("title", ordered=False)
+    titles: Sequence[str]
+    if header["title_block"] is None:
+        titles = strings("title", ordered=False)
+    else:
+        block = _int(header["title_block"], "title_block", where)
+        if not 1 <= block <= 1 << 16:
+            raise BundleError(f"{where}: title_block must be between 1 and 65536")
+        titles = _Titles(
+            arrays.get("title_blocks", _OFFSETS, (None,)),
+            arrays.get("title_data", ("|u1",), (None,)),
+            count=n,
+            block=block,
+        )
 
     categories, category_table = None, None
     if header["category_names"] is not None:
@@ -714,26 +734,34 @@ def _build_v2(raw: _Raw, header: dict[str, Any], where: str) -> Catalog:
 
     popularity = arrays.get("popularity", ("<f4",), (n,))
     _check_finite(popularity, "popularity")
-    order = arrays.get("popularity_order", ("<i4",), (n,))
+    order = arrays.get("popularity_order", ("<i4",), (min(n, _bundle2.POPULAR_PREFIX),))
     if n:
-        if not _bundle2.is_permutation(order, n):
-            raise BundleError(f"{where}: popularity_order is not a permutation")
-        pop = popularity[order]
-        falls = pop[1:] < pop[:-1]
-        ties = (pop[1:] == pop[:-1]) & (order[1:] > order[:-1])
-        if not (falls | ties).all():
-            raise BundleError(
-                f"{where}: popularity_order does not sort by popularity (ties by index)"
-            )
+        _check_popular_prefix(popularity, order, where)
 
-    nbr_indptr = arrays.get("nbr_indptr", _OFFSETS, (n + 1,))
-    nbr_indices = arrays.get("nbr_indices", _NARROW, (None,))
-    codes = arrays.get("nbr_weight_codes", ("|u1",), (nbr_indices.size,))
     table = arrays.get("nbr_weight_table", ("<f4",), (_bundle2.WEIGHT_CODES,))
     _bundle2.check_weight_table(table, where)
-    _check_offsets(nbr_indptr, nbr_indices.size, f"{where}: nbr_indptr")
-    if nbr_indices.size and int(nbr_indices.max()) >= n:
-        raise BundleError(f"{where}: a neighbour index is out of range [0, {n})")
+    store = None
+    if header["nbr_code_bits"] is None:
+        nbr_indptr = arrays.get("nbr_indptr", _OFFSETS, (n + 1,))
+        nbr_indices = arrays.get("nbr_indices", _NARROW, (None,))
+        codes = arrays.get("nbr_weight_codes", ("|u1",), (nbr_indices.size,))
+        _check_offsets(nbr_indptr, nbr_indices.size, f"{where}: nbr_indptr")
+        if nbr_indices.size and int(nbr_indices.max()) >= n:
+            raise BundleError(f"{where}: a neighbour index is out of range [0, {n})")
+    else:  # varint rows, decoded per request (each row checked as it is decoded)
+        code_bits = _int(header["nbr_code_bits"], "nbr_code_bits", where)
+        try:
+            store = NeighbourStore(
+                arrays.get("nbr_rows", _OFFSETS, (n + 1,)),
+                arrays.get("nbr_payload", ("|u1",), (None,)),
+                n,
+                code_bits=code_bits,
+            )
+        except ValueError as exc:
+            raise BundleError(f"{where}: {exc}") from None
+        nbr_indptr = np.zeros(n + 1, dtype=np.int64)
+        nbr_indices = np.zeros(0, dtype=np.uint32)
+        codes = np.zeros(0, dtype=np.uint8)
 
     item_factors = gram = factor_scales = None
     codes_y_shape = None
@@ -751,7 +779,7 @@ def _build_v2(raw: _Raw, header: dict[str, Any], where: str) -> Catalog:
         else:  # large: a quarter of the memory, scored in blocks
             item_factors, factor_scales = codes_y, scales
         gram = arrays.get("gram", ("<f4",), (codes_y.shape[1], codes_y.shape[1]))
-    small = codes.size <= DECODE_LIMIT
+    small = codes.size <= DECODE_LIMIT and store is None
     ann = _ann(header["ann"], arrays, n, None if codes_y_shape is None else codes_y_shape[1], where)
 
     segments = []
@@ -795,10 +823,49 @@ def _build_v2(raw: _Raw, header: dict[str, Any], where: str) -> Catalog:
         item_factor_scales=factor_scales,
         nbr_weight_table=None if small else table,
         ann=ann,
+        nbr_store=store,
     )
     if arrays.unused:
         raise BundleError(f"{where}: arrays {sorted(arrays.unused)} are not used by the catalog")
     return catalog
+
+
+def _check_popular_prefix(
+    popularity: npt.NDArray[np.float32], order: npt.NDArray[np.int32], where: str
+) -> None:
+    """``order`` is the head of the popularity ranking: distinct items, popularity
+    descending (ties by lower index), and no item left out ranks above its last entry."""
+    n = popularity.shape[0]
+    if int(order.min()) < 0 or int(order.max()) >= n:
+        raise BundleError(f"{where}: popularity_order holds an item out of range")
+    listed = np.zeros(n, dtype=np.bool_)
+    listed[order] = True
+    if int(listed.sum()) != order.size:
+        raise BundleError(f"{where}: popularity_order lists an item twice")
+    pop = popularity[order]
+    falls = pop[1:] < pop[:-1]
+    ties = (pop[1:] == pop[:-1]) & (order[1:] > order[:-1])
+    if not (falls | ties).all():
+        raise BundleError(f"{where}: popularity_order does not sort by popularity (ties by index)")
+    if order.size < n:
+        last, last_pop = int(order[-1]), float(pop[-1])
+        rest = np.flatnonzero(~listed)
+        rest_pop = popularity[rest]
+        if (rest_pop > last_pop).any() or ((rest_pop == last_pop) & (rest < last)).any():
+            raise BundleError(f"{where}: an item left out of popularity_order ranks above it")
+
+
+class _Titles(BlockStringTable):
+    """A bundle's block-compressed titles: a block that does not decode raises
+    :class:`BundleError` (the signed file holds nonsense), not a bare ValueError."""
+
+    __slots__ = ()
+
+    def _decode(self, b: int) -> tuple[str, ...]:
+        try:
+            return super()._decode(b)
+        except ValueError as exc:
+            raise BundleError(f"the catalog's titles are corrupt: {exc}") from None
 
 
 def _ann(
@@ -933,7 +1000,8 @@ def validate_catalog(catalog: Catalog) -> None:
         if len(set(catalog.item_ids)) != n:
             raise BundleError("item ids are not unique")
     if len(catalog.titles) != n or (
-        not isinstance(catalog.titles, StringTable) and not _only(catalog.titles, str)
+        not isinstance(catalog.titles, (StringTable, BlockStringTable))
+        and not _only(catalog.titles, str)
     ):
         raise BundleError(f"titles must be {n} strings, one per item")
     categories = catalog.categories
@@ -978,6 +1046,12 @@ def validate_catalog(catalog: Catalog) -> None:
         raise BundleError("nbr_indptr is not monotone (non-decreasing)")
     if n_edges and (int(catalog.nbr_indices.min()) < 0 or int(catalog.nbr_indices.max()) >= n):
         raise BundleError(f"a neighbour index is out of range [0, {n})")
+    if catalog.nbr_store is not None and (
+        len(catalog.nbr_store) != n or n_edges or catalog.nbr_weight_table is None
+    ):
+        raise BundleError(
+            f"encoded neighbour rows need {n} rows, empty CSR arrays and a weight table"
+        )
 
     factors, gram = catalog.item_factors, catalog.gram
     if (factors is None) != (gram is None):

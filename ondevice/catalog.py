@@ -27,7 +27,9 @@ from typing import overload
 import numpy as np
 import numpy.typing as npt
 
+from ._codecs import NeighbourStore
 from .ann import IvfIndex
+from .errors import BundleError
 
 __all__ = ["AlsParams", "Catalog", "CategoryLists", "CategoryTable", "Segment", "SegmentRule"]
 
@@ -126,9 +128,11 @@ class Catalog:
 
     ``item_ids``, ``titles`` and ``categories`` are sequences: tuples when built in memory
     or read from a format 1 bundle, tables decoded item by item when read from format 2
-    (see :mod:`ondevice._bundle2`). ``popularity_order`` (item indices by popularity,
-    descending, ties by index) and ``category_table`` (``categories`` in CSR form) are
-    precomputed by format 2 bundles; the runtime computes them otherwise.
+    (see :mod:`ondevice._bundle2`). ``popularity_order`` (the most popular item
+    indices, descending, ties by index: the whole ranking or its head, at most
+    :data:`ondevice._bundle2.POPULAR_PREFIX` items) and ``category_table``
+    (``categories`` in CSR form) are precomputed by format 2 bundles; the runtime
+    computes them otherwise.
 
     **Compact arrays.** When ``item_factor_scales`` is set, ``item_factors`` holds int8
     codes and row ``i`` stands for ``codes[i] * scales[i]``; when ``nbr_weight_table`` is
@@ -136,6 +140,13 @@ class Catalog:
     them that way when they are large (:data:`DECODE_LIMIT`), to hold a quarter of the
     memory; read factors and weights through :meth:`factor_rows`, :meth:`factor_scores`,
     :meth:`weights_at` and :meth:`neighbours_of`, which work for both forms.
+
+    **Encoded neighbour lists.** A large format 2 bundle keeps its neighbour lists as
+    varint rows (``nbr_store``, :class:`ondevice._codecs.NeighbourStore`, with codes into
+    ``nbr_weight_table``), decoded per request for the items asked; the CSR fields are
+    then empty (``nbr_indptr`` all zeros). Read neighbours through
+    :meth:`gather_neighbours`, :meth:`neighbours_of` or :meth:`neighbours_csr`, which
+    work for every form.
 
     **Approximate top-k.** ``ann`` is an :class:`ondevice.ann.IvfIndex` when the bundle
     was written with one (large catalogs): the items are then stored in cluster order
@@ -163,6 +174,7 @@ class Catalog:
     item_factor_scales: FloatArray | None = None
     nbr_weight_table: FloatArray | None = None
     ann: IvfIndex | None = None
+    nbr_store: NeighbourStore | None = None
 
     @property
     def n_items(self) -> int:
@@ -171,8 +183,45 @@ class Catalog:
 
     def neighbours_of(self, index: int) -> tuple[IntArray, FloatArray]:
         """The top-N neighbours of item ``index`` and their similarities."""
-        lo, hi = int(self.nbr_indptr[index]), int(self.nbr_indptr[index + 1])
-        return self.nbr_indices[lo:hi], self.weights_at(np.arange(lo, hi))
+        _, targets, weights = self.gather_neighbours(np.array([index], dtype=np.int64))
+        return targets.astype(np.int32), weights
+
+    def gather_neighbours(
+        self, items: npt.NDArray[np.integer]
+    ) -> tuple[Int64Array, Int64Array, FloatArray]:
+        """``(owner, targets, weights)``: the neighbour lists of ``items`` (valid item
+        indices), concatenated in request order, each in its stored order (weight
+        descending); ``owner[j]`` is the position in ``items`` of entry ``j``'s row.
+
+        Raises :class:`~ondevice.errors.BundleError` if an encoded row is corrupt (a
+        signed bundle whose publisher wrote nonsense)."""
+        win = np.asarray(items, dtype=np.int64)
+        store = self.nbr_store
+        if store is not None:
+            assert self.nbr_weight_table is not None
+            try:
+                owner, targets, codes = store.gather(win)
+            except ValueError as exc:
+                raise BundleError(f"the catalog's neighbour lists are corrupt: {exc}") from None
+            weights: FloatArray = self.nbr_weight_table[codes]
+            return owner, targets, weights
+        starts = self.nbr_indptr[win]
+        lens = self.nbr_indptr[win + 1] - starts
+        total = int(lens.sum())
+        run_start = np.cumsum(lens) - lens
+        offs = np.repeat(starts - run_start, lens) + np.arange(total, dtype=np.int64)
+        owner = np.repeat(np.arange(win.size, dtype=np.int64), lens)
+        return owner, self.nbr_indices[offs].astype(np.int64), self.weights_at(offs)
+
+    def neighbours_csr(self) -> tuple[Int64Array, IntArray, FloatArray]:
+        """The whole neighbour graph as CSR ``(indptr, indices, weights)`` with float32
+        weights (decoded when the catalog holds codes or encoded rows)."""
+        if self.nbr_store is None:
+            return self.nbr_indptr, self.nbr_indices.astype(np.int32), self.decoded_weights()
+        owner, targets, weights = self.gather_neighbours(np.arange(self.n_items))
+        indptr = np.zeros(self.n_items + 1, dtype=np.int64)
+        np.cumsum(np.bincount(owner, minlength=self.n_items), out=indptr[1:])
+        return indptr, targets.astype(np.int32), weights
 
     def weights_at(self, offsets: npt.NDArray[np.integer]) -> FloatArray:
         """The neighbour weights at positions ``offsets`` of the neighbour arrays."""

@@ -352,7 +352,10 @@ BROKEN: dict[str, tuple[dict[str, Any], str]] = {
     "id-order-huge": ({"arrays": {"item_id_order": np.full(40, 2**31 - 1, np.int32)}},
                       "not a permutation"),
     "popularity-order-negative": (
-        {"arrays": {"popularity_order": np.full(40, -1, np.int32)}}, "not a permutation"
+        {"arrays": {"popularity_order": np.full(40, -1, np.int32)}}, "out of range"
+    ),
+    "popularity-order-repeats": (
+        {"arrays": {"popularity_order": np.zeros(40, np.int32)}}, "twice"
     ),
     # a permutation that does not sort the ids: every lookup would miss
     "ids-unsorted": ({"arrays": {"item_id_order": np.arange(40, dtype=np.int32)[::-1].copy()}},

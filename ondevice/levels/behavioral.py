@@ -23,18 +23,13 @@ def position_weights(rt: CatalogRuntime, state: UserState) -> npt.NDArray[np.flo
 def window_scores(
     rt: CatalogRuntime, state: UserState, weights: npt.NDArray[np.float32]
 ) -> npt.NDArray[np.float32]:
-    """Neighbour scores of the window with the given per-position weights."""
-    cat = rt.catalog
-    return scoring.neighbour_scores(
-        cat.nbr_indptr,
-        cat.nbr_indices,
-        cat.nbr_weights,
-        state.window,
-        n_items=rt.n,
-        half_life=float("inf"),
-        position_weights=weights,
-        weight_table=cat.nbr_weight_table,
-    )
+    """Neighbour scores of the window with the given per-position weights:
+    ``score[j] = sum_p weights[p] * sim(window[p], j)`` (``float32[n]``)."""
+    if state.window.size == 0:
+        return np.zeros(rt.n, dtype=np.float32)
+    owner, targets, sims = rt.catalog.gather_neighbours(state.window)
+    contrib = sims.astype(np.float64) * weights[owner].astype(np.float64)
+    return np.bincount(targets, weights=contrib, minlength=rt.n).astype(np.float32)
 
 
 def evidence(
@@ -50,22 +45,13 @@ def evidence(
     pass over the window's neighbour lists."""
     if not items or state.window.size == 0:
         return {}
-    cat = rt.catalog
     win = state.window
-    starts = cat.nbr_indptr[win]
-    lens = cat.nbr_indptr[win + 1] - starts
-    total = int(lens.sum())
-    if total == 0:
-        return {}
-    run_start = np.cumsum(lens) - lens
-    offs = np.repeat(starts - run_start, lens) + np.arange(total, dtype=np.int64)
-    pos = np.repeat(np.arange(win.size), lens)
-    targets = cat.nbr_indices[offs]
+    pos, targets, sims = rt.catalog.gather_neighbours(win)
     hit = np.isin(targets, np.asarray(items, dtype=targets.dtype))
     if not hit.any():
         return {}
     pos, targets = pos[hit], targets[hit]
-    contrib = cat.weights_at(offs[hit]) * weights[pos]
+    contrib = sims[hit] * weights[pos]
     keep = contrib > 0
     pos, targets, contrib = pos[keep], targets[keep], contrib[keep]
     # Best contributions first per target; ties by the more recent position.

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from ondevice import _bundle2
+from ondevice import _bundle2, _codecs
 from ondevice.bundle import (
     ALIGNMENT,
     FORMAT_VERSION,
@@ -233,11 +233,12 @@ def _plan(
     catalog: Catalog, category_index: npt.NDArray[np.int32] | None
 ) -> tuple[list[_Planned], int]:
     """Every array in file order, little-endian and C-contiguous, with aligned offsets."""
+    indptr, indices, weights = catalog.neighbours_csr()
     named: list[tuple[str, npt.NDArray[Any]]] = [
         ("popularity", catalog.popularity),
-        ("nbr_indptr", catalog.nbr_indptr),
-        ("nbr_indices", catalog.nbr_indices.astype(np.int32)),
-        ("nbr_weights", catalog.decoded_weights()),
+        ("nbr_indptr", indptr),
+        ("nbr_indices", indices),
+        ("nbr_weights", weights),
     ]
     if category_index is not None:
         named.append(("category_set_index", category_index))
@@ -282,10 +283,16 @@ def _plan_v2(catalog: Catalog) -> tuple[list[_Planned], int, bytes]:
     """Format 2: every array in its compact encoding, and the header that lists them."""
     n = catalog.n_items
     named: list[tuple[str, npt.NDArray[Any]]] = []
+    large = n >= _bundle2.LARGE_ITEMS
     ids, titles = list(catalog.item_ids), list(catalog.titles)
-    for prefix, strings in (("item_id", ids), ("title", titles)):
-        offsets, blob = _bundle2.encode_strings(strings)
-        named += [(f"{prefix}_offsets", offsets), (f"{prefix}_bytes", blob)]
+    offsets, blob = _bundle2.encode_strings(ids)
+    named += [("item_id_offsets", offsets), ("item_id_bytes", blob)]
+    if large:
+        blocks, data = _codecs.encode_block_strings(titles)
+        named += [("title_blocks", blocks), ("title_data", data)]
+    else:
+        offsets, blob = _bundle2.encode_strings(titles)
+        named += [("title_offsets", offsets), ("title_bytes", blob)]
     named.append(("item_id_order", _bundle2.byte_order(ids)))
     category_names: list[str] | None = None
     if catalog.categories is not None:
@@ -297,16 +304,20 @@ def _plan_v2(catalog: Catalog) -> tuple[list[_Planned], int, bytes]:
         ]
     pop = np.asarray(catalog.popularity, dtype=np.float32)
     order = np.lexsort((np.arange(n), -pop.astype(np.float64))).astype(np.int32)
-    codes, table = _bundle2.encode_weights(catalog.decoded_weights())
-    edges = int(catalog.nbr_indices.shape[0])
-    named += [
-        ("popularity", pop),
-        ("popularity_order", order),
-        ("nbr_indptr", catalog.nbr_indptr.astype(_bundle2.narrow_offsets(edges))),
-        ("nbr_indices", catalog.nbr_indices.astype(_bundle2.narrow_unsigned(max(n, 1)))),
-        ("nbr_weight_codes", codes),
-        ("nbr_weight_table", table),
-    ]
+    indptr, indices, weights = catalog.neighbours_csr()
+    codes, table = _bundle2.encode_weights(weights)
+    edges = int(indices.shape[0])
+    named += [("popularity", pop), ("popularity_order", order[: _bundle2.POPULAR_PREFIX])]
+    if large:
+        rows, payload = _codecs.encode_neighbours(indptr, indices, codes)
+        named += [("nbr_rows", rows), ("nbr_payload", payload)]
+    else:
+        named += [
+            ("nbr_indptr", indptr.astype(_bundle2.narrow_offsets(edges))),
+            ("nbr_indices", indices.astype(_bundle2.narrow_unsigned(max(n, 1)))),
+            ("nbr_weight_codes", codes),
+        ]
+    named.append(("nbr_weight_table", table))
     factors = catalog.decoded_factors()
     if factors is not None and catalog.gram is not None:
         q, scales = _bundle2.quantize_rows(factors)
@@ -326,7 +337,15 @@ def _plan_v2(catalog: Catalog) -> tuple[list[_Planned], int, bytes]:
             ("ann_offsets", catalog.ann.offsets.astype(_bundle2.narrow_offsets(n))),
         ]
     planned, offset = _layout(named)
-    header = _header(catalog, planned, None, version=2, category_names=category_names)
+    header = _header(
+        catalog,
+        planned,
+        None,
+        version=2,
+        category_names=category_names,
+        title_block=_codecs.DEFAULT_BLOCK if large else None,
+        nbr_code_bits=_codecs.DEFAULT_CODE_BITS if large else None,
+    )
     return planned, offset, header
 
 
@@ -347,6 +366,8 @@ def _header(
     *,
     version: int = 1,
     category_names: list[str] | None = None,
+    title_block: int | None = None,
+    nbr_code_bits: int | None = None,
 ) -> bytes:
     segments = [
         {
@@ -396,6 +417,8 @@ def _header(
         )
     else:
         header["category_names"] = category_names
+        header["title_block"] = title_block
+        header["nbr_code_bits"] = nbr_code_bits
         index = catalog.ann
         header["ann"] = (
             None
@@ -411,7 +434,7 @@ def _check_values(catalog: Catalog) -> None:
     """Invariants too costly for every device load: sorted neighbour weights, and a Gram
     matrix that really is ``Y.T @ Y``. (Finite values are checked by
     :func:`~ondevice.bundle.validate_catalog`, on both sides.)"""
-    weights, indptr = catalog.decoded_weights(), catalog.nbr_indptr
+    indptr, _, weights = catalog.neighbours_csr()
     rises = np.flatnonzero(weights[1:] > weights[:-1]) + 1
     if rises.size and not np.isin(rises, indptr).all():
         raise BundleError("each item's neighbours must be sorted by weight, descending")
