@@ -724,12 +724,19 @@ def _build_v2(raw: _Raw, header: dict[str, Any], where: str) -> Catalog:
     categories, category_table = None, None
     if header["category_names"] is not None:
         names = _str_tuple(header["category_names"], "category_names", where)
-        indptr = arrays.get("category_indptr", _OFFSETS, (n + 1,))
+        set_of = None
+        if arrays.has("category_set_of"):  # rows are the distinct category sets
+            set_of = arrays.get("category_set_of", _NARROW, (n,))
+            indptr = arrays.get("category_indptr", _OFFSETS, (None,))
+            if indptr.size < 1 or (n and int(set_of.max()) >= indptr.size - 1):
+                raise BundleError(f"{where}: a category set index is out of range")
+        else:
+            indptr = arrays.get("category_indptr", _OFFSETS, (n + 1,))
         indices = arrays.get("category_indices", _NARROW, (None,))
         _check_offsets(indptr, indices.size, f"{where}: category_indptr")
         if indices.size and int(indices.max()) >= len(names):
             raise BundleError(f"{where}: a category index is out of range")
-        category_table = CategoryTable(names, indptr, indices)
+        category_table = CategoryTable(names, indptr, indices, set_of)
         categories = CategoryLists(category_table)
 
     popularity = arrays.get("popularity", ("<f4",), (n,))

@@ -85,11 +85,19 @@ class AlsParams:
 @dataclass(frozen=True, slots=True, eq=False)
 class CategoryTable:
     """Per-item category lists in CSR form: item ``i`` has the categories
-    ``names[indices[indptr[i]:indptr[i + 1]]]`` (each list sorted, without repeats)."""
+    ``names[indices[indptr[r]:indptr[r + 1]]]`` (each list sorted, without repeats) of
+    row ``r = i``, or ``r = item_set[i]`` when ``item_set`` is given: then the rows are
+    the distinct category sets and each item names its set (a catalog of millions of
+    items has a few thousand distinct sets)."""
 
     names: tuple[str, ...]
     indptr: npt.NDArray[np.integer]
     indices: npt.NDArray[np.integer]
+    item_set: npt.NDArray[np.integer] | None = None
+
+    def rows(self, items: npt.NDArray[np.integer]) -> npt.NDArray[np.integer]:
+        """The CSR rows of ``items``."""
+        return items if self.item_set is None else self.item_set[items]
 
 
 class CategoryLists(Sequence[tuple[str, ...]]):
@@ -102,6 +110,8 @@ class CategoryLists(Sequence[tuple[str, ...]]):
         self.table = table
 
     def __len__(self) -> int:
+        if self.table.item_set is not None:
+            return int(self.table.item_set.shape[0])
         return int(self.table.indptr.shape[0]) - 1
 
     @overload
@@ -118,7 +128,8 @@ class CategoryLists(Sequence[tuple[str, ...]]):
         if not 0 <= i < n:
             raise IndexError(f"item {index} of {n}")
         t = self.table
-        lo, hi = int(t.indptr[i]), int(t.indptr[i + 1])
+        r = i if t.item_set is None else int(t.item_set[i])
+        lo, hi = int(t.indptr[r]), int(t.indptr[r + 1])
         return tuple(t.names[j] for j in t.indices[lo:hi].tolist())
 
 

@@ -80,6 +80,9 @@ def test_large_encodings_read_back_and_answer_as_the_plain_ones(
     assert got.nbr_store is not None and got.nbr_indices.size == 0
     assert list(got.titles) == list(catalog.titles)  # exact, unicode and empty included
     assert list(got.categories or ()) == list(catalog.categories or ())
+    # 14 distinct category sets among 300 items: stored once each
+    assert got.category_table is not None and got.category_table.item_set is not None
+    assert got.category_table.indptr.size == 15
     # the neighbour lists: same targets in the same order, the same one-byte weights
     p_indptr, p_indices, p_weights = plain.neighbours_csr()
     g_indptr, g_indices, g_weights = got.neighbours_csr()
@@ -147,3 +150,16 @@ def _plain_neighbours(catalog: Catalog) -> tuple[np.ndarray, np.ndarray, np.ndar
     indptr, indices, weights = catalog.neighbours_csr()
     codes, _ = _bundle2.encode_weights(weights)
     return indptr, indices, codes
+
+
+def test_categories_with_few_repeats_stay_one_row_per_item(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    from dataclasses import replace
+
+    unique = tuple((f"c{i}", f"d{i % 3}") for i in range(N))  # every item its own set
+    catalog = replace(_catalog(), categories=unique)
+    write_bundle(catalog, tmp_path / "u.odb", private_key=key)
+    got = _load(tmp_path / "u.odb", key)
+    assert got.category_table is not None and got.category_table.item_set is None
+    assert list(got.categories or ()) == [tuple(sorted(c)) for c in unique]

@@ -69,10 +69,13 @@ class CatalogRuntime:
             pop = np.asarray(catalog.popularity, dtype=np.float64)
             self.pop_order = np.lexsort((np.arange(self.n), -pop)).astype(np.int32)
         table = catalog.category_table
+        #: item -> row of ``cat_indptr`` (the item's category set), or None: row = item
+        self.cat_set_of: npt.NDArray[np.integer] | None = None
         if table is not None:
             self.cat_names: tuple[str, ...] = table.names
             self.cat_indptr = table.indptr.astype(np.int64)
             self.cat_indices = table.indices.astype(np.int32)
+            self.cat_set_of = table.item_set
         else:
             self.cat_names, self.cat_indptr, self.cat_indices = category_index(
                 catalog.categories, self.n
@@ -102,6 +105,10 @@ class CatalogRuntime:
             return cat.item_factors, idx
         uniq, local = np.unique(idx, return_inverse=True)
         return cat.factor_rows(uniq), local.astype(np.int64)
+
+    def category_rows(self, items: npt.NDArray[np.integer]) -> npt.NDArray[np.integer]:
+        """The rows of ``cat_indptr`` holding the categories of ``items``."""
+        return items if self.cat_set_of is None else self.cat_set_of[items]
 
     def title(self, index: int) -> str:
         """The display title of an item (its id when the catalog has no title)."""

@@ -53,10 +53,14 @@ def recommend(rt: CatalogRuntime, state: UserState, req: Request) -> Answer | st
             if value not in history:
                 continue  # never seen in this context: nothing learned to apply
             affinity = scoring.context_affinity(
-                rt.cat_indptr, rt.cat_indices, len(rt.cat_names), state.window, history
+                rt.cat_indptr,
+                rt.cat_indices,
+                len(rt.cat_names),
+                rt.category_rows(state.window),
+                history,
             )
             boost = scoring.category_boost(
-                rt.cat_indptr, rt.cat_indices, affinity, cand, context=value
+                rt.cat_indptr, rt.cat_indices, affinity, rt.category_rows(cand), context=value
             )
             scores[cand] *= np.power(np.maximum(boost, 1e-6), p.context_strength).astype(np.float32)
             # Say so only where this context really differs from the user's overall

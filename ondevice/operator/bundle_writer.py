@@ -296,8 +296,16 @@ def _plan_v2(catalog: Catalog) -> tuple[list[_Planned], int, bytes]:
     named.append(("item_id_order", _bundle2.byte_order(ids)))
     category_names: list[str] | None = None
     if catalog.categories is not None:
-        names, indptr, indices = category_index(catalog.categories, n)
+        sets, set_of = _category_sets(catalog)
+        assert sets is not None and set_of is not None
+        by_set = 2 * len(sets) <= n  # few distinct sets (a real catalog): one row each
+        names, indptr, indices = category_index(sets if by_set else catalog.categories,
+                                                len(sets) if by_set else n)
         category_names = list(names)
+        if by_set:
+            named.append(
+                ("category_set_of", set_of.astype(_bundle2.narrow_unsigned(max(len(sets), 1))))
+            )
         named += [
             ("category_indptr", indptr.astype(_bundle2.narrow_offsets(int(indptr[-1])))),
             ("category_indices", indices.astype(_bundle2.narrow_unsigned(max(len(names), 1)))),
