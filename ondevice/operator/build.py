@@ -8,7 +8,9 @@ The pieces, each usable on its own (the evaluation harness reuses them):
 
 - :func:`interaction_matrix`: the panel's user x item matrix in CSR form;
 - :func:`item_popularity`: how many panel users interacted with each item;
-- :func:`item_neighbours`: cosine similarity on co-occurrence, top-N per item (CSR);
+- :func:`item_neighbours`: cosine similarity on co-occurrence, top-N per item (CSR), by
+  sparse products over blocks of items (:func:`cap_user_items` optionally samples
+  heavy users first);
 - :func:`train_als`: implicit-feedback ALS (Hu, Koren and Volinsky, 2008) trained by
   the ``implicit`` library, confidence ``1 + alpha * r`` (:func:`confidence_matrix`
   maps it onto ``implicit``'s convention), ending with an exact user step so the user
@@ -20,7 +22,10 @@ The pieces, each usable on its own (the evaluation harness reuses them):
 - :func:`segment_top_items`: a segment's top items, shrunk toward global popularity;
 - :func:`rule_segments`: segments from the cross product of declared signals, each
   from at least ``min_segment_users`` panel users;
-- :func:`build_catalog`: all of the above from a CSV file or an iterable of rows.
+- :func:`build_catalog`: all of the above from a CSV file or an iterable of rows;
+- :func:`build_catalog_from_arrays`: the same from integer-coded arrays (large panels);
+- :func:`assemble_catalog` (with :func:`neighbours_from_pairs`): a catalog from arrays
+  computed elsewhere, e.g. by Spark (``docs/operator-scale.md``).
 """
 
 from __future__ import annotations
@@ -30,10 +35,11 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -47,13 +53,18 @@ __all__ = [
     "ALS_CG_STEPS",
     "BuildSettings",
     "Csr",
+    "NeighbourMethod",
     "Progress",
+    "assemble_catalog",
     "build_catalog",
+    "build_catalog_from_arrays",
+    "cap_user_items",
     "confidence_matrix",
     "interaction_matrix",
     "item_neighbours",
     "item_popularity",
     "make_segments",
+    "neighbours_from_pairs",
     "read_interactions",
     "rule_segments",
     "segment_top_items",
@@ -97,6 +108,10 @@ class BuildSettings:
     threads: int = 0
     """Threads of the ALS training (``implicit``'s OpenMP loop); 0: every core."""
     neighbours: int = 100
+    max_user_items: int = 0
+    """Cap on a panel user's items in the neighbour computation: a heavier user counts
+    with a seeded random sample of this many (:func:`cap_user_items`); 0: no cap (the
+    default). Popularity, ALS and segments always see every interaction."""
     segments: int = 10
     """Behaviour segments (spherical k-means clusters); 0 for none."""
     rule_signals: tuple[str, ...] = ()
@@ -114,8 +129,8 @@ class BuildSettings:
     def __post_init__(self) -> None:
         if self.factors <= 0 or self.iterations < 0 or self.neighbours <= 0:
             raise InvalidInputError("factors and neighbours must be > 0, iterations >= 0")
-        if self.als_cg_steps < 0 or self.threads < 0:
-            raise InvalidInputError("als_cg_steps and threads must be >= 0")
+        if self.als_cg_steps < 0 or self.threads < 0 or self.max_user_items < 0:
+            raise InvalidInputError("als_cg_steps, threads and max_user_items must be >= 0")
         if self.regularization < 0 or self.alpha < 0 or self.shrinkage < 0:
             raise InvalidInputError("regularization, alpha and shrinkage must be >= 0")
         if self.min_segment_users < 1 or self.segments < 0 or self.max_segments < 1:
@@ -182,14 +197,25 @@ def interaction_matrix(
     *,
     binary: bool = True,
 ) -> Csr:
-    """The user x item matrix; repeated pairs are summed, or set to 1 if ``binary``."""
+    """The user x item matrix; repeated pairs are summed, or set to 1 if ``binary``.
+
+    The binary matrix is made by one sort of ``user * n_items + item`` keys (tens of
+    millions of interactions take seconds); indices must be in range.
+    """
     u = np.asarray(users, dtype=np.int64)
     i = np.asarray(items, dtype=np.int64)
-    v = np.ones(u.size, dtype=np.float32) if values is None else np.asarray(values)
-    m = _coo_to_csr(u, i, v, (n_users, n_items))
     if binary:
-        return Csr(m.indptr, m.indices, np.ones(m.indices.size, dtype=np.float32), m.shape)
-    return m
+        key = np.sort(u * np.int64(n_items) + i)
+        if key.size:
+            key = key[np.concatenate(([True], key[1:] != key[:-1]))]
+        rows = key // max(n_items, 1)
+        cols = (key - rows * n_items).astype(np.int32)
+        del key
+        indptr = np.zeros(n_users + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows, minlength=n_users), out=indptr[1:])
+        return Csr(indptr, cols, np.ones(cols.size, dtype=np.float32), (n_users, n_items))
+    v = np.ones(u.size, dtype=np.float32) if values is None else np.asarray(values)
+    return _coo_to_csr(u, i, v, (n_users, n_items))
 
 
 def item_popularity(x: Csr) -> F32:
@@ -204,74 +230,245 @@ def _gather(starts: I64, lens: I64) -> I64:
     return np.repeat(starts - run_start, lens) + np.arange(total, dtype=np.int64)
 
 
+NeighbourMethod = Literal["auto", "dense", "sparse"]
+
+
+def cap_user_items(x: Csr, max_items: int, *, seed: int = 0) -> Csr:
+    """``x`` with every row longer than ``max_items`` cut to a uniform random sample of
+    ``max_items`` of its entries (seeded; columns stay sorted; other rows unchanged).
+
+    The classic guard of item-item co-occurrence: a user with ``n`` items adds ``n^2``
+    pairs to the neighbour computation, so a few very heavy users (bots, resellers,
+    shared accounts) can dominate its cost and its result. Off unless asked for
+    (``BuildSettings.max_user_items``); used for the neighbours only.
+    """
+    if max_items <= 0:
+        raise InvalidInputError("max_items must be > 0")
+    lens = np.diff(x.indptr)
+    heavy = np.flatnonzero(lens > max_items)
+    if heavy.size == 0:
+        return x
+    offs = _gather(x.indptr[heavy], lens[heavy])
+    owner = np.repeat(np.arange(heavy.size, dtype=np.int64), lens[heavy])
+    order = np.lexsort((np.random.default_rng(seed).random(offs.size), owner))
+    rank = np.empty(offs.size, dtype=np.int64)
+    starts = np.cumsum(lens[heavy]) - lens[heavy]
+    rank[order] = np.arange(offs.size, dtype=np.int64) - np.repeat(starts, lens[heavy])
+    keep = np.ones(x.indices.size, dtype=np.bool_)
+    keep[offs[rank >= max_items]] = False
+    new_lens = np.minimum(lens, max_items)
+    indptr = np.zeros(x.shape[0] + 1, dtype=np.int64)
+    np.cumsum(new_lens, out=indptr[1:])
+    return Csr(indptr, x.indices[keep], x.data[keep], x.shape)
+
+
 def item_neighbours(
     x: Csr,
     *,
     top_n: int = 100,
     progress: Progress | None = None,
     block_cells: int = 20_000_000,
+    method: NeighbourMethod = "auto",
+    max_user_items: int = 0,
+    seed: int = 0,
 ) -> tuple[I64, I32, F32]:
     """Cosine similarity on binary co-occurrence, the ``top_n`` best per item.
 
     ``sim(i, j) = |U_i & U_j| / sqrt(|U_i| |U_j|)`` over the users ``U`` of each item.
     Returns CSR arrays ``(indptr int64[n+1], indices int32, weights float32)`` with each
-    row sorted by weight descending (ties by lower index), no self-loops and no zero
-    weights. Works in blocks of items so memory stays near ``block_cells`` floats.
+    row sorted by weight descending (ties by lower index; the weights are compared in
+    float64, before rounding to float32), no self-loops and no zero weights.
+
+    Two paths give the same arrays bit for bit (``method``; ``"auto"`` picks dense when
+    the dense user x item matrix holds at most ``block_cells`` cells):
+
+    - ``"dense"``: the whole matrix as a dense array, blocks of items multiplied by it.
+      For small panels, and the reference the sparse path is tested against.
+    - ``"sparse"``: ``scipy.sparse`` products ``X[:, block].T @ X`` (items x users times
+      users x items) over blocks of items, each block holding at most about
+      ``block_cells`` multiply-adds (so at most that many co-occurring pairs), then the
+      top ``top_n`` of every row of the sparse result; nothing of size ``block x n_items``
+      is ever dense. Cost: ``sum over users of |items_u|^2`` multiply-adds, memory
+      about ``20 * block_cells`` bytes beyond the matrix.
+
+    ``max_user_items`` > 0 first cuts every panel user with more items to a seeded
+    random sample of that many (:func:`cap_user_items`); 0 (the default) uses every
+    interaction.
     """
-    n_items = x.shape[1]
-    xt = x.transpose()  # item -> users
-    counts = np.diff(xt.indptr).astype(np.float64)
-    norm = np.sqrt(np.maximum(counts, 1.0))
-    block = max(1, min(n_items, block_cells // max(n_items, 1)))
-    out_idx: list[I32] = []
-    out_w: list[F32] = []
-    lens = np.zeros(n_items, dtype=np.int64)
-    u_lens = np.diff(x.indptr)
-    dense = x.shape[0] * n_items <= block_cells
-    xd: F32 | None = None
-    if dense:
-        xd = np.zeros(x.shape, dtype=np.float32)
-        rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
-        xd[rows, x.indices] = 1.0
-    for lo in range(0, n_items, block):
-        hi = min(n_items, lo + block)
-        if xd is not None:
-            co = (xd[:, lo:hi].T @ xd).astype(np.float64)
-        else:
-            # every (item a in block, user u of a, item b of u) triple, as flat arrays
-            a_starts, a_lens = xt.indptr[lo:hi], np.diff(xt.indptr[lo : hi + 1])
-            a_offs = _gather(a_starts, a_lens)
-            a_item = np.repeat(np.arange(lo, hi, dtype=np.int64), a_lens)
-            a_user = xt.indices[a_offs].astype(np.int64)
-            b_offs = _gather(x.indptr[a_user], u_lens[a_user])
-            b_item = x.indices[b_offs].astype(np.int64)
-            a_rep = np.repeat(a_item - lo, u_lens[a_user])
-            cnt = np.bincount(a_rep * n_items + b_item, minlength=(hi - lo) * n_items)
-            co = cnt.reshape(hi - lo, n_items).astype(np.float64)
-        sim = co / norm[lo:hi, None] / norm[None, :]
-        sim[np.arange(hi - lo), np.arange(lo, hi)] = 0.0
-        keep = min(top_n, n_items)
-        if keep < n_items:
-            part = np.argpartition(-sim, keep - 1, axis=1)[:, :keep]
-        else:
-            part = np.broadcast_to(np.arange(n_items), sim.shape).copy()
-        vals = np.take_along_axis(sim, part, axis=1)
-        row_id = np.repeat(np.arange(hi - lo), part.shape[1])
-        flat_i, flat_v = part.ravel(), vals.ravel()
-        order = np.lexsort((flat_i, -flat_v, row_id))
-        flat_i, flat_v, row_id = flat_i[order], flat_v[order], row_id[order]
-        pos = flat_v > 0
-        flat_i, flat_v, row_id = flat_i[pos], flat_v[pos], row_id[pos]
-        out_idx.append(flat_i.astype(np.int32))
-        out_w.append(flat_v.astype(np.float32))
-        lens[lo:hi] = np.bincount(row_id, minlength=hi - lo)
-        if progress is not None:
-            progress(hi, n_items, "neighbours")
+    if top_n <= 0:
+        raise InvalidInputError("top_n must be > 0")
+    if block_cells <= 0:
+        raise InvalidInputError("block_cells must be > 0")
+    if method not in ("auto", "dense", "sparse"):
+        raise InvalidInputError(f"unknown neighbour method {method!r}")
+    if max_user_items > 0:
+        x = cap_user_items(x, max_user_items, seed=seed)
+    if method == "auto":
+        method = "dense" if x.shape[0] * x.shape[1] <= block_cells else "sparse"
+    if method == "dense":
+        return _neighbours_dense(x, top_n=top_n, progress=progress, block_cells=block_cells)
+    return _neighbours_sparse(x, top_n=top_n, progress=progress, block_cells=block_cells)
+
+
+def _finish_rows(rows: I64, cols: I64, sims: F64, n_rows: int) -> tuple[I32, F32, I64]:
+    """Selected ``(row, col, sim)`` entries in CSR order: by row, weight descending,
+    ties by lower column. Returns ``(indices, weights, row lengths)``."""
+    order = np.lexsort((cols, -sims, rows))
+    lens = np.bincount(rows, minlength=n_rows).astype(np.int64)
+    return cols[order].astype(np.int32), sims[order].astype(np.float32), lens
+
+
+def _assemble(
+    n_items: int, lens: I64, out_idx: list[I32], out_w: list[F32]
+) -> tuple[I64, I32, F32]:
     indptr = np.zeros(n_items + 1, dtype=np.int64)
     np.cumsum(lens, out=indptr[1:])
     indices = np.concatenate(out_idx) if out_idx else np.empty(0, dtype=np.int32)
     weights = np.concatenate(out_w) if out_w else np.empty(0, dtype=np.float32)
-    return indptr, indices.astype(np.int32), weights.astype(np.float32)
+    return indptr, indices.astype(np.int32, copy=False), weights.astype(np.float32, copy=False)
+
+
+def _neighbours_dense(
+    x: Csr, *, top_n: int, progress: Progress | None, block_cells: int
+) -> tuple[I64, I32, F32]:
+    """The dense path of :func:`item_neighbours` (the whole matrix in memory)."""
+    n_users, n_items = x.shape
+    norm = np.sqrt(np.maximum(np.bincount(x.indices, minlength=n_items).astype(np.float64), 1.0))
+    xd = np.zeros(x.shape, dtype=np.float32)
+    xd[np.repeat(np.arange(n_users), np.diff(x.indptr)), x.indices] = 1.0
+    block = max(1, min(n_items, block_cells // max(n_items, 1)))
+    keep = min(top_n, n_items)
+    lens = np.zeros(n_items, dtype=np.int64)
+    out_idx: list[I32] = []
+    out_w: list[F32] = []
+    for lo in range(0, n_items, block):
+        hi = min(n_items, lo + block)
+        co = (xd[:, lo:hi].T @ xd).astype(np.float64)
+        sim = co / norm[lo:hi, None] / norm[None, :]
+        sim[np.arange(hi - lo), np.arange(lo, hi)] = 0.0
+        if keep < n_items:
+            # the keep-th largest value of each row; every larger value is kept, and of
+            # the values equal to it, those of the lowest columns
+            part = np.argpartition(-sim, keep - 1, axis=1)[:, keep - 1 : keep]
+            kth = np.take_along_axis(sim, part, axis=1)
+            above = sim > kth
+            tie = sim == kth
+            room = keep - above.sum(axis=1, keepdims=True)
+            chosen = above | (tie & (np.cumsum(tie, axis=1) <= room))
+        else:
+            chosen = np.ones(sim.shape, dtype=np.bool_)
+        chosen &= sim > 0
+        r, c = np.nonzero(chosen)
+        idx, w, ln = _finish_rows(r.astype(np.int64), c.astype(np.int64), sim[r, c], hi - lo)
+        out_idx.append(idx)
+        out_w.append(w)
+        lens[lo:hi] = ln
+        if progress is not None:
+            progress(hi, n_items, "neighbours")
+    return _assemble(n_items, lens, out_idx, out_w)
+
+
+def _item_blocks(work: I64, budget: int) -> list[tuple[int, int]]:
+    """Consecutive ``[lo, hi)`` ranges of items, each with at most ``budget`` work (or a
+    single item)."""
+    n = work.size
+    cum = np.concatenate(([0], np.cumsum(work)))
+    out: list[tuple[int, int]] = []
+    lo = 0
+    while lo < n:
+        hi = int(np.searchsorted(cum, cum[lo] + budget, side="right")) - 1
+        hi = min(n, max(hi, lo + 1))
+        out.append((lo, hi))
+        lo = hi
+    return out
+
+
+def _neighbours_sparse(
+    x: Csr, *, top_n: int, progress: Progress | None, block_cells: int
+) -> tuple[I64, I32, F32]:
+    """The sparse path of :func:`item_neighbours`: a sparse product per block of items,
+    then an exact top-``top_n`` of each row of its sparse result."""
+    import scipy.sparse  # type: ignore[import-untyped]
+
+    n_items = x.shape[1]
+    xs = scipy.sparse.csr_matrix(
+        (np.ones(x.indices.size, dtype=np.int32), x.indices, x.indptr), shape=x.shape
+    )
+    xt = xs.T.tocsr()  # item -> users
+    counts = np.diff(xt.indptr).astype(np.int64)
+    norm = np.sqrt(np.maximum(counts.astype(np.float64), 1.0))
+    # an item's row of the product has at most sum over its users of |items_u| entries
+    per_entry = np.diff(xs.indptr).astype(np.int64)[xt.indices]
+    cum = np.concatenate(([0], np.cumsum(per_entry)))
+    del per_entry
+    work = cum[xt.indptr[1:]] - cum[xt.indptr[:-1]]
+    del cum
+    lens = np.zeros(n_items, dtype=np.int64)
+    out_idx: list[I32] = []
+    out_w: list[F32] = []
+    for lo, hi in _item_blocks(work, block_cells):
+        if int(work[lo:hi].sum()) > 0:
+            idx, w, ln = _block_top_k(xt[lo:hi] @ xs, lo, norm, counts[lo:hi] > 0, top_n)
+            out_idx.append(idx)
+            out_w.append(w)
+            lens[lo:hi] = ln
+        if progress is not None:
+            progress(hi, n_items, "neighbours")
+    return _assemble(n_items, lens, out_idx, out_w)
+
+
+def _block_top_k(
+    prod: Any, lo: int, norm: F64, has_self: npt.NDArray[np.bool_], k: int
+) -> tuple[I32, F32, I64]:
+    """The top ``k`` of every row of one block's co-occurrence counts ``prod`` (rows:
+    items ``lo...``, a scipy CSR matrix of unsorted columns), as CSR pieces
+    ``(indices, weights, row lengths)``: weights descending (compared in float64),
+    ties by lower column, no self-loops. Rows with more than ``k`` entries go through
+    ``argpartition`` one at a time (with an exact tie rule at the cut); the rest are
+    sorted together."""
+    indptr = prod.indptr.astype(np.int64)
+    rl = np.diff(indptr)
+    cols = prod.indices
+    rows = np.repeat(np.arange(lo, lo + rl.size, dtype=cols.dtype), rl)
+    # the same float64 operations, in the same order, as the dense path: co / n_a / n_b
+    sim = np.take(norm, rows)
+    np.divide(prod.data, sim, out=sim)
+    del prod
+    sim /= np.take(norm, cols)
+    own = cols == rows
+    sim[own] = 0.0
+    # the product's only zero-weight entry of a row is the item itself
+    avail = rl - has_self
+    row_len = np.minimum(avail, k)
+    off = np.concatenate(([0], np.cumsum(row_len)))
+    out_c = np.empty(int(off[-1]), dtype=np.int32)
+    out_w = np.empty(int(off[-1]), dtype=np.float64)
+    short = avail <= k
+    e = np.flatnonzero(np.repeat(short, rl) & ~own)
+    del own
+    order = np.lexsort((cols[e], -sim[e], rows[e]))
+    e = e[order]
+    dest = _gather(off[:-1][short], row_len[short])
+    out_c[dest] = cols[e]
+    out_w[dest] = sim[e]
+    del e, order, dest, rows
+    for r in np.flatnonzero(~short).tolist():
+        a, b = int(indptr[r]), int(indptr[r + 1])
+        v = sim[a:b]
+        c = cols[a:b]
+        part = np.argpartition(v, v.size - k)[v.size - k :]
+        kth = v[part].min()
+        if int(np.count_nonzero(v >= kth)) != k:
+            # values equal to the k-th straddle the cut: keep those of the lowest columns
+            above = np.flatnonzero(v > kth)
+            tie = np.flatnonzero(v == kth)
+            tie = tie[np.argsort(c[tie], kind="stable")[: k - above.size]]
+            part = np.concatenate((above, tie))
+        cv, vv = c[part], v[part]
+        o = np.lexsort((cv, -vv))
+        out_c[off[r] : off[r + 1]] = cv[o]
+        out_w[off[r] : off[r + 1]] = vv[o]
+    return out_c, out_w.astype(np.float32), row_len.astype(np.int64)
 
 
 def confidence_matrix(x: Csr, alpha: float) -> Any:
@@ -283,7 +480,7 @@ def confidence_matrix(x: Csr, alpha: float) -> Any:
     ``c = 1 + alpha * r`` (Hu, Koren and Volinsky, 2008), so the bundle's ``alpha`` keeps
     its meaning and the device's :func:`ondevice.scoring.fold_in` solves the same system.
     """
-    import scipy.sparse  # type: ignore[import-untyped]
+    import scipy.sparse
 
     if alpha < 0 or np.any(x.data < 0):
         raise InvalidInputError("alpha and the interaction values must be >= 0")
@@ -562,12 +759,8 @@ def rule_segments(
     return out
 
 
-def read_interactions(path: str | os.PathLike[str]) -> list[Row]:
-    """Rows of a CSV interaction log with columns ``user,item,timestamp[,value]``.
-
-    A header line is skipped when its third field is not a number.
-    """
-    rows: list[Row] = []
+def _iter_csv(path: str | os.PathLike[str]) -> Iterator[Row]:
+    """The rows of :func:`read_interactions`, one at a time."""
     try:
         with Path(path).open(newline="", encoding="utf-8") as fh:
             for n, rec in enumerate(csv.reader(fh)):
@@ -582,10 +775,25 @@ def read_interactions(path: str | os.PathLike[str]) -> list[Row]:
                     if n == 0:
                         continue
                     raise InvalidInputError(f"{path}:{n + 1}: bad number") from None
-                rows.append((rec[0], rec[1], ts) if val is None else (rec[0], rec[1], ts, val))
+                yield (rec[0], rec[1], ts) if val is None else (rec[0], rec[1], ts, val)
     except OSError as exc:
         raise InvalidInputError(f"cannot read interaction log {path}: {exc}") from exc
-    return rows
+
+
+def read_interactions(path: str | os.PathLike[str]) -> list[Row]:
+    """Rows of a CSV interaction log with columns ``user,item,timestamp[,value]``.
+
+    A header line is skipped when its third field is not a number.
+    """
+    return list(_iter_csv(path))
+
+
+def _sorted_codes(codes: I64, names: dict[str, int]) -> tuple[I64, list[str]]:
+    """Codes given in order of first appearance, renumbered so the names are sorted."""
+    ordered = sorted(names)
+    remap = np.empty(len(names), dtype=np.int64)
+    remap[[names[n] for n in ordered]] = np.arange(len(ordered), dtype=np.int64)
+    return remap[codes], ordered
 
 
 def build_catalog(
@@ -608,34 +816,148 @@ def build_catalog(
     list (items the panel never touched get zero popularity, no neighbours and zero
     factors); by default the items seen in the log, sorted. ``progress(done, total,
     stage)`` is called during the long stages.
+
+    The rows are read once, as they come (nothing but two integer codes is kept per
+    row); for tens of millions of interactions, integer-coded arrays through
+    :func:`build_catalog_from_arrays` skip the per-row Python work altogether.
     """
     s = settings or BuildSettings()
-    rows = (
-        read_interactions(interactions)
-        if isinstance(interactions, (str, os.PathLike))
-        else list(interactions)
+    rows: Iterable[Sequence[object]] = (
+        _iter_csv(interactions) if isinstance(interactions, (str, os.PathLike)) else interactions
     )
-    if not rows:
-        raise InvalidInputError("the interaction log is empty")
-    u_names: list[str] = []
-    i_names: list[str] = []
+    item_list = list(items) if items is not None else None
+    item_pos: dict[str, int] = {}
+    if item_list is not None:
+        item_pos = {name: i for i, name in enumerate(item_list)}
+        if len(item_pos) != len(item_list):
+            raise InvalidInputError("duplicate item ids")
+    user_pos: dict[str, int] = {}
+    uc: array[int] = array("q")
+    ic: array[int] = array("q")
+    unknown: set[str] = set()
     for n, row in enumerate(rows):
         if len(row) < 3:
             raise InvalidInputError(f"row {n}: need (user, item, timestamp[, value])")
-        u_names.append(str(row[0]))
-        i_names.append(str(row[1]))
-    item_list = list(items) if items is not None else sorted(set(i_names))
-    item_pos = {name: i for i, name in enumerate(item_list)}
-    if len(item_pos) != len(item_list):
-        raise InvalidInputError("duplicate item ids")
-    unknown = {name for name in i_names if name not in item_pos}
+        uname, iname = str(row[0]), str(row[1])
+        u = user_pos.get(uname)
+        if u is None:
+            u = user_pos[uname] = len(user_pos)
+        i = item_pos.get(iname)
+        if i is None:
+            if item_list is not None:
+                unknown.add(iname)
+                i = 0
+            else:
+                i = item_pos[iname] = len(item_pos)
+        uc.append(u)
+        ic.append(i)
+    if not uc:
+        raise InvalidInputError("the interaction log is empty")
     if unknown:
         raise InvalidInputError(f"{len(unknown)} logged items are not in the item list")
-    user_list = sorted(set(u_names))
-    user_pos = {name: i for i, name in enumerate(user_list)}
-    uu = np.fromiter((user_pos[n] for n in u_names), dtype=np.int64, count=len(rows))
-    ii = np.fromiter((item_pos[n] for n in i_names), dtype=np.int64, count=len(rows))
+    uu, user_list = _sorted_codes(np.frombuffer(uc, dtype=np.int64), user_pos)
+    del uc
+    if item_list is None:
+        ii, item_list = _sorted_codes(np.frombuffer(ic, dtype=np.int64), item_pos)
+    else:
+        ii = np.frombuffer(ic, dtype=np.int64)
+    del item_pos
     x = interaction_matrix(uu, ii, len(user_list), len(item_list))
+    del uu, ii, ic
+    user_sig = [signals.get(name) if signals else None for name in user_list]
+    return _catalog_from_matrix(
+        x,
+        item_list,
+        user_sig,
+        settings=s,
+        titles=titles,
+        categories=categories,
+        progress=progress,
+        created_at=created_at,
+    )
+
+
+def _codes(a: npt.ArrayLike, name: str, bound: int | None) -> I64:
+    """A 1-D array of integer codes in ``[0, bound)`` (``bound`` None: any >= 0)."""
+    arr = np.asarray(a)
+    if arr.ndim != 1:
+        raise InvalidInputError(f"{name} must be a 1-D array, not {arr.ndim}-D")
+    if arr.size and arr.dtype.kind not in "iu":
+        raise InvalidInputError(f"{name} must hold integers, not {arr.dtype}")
+    out = arr.astype(np.int64, copy=False)
+    if out.size and int(out.min()) < 0:
+        raise InvalidInputError(f"{name} holds a negative index")
+    if out.size and bound is not None and int(out.max()) >= bound:
+        raise InvalidInputError(f"{name} holds an index >= {bound}")
+    return out
+
+
+def build_catalog_from_arrays(
+    users: npt.ArrayLike,
+    items: npt.ArrayLike,
+    item_ids: Sequence[str],
+    *,
+    n_users: int | None = None,
+    user_signals: Sequence[Mapping[str, str] | None] | None = None,
+    settings: BuildSettings | None = None,
+    titles: Mapping[str, str] | None = None,
+    categories: Mapping[str, Sequence[str]] | None = None,
+    progress: Progress | None = None,
+    created_at: float | None = None,
+) -> Catalog:
+    """Build a catalog from integer-coded interactions: the scalable twin of
+    :func:`build_catalog`.
+
+    Interaction ``k`` is panel user ``users[k]`` (a code in ``[0, n_users)``) with item
+    ``item_ids[items[k]]``; repeats count once (binary implicit feedback). ``n_users``
+    defaults to ``max(users) + 1``; ``user_signals[u]`` are user ``u``'s declared
+    signals (for ``settings.rule_signals``). ``titles`` and ``categories`` are keyed by
+    item id, as in :func:`build_catalog`. Nothing is done per row in Python: a panel of
+    tens of millions of interactions is two ``int32``/``int64`` arrays (read them with
+    ``numpy`` or ``pandas``; see ``docs/operator-scale.md``).
+    """
+    s = settings or BuildSettings()
+    ids = list(item_ids)
+    if not ids or not all(isinstance(i, str) for i in ids):
+        raise InvalidInputError("item_ids must be a non-empty sequence of strings")
+    if len(set(ids)) != len(ids):
+        raise InvalidInputError("duplicate item ids")
+    uu = _codes(users, "users", n_users)
+    ii = _codes(items, "items", len(ids))
+    if uu.size != ii.size:
+        raise InvalidInputError(f"users and items differ in length ({uu.size} != {ii.size})")
+    if uu.size == 0:
+        raise InvalidInputError("the interaction log is empty")
+    n_u = int(uu.max()) + 1 if n_users is None else int(n_users)
+    if user_signals is not None and len(user_signals) != n_u:
+        raise InvalidInputError(f"user_signals must have one entry per user ({n_u})")
+    x = interaction_matrix(uu, ii, n_u, len(ids))
+    sig = list(user_signals) if user_signals is not None else [None] * n_u
+    return _catalog_from_matrix(
+        x,
+        ids,
+        sig,
+        settings=s,
+        titles=titles,
+        categories=categories,
+        progress=progress,
+        created_at=created_at,
+    )
+
+
+def _catalog_from_matrix(
+    x: Csr,
+    item_list: Sequence[str],
+    user_sig: Sequence[Mapping[str, str] | None],
+    *,
+    settings: BuildSettings,
+    titles: Mapping[str, str] | None,
+    categories: Mapping[str, Sequence[str]] | None,
+    progress: Progress | None,
+    created_at: float | None,
+) -> Catalog:
+    """Every stage of the build on the binary panel matrix ``x``."""
+    s = settings
     t0 = time.perf_counter()
     log.info(
         "building catalog: %d panel users, %d items, %d interactions",
@@ -643,9 +965,15 @@ def build_catalog(
         x.shape[1],
         x.indices.size,
     )
-
     pop = item_popularity(x)
-    nbr_indptr, nbr_indices, nbr_weights = item_neighbours(x, top_n=s.neighbours, progress=progress)
+    nbr_indptr, nbr_indices, nbr_weights = item_neighbours(
+        x,
+        top_n=s.neighbours,
+        progress=progress,
+        max_user_items=s.max_user_items,
+        seed=s.seed,
+    )
+    log.info("neighbours in %.1f s", time.perf_counter() - t0)
     user_f, item_f = train_als(
         x,
         factors=s.factors,
@@ -657,8 +985,8 @@ def build_catalog(
         threads=s.threads,
         cg_steps=s.als_cg_steps,
     )
+    log.info("ALS done at %.1f s", time.perf_counter() - t0)
     gram = (item_f.astype(np.float64).T @ item_f.astype(np.float64)).astype(np.float32)
-    user_sig = [signals.get(name) if signals else None for name in user_list]
     segs, rules, default = make_segments(x, user_f, user_sig, settings=s)
     if progress is not None:
         progress(1, 1, "segments")
@@ -754,3 +1082,221 @@ def make_segments(
     if segs[-1].name == "everyone":
         default = segs[-1].id
     return segs, rules, default
+
+
+def _float_array(a: npt.ArrayLike, name: str, shape: tuple[int | None, ...]) -> F32:
+    """``a`` as a finite ``float32`` array of the given shape (None: any length)."""
+    arr = np.asarray(a)
+    if arr.ndim != len(shape) or any(
+        want is not None and got != want for got, want in zip(arr.shape, shape, strict=True)
+    ):
+        want_s = "x".join("*" if w is None else str(w) for w in shape)
+        raise InvalidInputError(f"{name} must have shape {want_s}, not {arr.shape}")
+    if arr.dtype.kind not in "fiu":
+        raise InvalidInputError(f"{name} must hold numbers, not {arr.dtype}")
+    out = arr.astype(np.float32)
+    if not np.isfinite(out).all():
+        raise InvalidInputError(f"{name} holds NaN or infinite values (or overflows float32)")
+    return out
+
+
+def neighbours_from_pairs(
+    items: npt.ArrayLike,
+    neighbours: npt.ArrayLike,
+    weights: npt.ArrayLike,
+    n_items: int,
+    *,
+    top_n: int | None = None,
+) -> tuple[I64, I32, F32]:
+    """Neighbour lists given as ``(item, neighbour, weight)`` triples (one row per edge,
+    any order, as a Spark job writes them) in the catalog's CSR form: rows sorted by
+    weight descending (ties by lower index), at most ``top_n`` per item (all if None).
+
+    Raises :class:`InvalidInputError` for an index out of ``[0, n_items)``, a self-loop,
+    an edge given twice, or a weight that is not finite and > 0.
+    """
+    a = _codes(items, "neighbour items", n_items)
+    b = _codes(neighbours, "neighbour indices", n_items)
+    w = np.asarray(weights)
+    if a.size != b.size or w.shape != (a.size,):
+        raise InvalidInputError(
+            f"items, neighbours and weights differ in length ({a.size}, {b.size}, {w.shape})"
+        )
+    if w.size and w.dtype.kind not in "fiu":
+        raise InvalidInputError(f"neighbour weights must be numbers, not {w.dtype}")
+    w64 = w.astype(np.float64)
+    if not (np.isfinite(w64).all() and (w64 > 0).all()):
+        raise InvalidInputError("neighbour weights must be finite and > 0")
+    if (a == b).any():
+        raise InvalidInputError(f"item {int(a[a == b][0])} is its own neighbour")
+    order = np.lexsort((b, -w64, a))
+    a, b, w64 = a[order], b[order], w64[order]
+    pair = a * np.int64(n_items) + b
+    if np.unique(pair).size != pair.size:
+        raise InvalidInputError("an (item, neighbour) edge is given more than once")
+    lens = np.bincount(a, minlength=n_items).astype(np.int64)
+    if top_n is not None:
+        if top_n <= 0:
+            raise InvalidInputError("top_n must be > 0")
+        starts = np.cumsum(lens) - lens
+        rank = np.arange(a.size, dtype=np.int64) - np.repeat(starts, lens)
+        keep = rank < top_n
+        b, w64 = b[keep], w64[keep]
+        lens = np.minimum(lens, top_n)
+    indptr = np.zeros(n_items + 1, dtype=np.int64)
+    np.cumsum(lens, out=indptr[1:])
+    return indptr, b.astype(np.int32), w64.astype(np.float32)
+
+
+def _check_neighbour_csr(
+    indptr: npt.ArrayLike, indices: npt.ArrayLike, weights: npt.ArrayLike, n_items: int
+) -> tuple[I64, I32, F32]:
+    """Validate neighbour CSR arrays; if a row's weights are not in descending order,
+    the rows are sorted (weight descending, ties by lower index)."""
+    ptr = _codes(indptr, "nbr_indptr", None)
+    if ptr.shape != (n_items + 1,):
+        raise InvalidInputError(f"nbr_indptr must have {n_items + 1} entries, not {ptr.size}")
+    idx = _codes(indices, "nbr_indices", n_items)
+    w = _float_array(weights, "nbr_weights", (idx.size,))
+    if ptr[0] != 0 or ptr[-1] != idx.size or (np.diff(ptr) < 0).any():
+        raise InvalidInputError(
+            f"nbr_indptr must rise from 0 to the number of neighbours ({idx.size})"
+        )
+    if (w <= 0).any():
+        raise InvalidInputError("neighbour weights must be > 0")
+    rows = np.repeat(np.arange(n_items, dtype=np.int64), np.diff(ptr))
+    if (rows == idx).any():
+        raise InvalidInputError(f"item {int(rows[rows == idx][0])} is its own neighbour")
+    pair = np.sort(rows * np.int64(n_items) + idx)
+    twice = pair[1:] == pair[:-1]
+    if twice.any():
+        first = int(pair[1:][twice][0] // n_items)
+        raise InvalidInputError(f"item {first} lists a neighbour twice")
+    del pair, twice
+    same_row = rows[1:] == rows[:-1]
+    # equal weights may come in any order (the builder orders them in float64)
+    if not ((w[:-1] >= w[1:]) | ~same_row).all():
+        order = np.lexsort((idx, -w, rows))
+        idx, w = idx[order], w[order]
+    return ptr, idx.astype(np.int32), w
+
+
+def assemble_catalog(
+    item_ids: Sequence[str],
+    *,
+    popularity: npt.ArrayLike,
+    nbr_indptr: npt.ArrayLike,
+    nbr_indices: npt.ArrayLike,
+    nbr_weights: npt.ArrayLike,
+    item_factors: npt.ArrayLike,
+    regularization: float,
+    alpha: float,
+    panel_users: npt.ArrayLike | None = None,
+    panel_items: npt.ArrayLike | None = None,
+    user_signals: Sequence[Mapping[str, str] | None] | None = None,
+    settings: BuildSettings | None = None,
+    titles: Mapping[str, str] | None = None,
+    categories: Mapping[str, Sequence[str]] | None = None,
+    progress: Progress | None = None,
+    created_at: float | None = None,
+) -> Catalog:
+    """A catalog from outputs computed elsewhere (a Spark job: see
+    ``docs/operator-scale.md``): the hand-off from a distributed build to the bundle.
+
+    ``popularity`` ``[n]`` (panel users per item), the neighbour lists in CSR form
+    (``nbr_indptr [n+1]``, ``nbr_indices``, ``nbr_weights``; triples convert with
+    :func:`neighbours_from_pairs`), the ALS ``item_factors [n, f]`` with the
+    ``regularization`` and ``alpha`` the *device* must fold in with (plain lambda,
+    confidence ``1 + alpha * r``: Spark's count-scaled ``regParam`` is not this lambda).
+    Every array is checked (shape, dtype, finite values, indices in range, no
+    self-loops or repeated neighbours, weights > 0) and converted to the bundle's
+    dtypes; neighbour rows whose weights do not descend are sorted (ties by lower
+    index), and every row is cut to ``settings.neighbours``. The Gram matrix
+    ``Y.T @ Y`` is computed here.
+
+    Segments need panel users: ``panel_users``/``panel_items`` (integer codes, item codes
+    index ``item_ids``; a sample of the panel is enough) give every user's exact fold-in
+    against these factors (:func:`user_vectors`), then :func:`make_segments` with
+    ``settings`` (``user_signals[u]`` for rule segments). Without a panel the catalog has
+    no segments. ``settings.factors``, ``regularization``, ``alpha`` and ``iterations``
+    are not used (the arrays and arguments say them).
+
+    Raises :class:`InvalidInputError` with the offending array's name; the result is a
+    :class:`Catalog` that ``write_bundle`` accepts.
+    """
+    s = settings or BuildSettings()
+    ids = list(item_ids)
+    if not ids or not all(isinstance(i, str) for i in ids):
+        raise InvalidInputError("item_ids must be a non-empty sequence of strings")
+    if len(set(ids)) != len(ids):
+        raise InvalidInputError("duplicate item ids")
+    n = len(ids)
+    for name, value in (("regularization", regularization), ("alpha", alpha)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise InvalidInputError(f"{name} must be a finite number >= 0, not {value!r}")
+    pop = _float_array(popularity, "popularity", (n,))
+    if (pop < 0).any():
+        raise InvalidInputError("popularity must be >= 0")
+    y = _float_array(item_factors, "item_factors", (n, None))
+    if y.shape[1] < 1:
+        raise InvalidInputError("item_factors must have at least one column")
+    ptr, idx, w = _check_neighbour_csr(nbr_indptr, nbr_indices, nbr_weights, n)
+    lens = np.diff(ptr)
+    if (lens > s.neighbours).any():
+        starts = ptr[:-1]
+        rank = np.arange(idx.size, dtype=np.int64) - np.repeat(starts, lens)
+        keep = rank < s.neighbours
+        idx, w = idx[keep], w[keep]
+        ptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.minimum(lens, s.neighbours), out=ptr[1:])
+    y64 = y.astype(np.float64)
+    gram = (y64.T @ y64).astype(np.float32)
+    del y64
+    segs: list[Segment] = []
+    rules: list[SegmentRule] = []
+    default = 0
+    if (panel_users is None) != (panel_items is None):
+        raise InvalidInputError("give both panel_users and panel_items, or neither")
+    if panel_users is not None and panel_items is not None:
+        uu = _codes(panel_users, "panel_users", None)
+        ii = _codes(panel_items, "panel_items", n)
+        if uu.size != ii.size or uu.size == 0:
+            raise InvalidInputError("panel_users and panel_items must be non-empty, same length")
+        n_u = int(uu.max()) + 1
+        if user_signals is not None and len(user_signals) < n_u:
+            raise InvalidInputError(f"user_signals must have one entry per panel user ({n_u})")
+        x = interaction_matrix(uu, ii, n_u, n)
+        del uu, ii
+        user_f = (
+            user_vectors(x, y, regularization=regularization, alpha=alpha, threads=s.threads)
+            if s.segments > 0
+            else None
+        )
+        sig = list(user_signals)[:n_u] if user_signals is not None else [None] * n_u
+        segs, rules, default = make_segments(x, user_f, sig, settings=s)
+        if progress is not None:
+            progress(1, 1, "segments")
+    else:
+        log.warning("no panel given: the catalog has no segments")
+    return Catalog(
+        item_ids=tuple(ids),
+        titles=tuple((titles or {}).get(name, name) for name in ids),
+        popularity=pop,
+        nbr_indptr=ptr,
+        nbr_indices=idx,
+        nbr_weights=w,
+        segments=tuple(segs),
+        segment_rules=tuple(rules),
+        default_segment=default,
+        categories=None
+        if categories is None
+        else tuple(tuple(categories.get(name, ())) for name in ids),
+        item_factors=y,
+        gram=gram,
+        als=AlsParams(
+            factors=int(y.shape[1]), regularization=float(regularization), alpha=float(alpha)
+        ),
+        name=s.name,
+        created_at=time.time() if created_at is None else created_at,
+        extra=s.scoring.to_extra(),
+    )
