@@ -131,6 +131,17 @@ def encode_strings(strings: Sequence[str]) -> tuple[npt.NDArray[np.integer], U8]
     return offsets.astype(narrow_offsets(int(offsets[-1]))), blob
 
 
+def common_prefix(strings: Sequence[str]) -> str:
+    """The longest prefix every string shares (``""`` for none or no strings)."""
+    if not strings:
+        return ""
+    lo, hi = min(strings), max(strings)  # the prefix of the extremes is everyone's
+    n = 0
+    while n < min(len(lo), len(hi)) and lo[n] == hi[n]:
+        n += 1
+    return lo[:n]
+
+
 def byte_order(strings: Sequence[str]) -> npt.NDArray[np.int32]:
     """The permutation that sorts ``strings`` by their UTF-8 bytes (code point order)."""
     return np.asarray(sorted(range(len(strings)), key=strings.__getitem__), dtype=np.int32)
@@ -143,10 +154,12 @@ class StringTable(Sequence[str]):
     offsets are monotone and inside the blob, that the blob is valid UTF-8 and that no
     string starts inside a multi-byte character, so indexing never fails.
     With an ``order`` (the permutation sorting the strings by their bytes),
-    :meth:`find` locates a string in ``O(log n)``.
+    :meth:`find` locates a string in ``O(log n)``. ``prefix`` is the part every string
+    shares, stored once (ids such as ``sku-...``): string ``i`` is ``prefix`` followed
+    by its bytes in the blob.
     """
 
-    __slots__ = ("_blob", "_offsets", "_order")
+    __slots__ = ("_blob", "_offsets", "_order", "_prefix")
 
     def __init__(
         self,
@@ -155,6 +168,7 @@ class StringTable(Sequence[str]):
         *,
         order: npt.NDArray[np.integer] | None = None,
         what: str = "strings",
+        prefix: str = "",
     ) -> None:
         n = offsets.shape[0] - 1
         if offsets.ndim != 1 or n < 0 or (n >= 0 and offsets[0] != 0):
@@ -180,6 +194,10 @@ class StringTable(Sequence[str]):
         self._offsets = offsets
         self._blob = blob
         self._order = order
+        try:
+            self._prefix = prefix.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BundleError(f"{what}: the shared prefix is not unicode text") from None
 
     def __len__(self) -> int:
         return int(self._offsets.shape[0]) - 1
@@ -193,7 +211,7 @@ class StringTable(Sequence[str]):
     def __getitem__(self, index: int | slice) -> str | list[str]:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        return self._bytes(index).decode("utf-8")
+        return (self._prefix + self._bytes(index)).decode("utf-8")
 
     def _bytes(self, index: int) -> bytes:
         n = len(self)
@@ -215,6 +233,9 @@ class StringTable(Sequence[str]):
             key = value.encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate: no stored string can equal it
             return None
+        if not key.startswith(self._prefix):
+            return None
+        key = key[len(self._prefix) :]
         order = self._order
         pos = bisect.bisect_left(range(len(self)), key, key=lambda j: self._bytes(int(order[j])))
         if pos < len(self):
@@ -226,7 +247,7 @@ class StringTable(Sequence[str]):
     @property
     def nbytes(self) -> int:
         """Bytes held by the blob and the offsets (and the order)."""
-        extra = 0 if self._order is None else int(self._order.nbytes)
+        extra = len(self._prefix) + (0 if self._order is None else int(self._order.nbytes))
         return int(self._blob.nbytes + self._offsets.nbytes) + extra
 
 

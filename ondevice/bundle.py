@@ -208,8 +208,9 @@ _HEADER_KEYS_V2 = (_HEADER_KEYS - {"item_ids", "titles", "category_sets"}) | {
     "ann",
     "title_block",
     "nbr_code_bits",
+    "item_id_prefix",
 }
-_OPTIONAL_V2 = ("ann", "title_block", "nbr_code_bits")
+_OPTIONAL_V2 = ("ann", "title_block", "nbr_code_bits", "item_id_prefix")
 """Format 2 header fields that may be left out (meaning ``null``: no index, plain titles,
 plain neighbour arrays)."""
 
@@ -700,13 +701,18 @@ def _build_v2(raw: _Raw, header: dict[str, Any], where: str) -> Catalog:
     if n < 0:
         raise BundleError(f"{where}: n_items must not be negative")
 
-    def strings(prefix: str, *, ordered: bool) -> StringTable:
+    def strings(prefix: str, *, ordered: bool, shared: str = "") -> StringTable:
         offsets = arrays.get(f"{prefix}_offsets", _OFFSETS, (n + 1,))
         blob = arrays.get(f"{prefix}_bytes", ("|u1",), (None,))
         order = arrays.get(f"{prefix}_order", ("<i4",), (n,)) if ordered else None
-        return StringTable(offsets, blob, order=order, what=f"{where}: {prefix}s")
+        return StringTable(offsets, blob, order=order, what=f"{where}: {prefix}s", prefix=shared)
 
-    item_ids = strings("item_id", ordered=True)
+    shared = header["item_id_prefix"]
+    item_ids = strings(
+        "item_id",
+        ordered=True,
+        shared="" if shared is None else _str(shared, "item_id_prefix", where),
+    )
     titles: Sequence[str]
     if header["title_block"] is None:
         titles = strings("title", ordered=False)

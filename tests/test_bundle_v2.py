@@ -560,3 +560,25 @@ def test_a_level_whose_scores_overflow_gives_way_to_the_next(
     assert answer.level is not PrivacyLevel.INDIVIDUAL
     assert any("out of range" in f for f in answer.fallbacks)
     assert all(np.isfinite(r.score) for r in answer)
+
+
+def test_a_shared_id_prefix_is_stored_once_and_lookups_stay_exact(
+    tmp_path: Path, key: Ed25519PrivateKey, pinned: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_bundle2, "INDEX_DICT_LIMIT", 0)  # the sorted-table search
+    base = make_catalog(6, n=50)
+    ids = tuple(f"shop-ß-{i:03d}" for i in range(49)) + ("shop-ß-",)  # one id IS the prefix
+    catalog = _replace(base, item_ids=ids)
+    write_bundle(catalog, tmp_path / "p.odb", private_key=key)
+    got = load_bundle(tmp_path / "p.odb", public_key=pinned)
+    assert list(got.item_ids) == list(ids)
+    assert isinstance(got.item_ids, StringTable)
+    prefix = len("shop-ß-".encode())
+    assert got.item_ids._blob.size == sum(len(i.encode()) - prefix for i in ids)  # once
+    rt = CatalogRuntime(got, "fp")
+    for i, item in enumerate(ids):
+        assert rt.index.get(item) == i
+    for missing in ("shop-ß", "shop-", "", "shop-ß-0499", "other-001", "shop-ß-049x"):
+        assert rt.index.get(missing) is None
+    bad = _signed(catalog, key, header={"item_id_prefix": "\ud800"})
+    assert "prefix" in _refused(tmp_path, bad, pinned)

@@ -285,7 +285,8 @@ def _plan_v2(catalog: Catalog) -> tuple[list[_Planned], int, bytes]:
     named: list[tuple[str, npt.NDArray[Any]]] = []
     large = n >= _bundle2.LARGE_ITEMS
     ids, titles = list(catalog.item_ids), list(catalog.titles)
-    offsets, blob = _bundle2.encode_strings(ids)
+    id_prefix = _bundle2.common_prefix(ids)
+    offsets, blob = _bundle2.encode_strings([i[len(id_prefix) :] for i in ids])
     named += [("item_id_offsets", offsets), ("item_id_bytes", blob)]
     if large:
         blocks, data = _codecs.encode_block_strings(titles)
@@ -351,6 +352,7 @@ def _plan_v2(catalog: Catalog) -> tuple[list[_Planned], int, bytes]:
         None,
         version=2,
         category_names=category_names,
+        id_prefix=id_prefix or None,
         title_block=_codecs.DEFAULT_BLOCK if large else None,
         nbr_code_bits=_codecs.DEFAULT_CODE_BITS if large else None,
     )
@@ -374,6 +376,7 @@ def _header(
     *,
     version: int = 1,
     category_names: list[str] | None = None,
+    id_prefix: str | None = None,
     title_block: int | None = None,
     nbr_code_bits: int | None = None,
 ) -> bytes:
@@ -425,6 +428,7 @@ def _header(
         )
     else:
         header["category_names"] = category_names
+        header["item_id_prefix"] = id_prefix
         header["title_block"] = title_block
         header["nbr_code_bits"] = nbr_code_bits
         index = catalog.ann
