@@ -63,7 +63,7 @@ class IvfIndex:
         until together they hold at least ``want`` items (all clusters if the catalog is
         smaller)."""
         c = self.n_clusters
-        scores = self.centroids @ np.asarray(x, dtype=np.float32)
+        scores = np.einsum("ij,j->i", self.centroids, np.asarray(x, dtype=np.float32))
         sizes = np.diff(self.offsets)
         m = min(self.nprobe, c)
         best = np.argpartition(-scores, m - 1)[:m] if m < c else np.arange(c)

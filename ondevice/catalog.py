@@ -253,6 +253,14 @@ class Catalog:
         out *= self.item_factor_scales[items][..., None]
         return out
 
+    def scores_of(self, items: npt.NDArray[np.integer], x: npt.NDArray[np.floating]) -> FloatArray:
+        """``Y[items] @ x`` (a fresh ``float32[len(items)]``), computed in numpy's own
+        single-threaded loop: on one request's few thousand rows, waking BLAS threads on a
+        busy laptop costs more than the product (``benchmarks/bench_scale.py``)."""
+        rows = self.factor_rows(np.asarray(items))
+        out: FloatArray = np.einsum("ij,j->i", rows, np.asarray(x, dtype=np.float32))
+        return out
+
     def factor_scores(self, x: npt.NDArray[np.floating]) -> FloatArray:
         """``Y @ x`` for every item (a fresh ``float32[n]``); int8 factors are scored in
         blocks of :data:`SCORE_BLOCK` rows, never dequantized whole."""

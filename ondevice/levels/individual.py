@@ -49,7 +49,7 @@ def recommend(rt: CatalogRuntime, state: UserState, req: Request) -> Answer | st
     if cat.ann is not None:  # approximate: score the probed clusters only
         want = depth + int(state.excluded.size)  # enough left after the exclusions
         candidates = cat.ann.candidates(cat.ann.probe(x, want))
-        scores = cat.factor_rows(candidates) @ x
+        scores = cat.scores_of(candidates, x)
     elif cat.item_factor_scales is not None:
         scores = cat.factor_scores(x)
     ranked = scoring.individual_ranking(
@@ -65,7 +65,7 @@ def recommend(rt: CatalogRuntime, state: UserState, req: Request) -> Answer | st
         candidates=candidates,
     )
     items = [int(i) for i in ranked]
-    sub = cat.factor_rows(ranked) @ x if items else np.empty(0, np.float32)
+    sub = cat.scores_of(ranked, x) if items else np.empty(0, np.float32)
     why = evidence(rt, state, [i for i in items if neighbours[i] > 0], weights)
     taste = (
         f"matches your taste profile, computed on this device from your "
