@@ -8,6 +8,11 @@ time, full decode, random single access from a cold cache) against the plain
 against a numpy CSR fancy-index gather. Medians throughout (the machine is shared)::
 
     .venv/bin/python benchmarks/bench_codecs.py [--bundle PATH --public-key HEX]
+    .venv/bin/python benchmarks/bench_codecs.py --packed-only [--npz PATH]
+
+The varint against bit-packed neighbour comparison (:func:`encode_neighbours_packed`)
+runs first, on ``--npz`` (``indptr``, ``indices``, ``codes``; default
+``/tmp/nbr1m_clustered.npz``, skipped when missing).
 
 Without ``--bundle``, the cached 1M-item bundle of ``bench_scale.py`` is used when
 present, else a 100k-item synthetic catalog is generated (``_scale_data.py``). Cluster
@@ -37,13 +42,17 @@ from ondevice import _bundle2
 from ondevice._codecs import (
     BlockStringTable,
     NeighbourStore,
+    PackedNeighbourStore,
     encode_block_strings,
     encode_neighbours,
+    encode_neighbours_packed,
 )
 from ondevice.bundle import load_bundle
 
 DEFAULT_BUNDLE = _scale_data.DEFAULT_CACHE / "scale-n1000000-s0-g2-fca09fc657b6.bundle"
 DEFAULT_KEY = "92e29ea5d44646ad545315e10e8afdd5f163d79bcc6c1595f05d7e49cfef69b7"
+
+DEFAULT_NPZ = Path("/tmp/nbr1m_clustered.npz")
 
 I64 = npt.NDArray[np.int64]
 
@@ -212,6 +221,80 @@ def bench_neighbours(
     )
 
 
+def _gather_times(store: Any, n: int, repeat: int) -> tuple[float, float]:
+    rng = np.random.default_rng(3)
+    times = []
+    for _ in range(repeat):
+        items = rng.integers(0, n, 50)
+        t0 = time.perf_counter()
+        store.gather(items)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), float(np.percentile(times, 90))
+
+
+def bench_packed(path: Path, repeat: int) -> None:
+    """Varint against bit-packed neighbour lists on an ``.npz`` of ``indptr``,
+    ``indices`` and ``codes`` (same run, same machine load)."""
+    data = np.load(path)
+    indptr = data["indptr"].astype(np.int64)
+    indices, codes = data["indices"], data["codes"].astype(np.uint8)
+    n, entries = indptr.size - 1, int(indptr[-1])
+    print(
+        f"\n== neighbour lists: varint vs bit-packed on {path} ({n:,} items, {entries:,} entries)"
+    )
+    t0 = time.perf_counter()
+    offsets, payload = encode_neighbours(indptr, indices, codes)
+    t_enc_v = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    arrays, params = encode_neighbours_packed(indptr, indices, codes)
+    t_enc_p = time.perf_counter() - t0
+    ctor_v = _median(lambda: NeighbourStore(offsets, payload, n), 7)
+    ctor_p = _median(lambda: PackedNeighbourStore(arrays, params, n), 7)
+    varint = NeighbourStore(offsets, payload, n)
+    packed = PackedNeighbourStore(arrays, params, n)
+    rng = np.random.default_rng(2)
+    for items in [rng.integers(0, n, 50) for _ in range(20)]:
+        want = _csr_gather(indptr, indices, codes, items)
+        for store in (varint, packed):
+            got = store.gather(items)
+            assert all(np.array_equal(got[k], want[k]) for k in range(3))
+    g_v, g_p = [], []
+    for _ in range(5):  # interleaved rounds: both see the same load
+        g_v.append(_gather_times(varint, n, repeat // 5))
+        g_p.append(_gather_times(packed, n, repeat // 5))
+    t0 = time.perf_counter()
+    varint.validate()
+    val_v = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    packed.validate()
+    val_p = time.perf_counter() - t0
+    sizes = {k: v.nbytes for k, v in arrays.items()}
+    print(
+        f"params {params}; arrays "
+        + ", ".join(f"{k} {arrays[k].dtype} {sizes[k] / 1e6:.2f} MB" for k in arrays)
+    )
+    for name, pay_b, off_b, t_enc, ctor, g, val in (
+        ("varint", payload.nbytes, offsets.nbytes, t_enc_v, ctor_v, g_v, val_v),
+        (
+            "packed",
+            sizes["payload"],
+            sizes["block_bits"] + sizes["row_bits"],
+            t_enc_p,
+            ctor_p,
+            g_p,
+            val_p,
+        ),
+    ):
+        med = statistics.median(x[0] for x in g)
+        p90 = statistics.median(x[1] for x in g)
+        print(
+            f"{name:7s} payload {pay_b / 1e6:6.2f} MB ({pay_b * 8 / entries:5.2f} bits/entry) "
+            f"+ offsets {off_b / 1e6:5.2f} MB = {(pay_b + off_b) / 1e6:6.2f} MB; encode "
+            f"{t_enc:5.1f} s; construct {ctor * 1e3:6.2f} ms; gather 50 items median "
+            f"{med * 1e6:5.0f} us p90 {p90 * 1e6:5.0f} us; validate all {val:5.1f} s"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bundle", type=Path, default=None)
@@ -221,7 +304,21 @@ def main() -> None:
     parser.add_argument("--gathers", type=int, default=2000, help="neighbour gathers")
     parser.add_argument("--block", type=int, nargs="*", default=[16])
     parser.add_argument("--code-bits", type=int, nargs="*", default=[2])
+    parser.add_argument(
+        "--npz",
+        type=Path,
+        default=DEFAULT_NPZ,
+        help="indptr/indices/codes for the varint vs bit-packed comparison",
+    )
+    parser.add_argument("--packed-only", action="store_true", help="only that comparison")
     args = parser.parse_args()
+
+    if args.npz is not None and args.npz.exists():
+        bench_packed(args.npz, args.gathers)
+    else:
+        print(f"{args.npz}: not found, varint vs bit-packed comparison skipped")
+    if args.packed_only:
+        return
 
     path, key = args.bundle, args.public_key
     if path is None and DEFAULT_BUNDLE.exists():

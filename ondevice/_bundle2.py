@@ -257,7 +257,7 @@ POPULAR_PREFIX = 1 << 16
 
 LARGE_ITEMS = 1 << 18
 """From this many items (262,144) the writer stores titles as deflated blocks and
-neighbour lists as varint rows (:mod:`ondevice._codecs`): a third of the bytes, decoded
+neighbour lists as bit-packed rows (:mod:`ondevice._codecs`): a third of the bytes, decoded
 per request. Smaller catalogs keep the plain tables, decoded at load in milliseconds."""
 
 INDEX_DICT_LIMIT = 1 << 18

@@ -122,7 +122,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ondevice import _bundle2
 from ondevice._bundle2 import StringTable
-from ondevice._codecs import BlockStringTable, NeighbourStore
+from ondevice._codecs import BlockStringTable, PackedNeighbourStore
 from ondevice._fileio import open_regular
 from ondevice.ann import IvfIndex
 from ondevice.catalog import (
@@ -207,10 +207,10 @@ _HEADER_KEYS_V2 = (_HEADER_KEYS - {"item_ids", "titles", "category_sets"}) | {
     "category_names",
     "ann",
     "title_block",
-    "nbr_code_bits",
+    "nbr_packed",
     "item_id_prefix",
 }
-_OPTIONAL_V2 = ("ann", "title_block", "nbr_code_bits", "item_id_prefix")
+_OPTIONAL_V2 = ("ann", "title_block", "nbr_packed", "item_id_prefix")
 """Format 2 header fields that may be left out (meaning ``null``: no index, plain titles,
 plain neighbour arrays)."""
 
@@ -754,21 +754,23 @@ def _build_v2(raw: _Raw, header: dict[str, Any], where: str) -> Catalog:
     table = arrays.get("nbr_weight_table", ("<f4",), (_bundle2.WEIGHT_CODES,))
     _bundle2.check_weight_table(table, where)
     store = None
-    if header["nbr_code_bits"] is None:
+    if header["nbr_packed"] is None:
         nbr_indptr = arrays.get("nbr_indptr", _OFFSETS, (n + 1,))
         nbr_indices = arrays.get("nbr_indices", _NARROW, (None,))
         codes = arrays.get("nbr_weight_codes", ("|u1",), (nbr_indices.size,))
         _check_offsets(nbr_indptr, nbr_indices.size, f"{where}: nbr_indptr")
         if nbr_indices.size and int(nbr_indices.max()) >= n:
             raise BundleError(f"{where}: a neighbour index is out of range [0, {n})")
-    else:  # varint rows, decoded per request (each row checked as it is decoded)
-        code_bits = _int(header["nbr_code_bits"], "nbr_code_bits", where)
+    else:  # bit-packed rows, decoded per request (each row checked as it is decoded)
+        params = _object(header["nbr_packed"], "nbr_packed", where, None)
+        packed = {
+            "payload": arrays.get("nbr_packed_payload", ("|u1",), (None,)),
+            "block_bits": arrays.get("nbr_packed_block_bits", ("<i8",), (None,)),
+            "row_bits": arrays.get("nbr_packed_row_bits", ("<u2", "<u4"), (n,)),
+        }
         try:
-            store = NeighbourStore(
-                arrays.get("nbr_rows", _OFFSETS, (n + 1,)),
-                arrays.get("nbr_payload", ("|u1",), (None,)),
-                n,
-                code_bits=code_bits,
+            store = PackedNeighbourStore(
+                packed, {k: _int(v, f"nbr_packed {k}", where) for k, v in params.items()}, n
             )
         except ValueError as exc:
             raise BundleError(f"{where}: {exc}") from None

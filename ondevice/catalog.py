@@ -27,7 +27,7 @@ from typing import overload
 import numpy as np
 import numpy.typing as npt
 
-from ._codecs import NeighbourStore
+from ._codecs import PackedNeighbourStore
 from .ann import IvfIndex
 from .errors import BundleError
 
@@ -153,7 +153,7 @@ class Catalog:
     :meth:`weights_at` and :meth:`neighbours_of`, which work for both forms.
 
     **Encoded neighbour lists.** A large format 2 bundle keeps its neighbour lists as
-    varint rows (``nbr_store``, :class:`ondevice._codecs.NeighbourStore`, with codes into
+    bit-packed rows (``nbr_store``, :class:`ondevice._codecs.PackedNeighbourStore`, codes into
     ``nbr_weight_table``), decoded per request for the items asked; the CSR fields are
     then empty (``nbr_indptr`` all zeros). Read neighbours through
     :meth:`gather_neighbours`, :meth:`neighbours_of` or :meth:`neighbours_csr`, which
@@ -185,7 +185,7 @@ class Catalog:
     item_factor_scales: FloatArray | None = None
     nbr_weight_table: FloatArray | None = None
     ann: IvfIndex | None = None
-    nbr_store: NeighbourStore | None = None
+    nbr_store: PackedNeighbourStore | None = None
 
     @property
     def n_items(self) -> int:

@@ -1,7 +1,7 @@
 """The encodings format 2 uses for large catalogs, exercised at a small size.
 
 From :data:`ondevice._bundle2.LARGE_ITEMS` items the writer stores titles as deflated
-blocks and neighbour lists as varint rows, and ships only the head of the popularity
+blocks and neighbour lists as bit-packed rows, and ships only the head of the popularity
 ranking (:data:`ondevice._bundle2.POPULAR_PREFIX`). The thresholds are lowered here so a
 300-item catalog takes those paths: what is read back must answer exactly as the plain
 encoding does, and a signed file whose encoded parts are nonsense gets a clear
@@ -119,10 +119,11 @@ def test_corrupt_encoded_neighbours_and_titles_give_a_clear_error_when_used(
     tmp_path: Path, key: Ed25519PrivateKey, large: None
 ) -> None:
     catalog = _catalog()
-    rows, payload = _codecs.encode_neighbours(*_plain_neighbours(catalog))
-    bad_payload = payload.copy()
-    bad_payload[rows[7] : rows[8]] = 0xFF  # item 7's row: an unterminated varint
-    data = _large_signed(key, {"nbr_payload": bad_payload})
+    packed, params = _codecs.encode_neighbours_packed(*_plain_neighbours(catalog))
+    bad_payload = packed["payload"].copy()
+    start = (int(packed["block_bits"][0]) + int(packed["row_bits"][7])) // 8
+    bad_payload[start : start + 2] = 0xFF  # item 7's row: a count that runs past its end
+    data = _large_signed(key, {"nbr_packed_payload": bad_payload})
     (tmp_path / "n.odb").write_bytes(data)
     loaded = _load(tmp_path / "n.odb", key)  # rows are checked as they are decoded
     rt = CatalogRuntime(loaded, "t")
@@ -140,8 +141,9 @@ def test_corrupt_encoded_neighbours_and_titles_give_a_clear_error_when_used(
     assert loaded.titles[N - 1] == catalog.titles[N - 1]  # other blocks still read
 
     # structure that is wrong before any row is read is refused at load
+    falling = packed["block_bits"][::-1].copy()
     message = _refused(
-        tmp_path, _large_signed(key, {"nbr_rows": rows[::-1].copy()}), public_key_bytes(key)
+        tmp_path, _large_signed(key, {"nbr_packed_block_bits": falling}), public_key_bytes(key)
     )
     assert "neighbours" in message
 

@@ -19,8 +19,10 @@ from ondevice._bundle2 import strictly_increasing
 from ondevice._codecs import (
     BlockStringTable,
     NeighbourStore,
+    PackedNeighbourStore,
     encode_block_strings,
     encode_neighbours,
+    encode_neighbours_packed,
 )
 
 # --- strictly_increasing ----------------------------------------------------------
@@ -251,7 +253,7 @@ def _random_csr(
 
 
 def _check_gather(
-    store: NeighbourStore,
+    store: NeighbourStore | PackedNeighbourStore,
     indptr: npt.NDArray[np.int64],
     indices: npt.NDArray[np.integer],
     codes: npt.NDArray[np.uint8],
@@ -377,3 +379,241 @@ def test_neighbours_hostile_bytes() -> None:
         cuts = np.sort(rng.integers(0, size + 1, n - 1))
         attempt(np.concatenate(([0], cuts, [size])).astype(np.int64), pay.tobytes())
     assert outcomes["ok"] > 0 and outcomes["error"] > 0
+
+
+# --- bit-packed neighbour lists ------------------------------------------------------
+
+
+def _packed_store(
+    indptr: npt.NDArray[np.int64],
+    indices: npt.NDArray[np.integer],
+    codes: npt.NDArray[np.uint8],
+    block_rows: int = 64,
+) -> PackedNeighbourStore:
+    arrays, params = encode_neighbours_packed(indptr, indices, codes, block_rows=block_rows)
+    for a in arrays.values():
+        assert a.ndim == 1 and a.dtype.byteorder in "<=|"
+    assert arrays["payload"].dtype == np.uint8 and arrays["block_bits"].dtype == np.int64
+    assert arrays["row_bits"].dtype in (np.uint16, np.uint32)
+    assert all(isinstance(v, int) for v in params.values())
+    return PackedNeighbourStore(arrays, params, indptr.size - 1)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.integers(0, 70),
+    st.integers(0, 25),
+    st.sampled_from(["random", "monotone", "equal", "mostly"]),
+    st.sampled_from([1, 3, 64]),
+    st.integers(0, 2**32 - 1),
+)
+def test_packed_round_trip(n: int, max_k: int, how: str, block_rows: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    indptr, indices, codes = _random_csr(rng, n, max_k, monotone_codes=how != "random")
+    if how == "equal":
+        codes[:] = rng.integers(0, 256)
+    elif how == "mostly" and codes.size:  # monotone rows with a few falls
+        codes[rng.random(codes.size) < 0.05] = 0
+    store = _packed_store(indptr, indices, codes, block_rows)
+    assert len(store) == n
+    store.validate(chunk=7)
+    items = rng.integers(0, n, 40) if n else np.empty(0, np.int64)  # duplicates likely
+    _check_gather(store, indptr, indices, codes, items)
+    _check_gather(store, indptr, indices, codes, np.arange(n, dtype=np.int64))
+    _check_gather(store, indptr, indices, codes, np.empty(0, np.int64))
+    for i in range(min(n, 5)):
+        t, c = store.row(i)
+        assert np.array_equal(t, indices[indptr[i] : indptr[i + 1]])
+        assert np.array_equal(c, codes[indptr[i] : indptr[i + 1]])
+
+
+def test_packed_clustered_rows_and_long_rows() -> None:
+    rng = np.random.default_rng(5)
+    n = 3000
+    counts = rng.integers(0, 21, n)
+    counts[[7, 8, 9, 10, 11, 12, 100, 2999]] = [1000] * 6 + [1, 999]  # a block over 2**16 bits
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    own = np.repeat(np.arange(n), counts)
+    near = np.clip(own + rng.integers(-300, 300, own.size), 0, n - 1)
+    far = rng.integers(0, n, own.size)
+    indices = np.where(rng.random(own.size) < 0.7, near, far).astype(np.int32)
+    codes = rng.integers(0, 40, indices.size).astype(np.uint8)
+    for i in range(n):
+        codes[indptr[i] : indptr[i + 1]].sort()
+    arrays, params = encode_neighbours_packed(indptr, indices, codes)
+    assert arrays["row_bits"].dtype == np.uint32
+    store = PackedNeighbourStore(arrays, params, n)
+    _check_gather(store, indptr, indices, codes, np.arange(n, dtype=np.int64))
+    _check_gather(store, indptr, indices, codes, rng.integers(0, n, 50))
+    off, pay = encode_neighbours(indptr, indices, codes)
+    assert store.nbytes < pay.nbytes + off.nbytes  # smaller than the varints
+
+
+def test_packed_single_item_and_empty() -> None:
+    for indptr, indices in (([0, 1], [0]), ([0, 0], []), ([0], []), ([0, 0, 2], [1, 0])):
+        ip = np.asarray(indptr, dtype=np.int64)
+        ind = np.asarray(indices, dtype=np.int64)
+        cd = np.full(ind.size, 200, dtype=np.uint8)
+        store = _packed_store(ip, ind, cd)
+        store.validate()
+        _check_gather(store, ip, ind, cd, np.arange(ip.size - 1, dtype=np.int64))
+        with pytest.raises(IndexError):
+            store.gather(np.array([ip.size - 1 + 1]))
+        with pytest.raises(IndexError):
+            store.gather(np.array([-1]))
+        with pytest.raises(IndexError):
+            store.gather(np.array([[0]]))
+
+
+def test_packed_more_than_2_24_items() -> None:
+    n = (1 << 24) + 5
+    rows = np.array([0, 3, n - 1, n - 2], dtype=np.int64)
+    counts = np.zeros(n, dtype=np.int64)
+    counts[rows] = [3, 2, 4, 1]
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    indices = np.array([n - 1, 0, 1 << 24, 5, n - 3, 0, n - 1, 1, 2, 7], dtype=np.uint32)
+    codes = np.array([0, 1, 255, 3, 3, 9, 0, 0, 128, 1], dtype=np.uint8)
+    store = _packed_store(indptr, indices, codes)
+    _check_gather(store, indptr, indices, codes, np.concatenate((rows, rows[::-1], [1, 2])))
+
+
+def test_packed_rejects_bad_input() -> None:
+    with pytest.raises(ValueError):
+        encode_neighbours_packed(np.array([0, 2]), np.array([0, 1]), np.zeros(2, np.uint8))
+    with pytest.raises(ValueError):
+        encode_neighbours_packed(np.array([0, 1]), np.array([0]), np.zeros(2, np.uint8))
+    with pytest.raises(ValueError):
+        encode_neighbours_packed(np.array([0, 2, 1]), np.array([0]), np.zeros(1, np.uint8))
+    with pytest.raises(ValueError):
+        encode_neighbours_packed(
+            np.array([0, 1]), np.array([0]), np.zeros(1, np.uint8), block_rows=0
+        )
+    rng = np.random.default_rng(4)
+    indptr, indices, codes = _random_csr(rng, 10, 5, monotone_codes=True)
+    arrays, params = encode_neighbours_packed(indptr, indices, codes, block_rows=4)
+    PackedNeighbourStore(arrays, params, 10)
+
+    def bad(
+        arr: dict[str, np.ndarray] | None = None, par: dict[str, object] | None = None, n: int = 10
+    ) -> None:
+        with pytest.raises(ValueError):
+            PackedNeighbourStore(arr or arrays, par or params, n)  # type: ignore[arg-type]
+
+    bad(n=11)
+    bad(n=-1)
+    bad(n=1 << 40)
+    for key, values in {
+        "format": [0, 2],
+        "block_rows": [0, 3, 5, -1, 1 << 20],
+        "count_bits": [-1, 33, 1 << 62],
+        "width_bits": [0, 7, 64],
+    }.items():
+        for v in values:
+            bad(par={**params, key: v})
+    bad(par={**params, "format": 1.0})
+    bad(par={**params, "extra": 1})
+    bad(par={k: v for k, v in params.items() if k != "count_bits"})
+    bad(arr={**arrays, "extra": np.zeros(1)})
+    bad(arr={k: v for k, v in arrays.items() if k != "row_bits"})
+    bad(arr={**arrays, "payload": arrays["payload"][:-1]})
+    bad(arr={**arrays, "payload": np.concatenate((arrays["payload"], [0]))})
+    bad(arr={**arrays, "payload": arrays["payload"].astype(np.int8)})
+    bad(arr={**arrays, "row_bits": arrays["row_bits"].astype(np.int64)})
+    bad(arr={**arrays, "row_bits": arrays["row_bits"][:-1]})
+    bad(arr={**arrays, "block_bits": arrays["block_bits"][:-1]})
+    bad(arr={**arrays, "block_bits": arrays["block_bits"].astype(np.float64)})
+    bad(arr={**arrays, "block_bits": arrays["block_bits"][::-1].copy()})
+    bad(arr={**arrays, "block_bits": arrays["block_bits"].astype(np.uint64) | np.uint64(1 << 63)})
+    rb = arrays["row_bits"].copy()
+    rb[0] = 1  # the first row of a block must start at the block
+    bad(arr={**arrays, "row_bits": rb})
+    rb = arrays["row_bits"].copy()
+    rb[1], rb[2] = rb[2], rb[1] + 1000  # not monotone / past the stream
+    bad(arr={**arrays, "row_bits": rb})
+
+
+def _packed_outcome(store_args: tuple, n: int, outcomes: dict[str, int]) -> None:
+    try:
+        store = PackedNeighbourStore(*store_args)
+    except ValueError:
+        outcomes["error"] += 1
+        return
+    for items in (np.arange(n), np.array([n - 1, 0, 0]), np.array([2])):
+        try:
+            owner, targets, got = store.gather(items)
+        except ValueError:
+            outcomes["error"] += 1
+            continue
+        assert owner.size == targets.size == got.size
+        assert targets.size == 0 or (targets.min() >= 0 and targets.max() < n)
+        assert got.dtype == np.uint8
+        outcomes["ok"] += 1
+    with contextlib.suppress(ValueError):
+        store.validate(chunk=2)
+
+
+def test_packed_hostile_bytes() -> None:
+    rng = np.random.default_rng(3)
+    n = 6
+    indptr, indices, codes = _random_csr(rng, n, 5, monotone_codes=True)
+    codes[0] = 250
+    codes[indptr[3]] = 255  # row 3 (if not empty) falls: raw codes
+    arrays, params = encode_neighbours_packed(indptr, indices, codes, block_rows=4)
+    raw = arrays["payload"].tobytes()
+    outcomes = {"ok": 0, "error": 0}
+    for variant in _hostile_variants(raw):
+        arr = np.frombuffer(variant, dtype=np.uint8)
+        _packed_outcome(({**arrays, "payload": arr}, params, n), n, outcomes)
+    for _ in range(300):  # random bytes and random row boundaries and parameters
+        size = int(rng.integers(0, 24))
+        total = 8 * size + int(rng.integers(0, 8))
+        pay = rng.integers(0, 256, size + 8).astype(np.uint8)
+        cuts = np.sort(rng.integers(0, total + 1, n - 1))
+        starts = np.concatenate(([0], cuts))
+        block_rows = int(rng.integers(1, 8))
+        base = np.concatenate((starts[::block_rows], [total])).astype(np.int64)
+        rel = (starts - np.repeat(base[:-1], block_rows)[:n]).astype(np.uint32)
+        par = {
+            "format": 1,
+            "block_rows": block_rows,
+            "count_bits": int(rng.integers(0, 33)),
+            "width_bits": int(rng.integers(1, 7)),
+        }
+        arrs = {"payload": pay, "block_bits": base, "row_bits": rel}
+        _packed_outcome((arrs, par, n), n, outcomes)
+    for cb in range(0, 33):  # every count and width size over the real stream
+        for wb in range(1, 7):
+            _packed_outcome(
+                (arrays, {**params, "count_bits": cb, "width_bits": wb}, n), n, outcomes
+            )
+    assert outcomes["ok"] > 0 and outcomes["error"] > 0
+
+
+def test_packed_construction_is_cheap() -> None:
+    import time
+
+    n = 1 << 21
+    block_rows = 64
+    arrays = {
+        "payload": np.zeros(8, np.uint8),
+        "block_bits": np.zeros(-(-n // block_rows) + 1, np.int64),
+        "row_bits": np.zeros(n, np.uint16),
+    }
+    params = {"format": 1, "block_rows": block_rows, "count_bits": 0, "width_bits": 5}
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        store = PackedNeighbourStore(arrays, params, n)
+        times.append(time.perf_counter() - t0)
+    assert sorted(times)[2] < 0.25  # ~10 ms here; generous for a shared machine
+    owner, targets, codes = store.gather(np.array([0, n - 1, 5]))
+    assert owner.size == targets.size == codes.size == 0
+    # a hostile count cannot make a row larger than its bits
+    arrays["payload"] = np.full(16, 0xFF, np.uint8)
+    arrays["block_bits"][-1] = 64
+    params["count_bits"] = 32
+    store = PackedNeighbourStore(arrays, params, n)
+    with pytest.raises(ValueError):
+        store.gather(np.array([n - 1]))

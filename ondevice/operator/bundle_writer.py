@@ -317,9 +317,10 @@ def _plan_v2(catalog: Catalog) -> tuple[list[_Planned], int, bytes]:
     codes, table = _bundle2.encode_weights(weights)
     edges = int(indices.shape[0])
     named += [("popularity", pop), ("popularity_order", order[: _bundle2.POPULAR_PREFIX])]
+    packed_params: dict[str, int] | None = None
     if large:
-        rows, payload = _codecs.encode_neighbours(indptr, indices, codes)
-        named += [("nbr_rows", rows), ("nbr_payload", payload)]
+        packed, packed_params = _codecs.encode_neighbours_packed(indptr, indices, codes)
+        named += [(f"nbr_packed_{name}", array) for name, array in sorted(packed.items())]
     else:
         named += [
             ("nbr_indptr", indptr.astype(_bundle2.narrow_offsets(edges))),
@@ -354,7 +355,7 @@ def _plan_v2(catalog: Catalog) -> tuple[list[_Planned], int, bytes]:
         category_names=category_names,
         id_prefix=id_prefix or None,
         title_block=_codecs.DEFAULT_BLOCK if large else None,
-        nbr_code_bits=_codecs.DEFAULT_CODE_BITS if large else None,
+        nbr_packed=packed_params,
     )
     return planned, offset, header
 
@@ -378,7 +379,7 @@ def _header(
     category_names: list[str] | None = None,
     id_prefix: str | None = None,
     title_block: int | None = None,
-    nbr_code_bits: int | None = None,
+    nbr_packed: dict[str, int] | None = None,
 ) -> bytes:
     segments = [
         {
@@ -430,7 +431,7 @@ def _header(
         header["category_names"] = category_names
         header["item_id_prefix"] = id_prefix
         header["title_block"] = title_block
-        header["nbr_code_bits"] = nbr_code_bits
+        header["nbr_packed"] = nbr_packed
         index = catalog.ann
         header["ann"] = (
             None
