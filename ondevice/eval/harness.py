@@ -220,8 +220,12 @@ COMPACT_FACTORS = Encoding("compact-factors", "format 2 factors only", 2, only="
 """Diagnostic: full precision but for the item factors (and Gram matrix) of format 2."""
 COMPACT_WEIGHTS = Encoding("compact-weights", "format 2 weights only", 2, only="weights")
 """Diagnostic: full precision but for the neighbour weights of format 2."""
+COMPACT_ANN = Encoding("compact+ann", "compact + approximate index", 2, (("ann", 32),))
+"""Format 2 with an approximate index forced (32 clusters, ``nprobe`` calibrated by the
+writer): the individual level scores only the clusters it probes, as on a device with
+millions of items (``ann="auto"`` builds none for a catalog this small)."""
 ENCODINGS: Mapping[str, Encoding] = {
-    e.name: e for e in (FULL, COMPACT, COMPACT_FACTORS, COMPACT_WEIGHTS)
+    e.name: e for e in (FULL, COMPACT, COMPACT_FACTORS, COMPACT_WEIGHTS, COMPACT_ANN)
 }
 """The encodings ``python -m ondevice.eval --encodings`` knows by name."""
 
@@ -1091,6 +1095,11 @@ def _rank_individual(
         x = _user_vector(m, v, foldin_half_life)
         nb = _neighbours(m, v, half_life) if weight != 0.0 else None
         assert cat.item_factors is not None
+        candidates = scores = None
+        if cat.ann is not None:  # as the device's level: only the probed clusters
+            want = max(fusion_depth, depth) + int(np.asarray(v.seen).size)
+            candidates = cat.ann.candidates(cat.ann.probe(x, want))
+            scores = cat.scores_of(candidates, x)
         return scoring.individual_ranking(
             cat.item_factors,
             x,
@@ -1100,6 +1109,8 @@ def _rank_individual(
             depth=fusion_depth,
             neighbour_weight=weight,
             c=c,
+            scores=scores,
+            candidates=candidates,
         )
 
     return rank
