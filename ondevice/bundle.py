@@ -53,21 +53,37 @@ The reader checks the signature over the prefix and the table first (a few KB), 
 reads the content into private memory chunk by chunk on two threads, checking each chunk
 against its digest as it arrives; no byte is used unless every chunk passed. Its header
 has no per-item data: ``item_ids``, ``titles`` and ``category_sets`` are replaced by
-``category_names`` (``null`` or the distinct category names) and these arrays:
-``item_id_offsets``/``item_id_bytes``/``item_id_order`` and ``title_offsets``/
-``title_bytes`` (string tables: ``<i4`` or ``<i8`` offsets over a UTF-8 blob, and the
-permutation sorting the ids by their bytes), ``category_indptr``/``category_indices``
-(CSR, ``<u2`` or ``<u4`` indices into ``category_names``), ``popularity_order``
-(``<i4``, items by popularity descending, ties by index), ``nbr_indptr`` (``<i4`` or
-``<i8``), ``nbr_indices`` (``<u2`` or ``<u4``), ``nbr_weight_codes`` (``|u1``, one per
-neighbour) with ``nbr_weight_table`` (``<f4[256]``, positive, strictly descending),
-``item_factors`` (``|i1[n, f]``) with ``item_factor_scales`` (``<f4[n]``; factor row
-``i`` is ``codes[i] * scale[i]``) and ``gram`` (of the dequantized factors); with an
-approximate index (header ``ann``: ``null`` or ``{"kind": "ivf", "nprobe",
-"recall_at_10"}``, see :mod:`ondevice.ann`) also ``ann_centroids`` (``<f4[C, f]``) and
-``ann_offsets`` (``<i4`` or ``<i8[C + 1]``; the items are stored in cluster order). At 1M items,
-64 factors and 20 neighbours (``benchmarks/bench_bundle.py``'s synthetic catalog) that is
-240 MB against format 1's 456 MB; the neighbour indices are the largest part (80 MB).
+``category_names`` (``null`` or the distinct category names), ``item_id_prefix`` (the
+prefix every id shares, stored once), ``title_block``, ``nbr_packed`` and ``ann`` (each
+``null`` or its parameters; left out means ``null``) and these arrays:
+
+- ids: ``item_id_offsets``/``item_id_bytes`` (``<i4`` or ``<i8`` offsets over a UTF-8
+  blob of the ids without their shared prefix) and ``item_id_order`` (the permutation
+  sorting them by their bytes: ids are found by binary search, checked unique and sorted
+  at load);
+- titles: ``title_offsets``/``title_bytes`` (the same string table) or, from
+  :data:`ondevice._bundle2.LARGE_ITEMS` items, ``title_blocks``/``title_data`` (raw
+  deflate blocks of ``title_block`` titles against a shared dictionary,
+  :class:`ondevice._codecs.BlockStringTable`, decoded per request);
+- categories: ``category_indptr``/``category_indices`` (CSR, ``<u2`` or ``<u4``
+  indices into ``category_names``), one row per item or, when category sets repeat, one
+  row per distinct set and ``category_set_of`` naming each item's set;
+- ``popularity`` and ``popularity_order`` (``<i4``, the most popular items, descending,
+  ties by index: all of them or the first :data:`ondevice._bundle2.POPULAR_PREFIX`);
+- neighbours: ``nbr_indptr`` (``<i4`` or ``<i8``), ``nbr_indices`` (``<u2`` or ``<u4``)
+  and ``nbr_weight_codes`` (``|u1``, one per neighbour) or, from ``LARGE_ITEMS`` items,
+  ``nbr_packed_payload``/``nbr_packed_block_bits``/``nbr_packed_row_bits`` (bit-packed
+  rows, :class:`ondevice._codecs.PackedNeighbourStore`, decoded per request), with
+  ``nbr_weight_table`` (``<f4[256]``, positive, strictly descending);
+- ``item_factors`` (``|i1[n, f]``) with ``item_factor_scales`` (``<f4[n]``; factor row
+  ``i`` is ``codes[i] * scale[i]``) and ``gram`` (of the dequantized factors);
+- with an approximate index (``ann``: ``{"kind": "ivf", "nprobe", "recall_at_10"}``, see
+  :mod:`ondevice.ann`) ``ann_centroids`` (``<f4[C, f]``) and ``ann_offsets`` (``<i4`` or
+  ``<i8[C + 1]``); the items are then stored in cluster order.
+
+At 1M items of ``benchmarks/bench_scale.py``'s catalog (64 factors, 20 neighbours per
+item, shop-like ids and titles) that is 142 MB against format 1's 481 MB
+(``docs/scale.md``).
 
 Every float array must hold only finite values (no NaN, no infinity):
 :func:`validate_catalog` checks it, and both the writer and the device run it.
