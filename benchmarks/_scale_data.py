@@ -623,8 +623,8 @@ def public_key(seed: int) -> bytes:
 
 def format_digest() -> str:
     """A digest of the bundle code's sources (every ``*bundle*.py``, ``ann*.py`` and
-    ``_codecs.py`` of ``ondevice`` and ``ondevice.operator``): a cached bundle is rewritten when any of them changes (the
-    format may have)."""
+    ``_codecs.py`` of ``ondevice`` and ``ondevice.operator``): a cached bundle is
+    rewritten when any of them changes (the format may have)."""
     h = hashlib.sha256(b"gen %d" % GEN_VERSION)
     spec = importlib.util.find_spec("ondevice")
     for root in spec.submodule_search_locations or [] if spec is not None else []:
@@ -771,7 +771,28 @@ def main() -> None:
     args = parser.parse_args()
     if args.source_only:
         args.cache.mkdir(parents=True, exist_ok=True)
-        source_catalog(args.items, args.seed, args.cache, log=lambda s: print(s, file=sys.stderr))
+        timings: dict[str, float] = {}
+        path = args.cache / f"source-n{args.items}-s{args.seed}-g{GEN_VERSION}.v1bundle"
+        sidecar = path.with_suffix(".json")
+        if not (path.exists() and sidecar.exists()):  # else: no need to load it here
+            source_catalog(
+                args.items, args.seed, args.cache, timings=timings,
+                log=lambda s: print(s, file=sys.stderr),
+            )
+        users = [SampleUser(**{k: tuple(v) for k, v in u.items()})
+                 for u in json.loads(sidecar.read_text("utf-8"))]
+        source_meta = {
+            "n_items": args.items,
+            "seed": args.seed,
+            "path": str(path),
+            "size": path.stat().st_size,
+            "public_key": public_key(args.seed).hex(),
+            "timings": timings,
+            "format_version": 1,
+            "users": [dataclasses.asdict(u) for u in users],
+        }
+        if args.json:
+            print(json.dumps(source_meta, ensure_ascii=False))
         return
     meta = ensure_bundle(
         args.items,

@@ -7,6 +7,8 @@ Run (from the repository root)::
     .venv/bin/python benchmarks/bench_scale.py --items 10000000       # 10M (synthetic)
     .venv/bin/python benchmarks/bench_scale.py --items 1000000 --profile   # + cProfiles
     .venv/bin/python benchmarks/bench_scale.py --save run.json        # keep every number
+    .venv/bin/python benchmarks/bench_scale.py --items 1000000 --full-precision
+        # + the same catalog as a full-precision (format 1) bundle, side by side
 
     # the working tree against the last commit, interleaved in one run:
     mkdir -p /tmp/head && git archive HEAD ondevice | tar -x -C /tmp/head
@@ -415,6 +417,8 @@ class Variant:
 
     name: str
     env: dict[str, str]
+    source: bool = False
+    """Measure the full-precision (format 1) source bundle instead of the compact one."""
 
 
 def make_variants(args: argparse.Namespace) -> list[Variant]:
@@ -426,6 +430,8 @@ def make_variants(args: argparse.Namespace) -> list[Variant]:
             raise SystemExit(f"--baseline-code {root}: no ondevice package there")
         path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
         variants.append(Variant("baseline", {**os.environ, **blas, "PYTHONPATH": path}))
+    elif args.full_precision:
+        variants.append(Variant("format 1", {**os.environ, **blas}, source=True))
     return variants
 
 
@@ -451,12 +457,14 @@ def run_worker(
 
 
 def ensure_bundle(
-    n: int, seed: int, cache: Path, regenerate: bool, env: dict[str, str]
+    n: int, seed: int, cache: Path, regenerate: bool, env: dict[str, str], source: bool = False
 ) -> dict[str, Any]:
     """The cached bundle's sidecar, generating the bundle in a subprocess (with the
-    variant's ondevice, one BLAS thread) if needed."""
+    variant's ondevice, one BLAS thread) if needed; ``source``: the full-precision
+    (format 1) bundle the compact one is written from."""
     cmd = [sys.executable, str(HERE / "_scale_data.py"), "--items", str(n), "--seed", str(seed)]
     cmd += ["--cache", str(cache), "--json"] + (["--regenerate"] if regenerate else [])
+    cmd += ["--source-only"] if source else []
     t0 = time.perf_counter()
     proc = subprocess.run(
         cmd,
@@ -503,7 +511,7 @@ def measure(
     specs: dict[str, dict[str, Any]] = {}
     for v in variants:
         log(f"{n:,} items: bundle ({v.name})")
-        meta = ensure_bundle(n, args.seed, args.cache, args.regenerate, v.env)
+        meta = ensure_bundle(n, args.seed, args.cache, args.regenerate, v.env, v.source)
         warm = ensure_bundle(WARM_ITEMS, args.seed, args.cache, False, v.env)
         specs[v.name] = {
             "path": meta["path"],
@@ -614,7 +622,8 @@ def render(result: dict[str, Any]) -> str:
     baseline's figure from the same run when ``--baseline-code`` was given)."""
     n = result["n_items"]
     cur = result["variants"]["current"]
-    base = result["variants"].get("baseline")
+    base_name = next((k for k in result["variants"] if k != "current"), "baseline")
+    base = result["variants"].get(base_name)
     meta = cur["meta"]
     t = targets_for(n)
     rows: list[tuple[str, str, str, str, str]] = []
@@ -623,7 +632,7 @@ def render(result: dict[str, Any]) -> str:
         rows.append((metric, target, measured, verdict, note))
 
     def vs_base(text: str) -> str:
-        return f"; baseline {text}" if base is not None else ""
+        return f"; {base_name} {text}" if base is not None else ""
 
     size = float(meta["size"])
     row(
@@ -689,8 +698,8 @@ def render(result: dict[str, Any]) -> str:
         if base is not None:
             b = base["latency"][level]
             slower = r["p50"] / b["p50"]
-            note += f"; baseline {_ms(b['p50'])} / {_ms(b['p99'])}, p50 x{slower:.2f}"
-            if t.p99_s is None:
+            note += f"; {base_name} {_ms(b['p50'])} / {_ms(b['p99'])}, p50 x{slower:.2f}"
+            if t.p99_s is None and base_name == "baseline":
                 target = f"p50 <= {REGRESSION_TOLERANCE:.2f} x baseline"
                 verdict = "pass" if slower <= REGRESSION_TOLERANCE else "FAIL"
         if r["answered"] != level:
@@ -781,8 +790,16 @@ def main() -> None:
         help="a directory holding another ondevice package (e.g. from git archive) to "
         "measure in the same run",
     )
+    parser.add_argument(
+        "--full-precision",
+        action="store_true",
+        help="also measure the full-precision (format 1) bundle of the same catalog, side "
+        "by side (not with --baseline-code)",
+    )
     parser.add_argument("--save", type=Path, help="write every measurement here (JSON)")
     args = parser.parse_args()
+    if args.full_precision and args.baseline_code is not None:
+        parser.error("--full-precision and --baseline-code are one comparison each")
     sizes = [int(s.replace("_", "")) for s in args.items.split(",") if s.strip()]
     variants = make_variants(args)
     blas = args.blas_threads or "default"
