@@ -331,11 +331,10 @@ def _plan_v2(catalog: Catalog) -> tuple[list[_Planned], int, bytes]:
     factors = catalog.decoded_factors()
     if factors is not None and catalog.gram is not None:
         q, scales = _bundle2.quantize_rows(factors)
-        y = _bundle2.dequantize_rows(q, scales).astype(np.float64)
         named += [
             ("item_factors", q),
             ("item_factor_scales", scales),
-            ("gram", (y.T @ y).astype(np.float32)),
+            ("gram", _gram(q, scales).astype(np.float32)),
         ]
     for k, seg in enumerate(catalog.segments):
         named.append((f"segments/{k}/top_items", seg.top_items))
@@ -453,11 +452,27 @@ def _check_values(catalog: Catalog) -> None:
         raise BundleError("each item's neighbours must be sorted by weight, descending")
     factors, gram = catalog.decoded_factors(), catalog.gram
     if factors is not None and gram is not None:
-        y = factors.astype(np.float64)
-        expected = y.T @ y
+        expected = _gram(factors)
         scale = max(float(np.abs(expected).max()), 1e-12)
         if float(np.abs(gram - expected).max()) > _GRAM_RTOL * scale:
             raise BundleError("gram is not item_factors.T @ item_factors")
+
+
+def _gram(
+    factors: npt.NDArray[Any], scales: npt.NDArray[np.float32] | None = None, block: int = 1 << 16
+) -> npt.NDArray[np.float64]:
+    """``Y.T @ Y`` in float64, ``block`` rows at a time (10M items x 64 factors would be
+    a 5 GB float64 copy at once); ``Y`` is ``factors`` or, with ``scales``, the dequantized
+    int8 codes."""
+    f = factors.shape[1]
+    out = np.zeros((f, f), dtype=np.float64)
+    for lo in range(0, factors.shape[0], block):
+        part = factors[lo : lo + block]
+        if scales is not None:  # the float32 rows the device scores with
+            part = _bundle2.dequantize_rows(part, scales[lo : lo + block])
+        rows = part.astype(np.float64)
+        out += rows.T @ rows
+    return out
 
 
 def _emit(f: BinaryIO, hasher: Any, data: bytes | memoryview) -> None:
