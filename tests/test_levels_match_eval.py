@@ -8,6 +8,8 @@ items in the same order, so the published table describes the product.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -138,3 +140,33 @@ def test_segment_and_none_rank_exactly_as_evaluated(tmp_path, world, user):
     assert got.item_ids == [f"i{i}" for i in segment]
     with _engine(tmp_path, world, "none", user) as engine:
         assert engine.get_recommendations("u", k=K).item_ids == [f"i{i}" for i in none]
+
+
+@pytest.fixture(scope="module")
+def world_ann(tmp_path_factory, world):
+    """The same catalog written with an approximate index (items in cluster order)."""
+    _, _, catalog, histories = world
+    # a short fusion depth, so a request needs a few clusters, not all of them
+    catalog = replace(catalog, extra={**catalog.extra, "scoring.fusion_depth": "10"})
+    key = generate_signing_key()
+    ann_path = tmp_path_factory.mktemp("ann") / "c.bundle"
+    write_bundle(catalog, ann_path, private_key=key, ann=8)
+    loaded = load_bundle(ann_path, public_key=public_key_bytes(key))
+    assert loaded.ann is not None and loaded.ann.nprobe < 8  # it approximates
+    return ann_path, public_key_bytes(key), loaded, histories
+
+
+@pytest.mark.parametrize("user", range(0, 40, 4))
+def test_individual_with_an_index_ranks_exactly_as_evaluated(tmp_path, world_ann, user):
+    catalog, history = world_ann[2], world_ann[3][user]
+    position = {item_id: i for i, item_id in enumerate(catalog.item_ids)}
+    p = ScoringParams.from_extra(catalog.extra)
+    view = _view([position[f"i{item}"] for item in history])
+    ranking = _rank_individual(
+        _model(catalog), 10, p.half_life, p.fusion_weight, p.fusion_c, p.fusion_depth,
+        p.foldin_half_life,
+    )(view)
+    with _engine(tmp_path, world_ann, "individual", user) as engine:
+        got = engine.get_recommendations("u", k=10)
+    assert got.level.value == "individual"
+    assert got.item_ids == [catalog.item_ids[i] for i in ranking]
