@@ -41,7 +41,6 @@ import gc
 import hashlib
 import io
 import json
-import math
 import mmap
 import os
 import platform
@@ -55,6 +54,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+
+from ondevice.operator import ann_build
 
 K = 10
 EF_SWEEP = [10, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
@@ -194,34 +195,7 @@ def build(
 
 
 def default_nlist(n: int) -> int:
-    return int(2 ** round(math.log2(max(16.0, math.sqrt(n)))))
-
-
-def kmeans(x: np.ndarray, k: int, iters: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    c = x[rng.choice(x.shape[0], size=k, replace=False)].astype(np.float32)
-    for _ in range(iters):
-        lab = assign(x, c)
-        sums = np.zeros_like(c, dtype=np.float64)
-        np.add.at(sums, lab, x)
-        cnt = np.bincount(lab, minlength=k)
-        empty = cnt == 0
-        c = (sums / np.maximum(cnt, 1)[:, None]).astype(np.float32)
-        if empty.any():  # re-seed empty clusters with random points
-            c[empty] = x[rng.choice(x.shape[0], size=int(empty.sum()), replace=False)]
-    return c
-
-
-def assign(x: np.ndarray, c: np.ndarray, chunk: int = 131_072) -> np.ndarray:
-    """Nearest centroid (L2) of every row."""
-    cn = np.einsum("ij,ij->i", c, c)
-    out = np.empty(x.shape[0], dtype=np.int32)
-    for a in range(0, x.shape[0], chunk):
-        s = x[a : a + chunk] @ c.T
-        s *= -2.0
-        s += cn
-        out[a : a + chunk] = s.argmin(axis=1)
-    return out
+    return ann_build.default_clusters(n)
 
 
 def ivf_build(yq: np.ndarray, scale: np.ndarray, y: np.ndarray, nlist: int, threads: int) -> bytes:
@@ -236,8 +210,9 @@ def ivf_build(yq: np.ndarray, scale: np.ndarray, y: np.ndarray, nlist: int, thre
     rng = np.random.default_rng(7)
     sample = y[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))]
     with threadpool_limits(threads):
-        cent = kmeans(sample, nlist, iters=12, seed=11)
-        lab = assign(y, cent)
+        # the same k-means (L2, 12 iterations) and assignment the bundle writer uses
+        cent = ann_build._kmeans(sample, nlist, np.random.default_rng(11))
+        lab = ann_build._assign(y, cent)
     order = np.argsort(lab, kind="stable").astype(np.int32)
     offsets = np.searchsorted(lab[order], np.arange(nlist + 1)).astype(np.int64)
     return pack_arrays(

@@ -991,22 +991,50 @@ def _catalog_from_matrix(
     if progress is not None:
         progress(1, 1, "segments")
     log.info("catalog built in %.1f s: %d segments", time.perf_counter() - t0, len(segs))
+    return _make_catalog(
+        item_list,
+        titles,
+        categories,
+        s,
+        pop=pop,
+        nbr=(nbr_indptr, nbr_indices, nbr_weights),
+        factors=(item_f, gram, AlsParams(s.factors, s.regularization, s.alpha)),
+        segments=(segs, rules, default),
+        created_at=created_at,
+    )
+
+
+def _make_catalog(
+    item_ids: Sequence[str],
+    titles: Mapping[str, str] | None,
+    categories: Mapping[str, Sequence[str]] | None,
+    s: BuildSettings,
+    *,
+    pop: F32,
+    nbr: tuple[I64, I32, F32],
+    factors: tuple[F32, F32, AlsParams],
+    segments: tuple[Sequence[Segment], Sequence[SegmentRule], int],
+    created_at: float | None,
+) -> Catalog:
+    """The catalog of the built or assembled pieces (titles default to the ids)."""
+    y, gram, als = factors
+    segs, rules, default = segments
     return Catalog(
-        item_ids=tuple(item_list),
-        titles=tuple((titles or {}).get(name, name) for name in item_list),
+        item_ids=tuple(item_ids),
+        titles=tuple((titles or {}).get(name, name) for name in item_ids),
         popularity=pop,
-        nbr_indptr=nbr_indptr,
-        nbr_indices=nbr_indices,
-        nbr_weights=nbr_weights,
+        nbr_indptr=nbr[0],
+        nbr_indices=nbr[1],
+        nbr_weights=nbr[2],
         segments=tuple(segs),
         segment_rules=tuple(rules),
         default_segment=default,
         categories=None
         if categories is None
-        else tuple(tuple(categories.get(name, ())) for name in item_list),
-        item_factors=item_f,
+        else tuple(tuple(categories.get(name, ())) for name in item_ids),
+        item_factors=y,
         gram=gram,
-        als=AlsParams(factors=s.factors, regularization=s.regularization, alpha=s.alpha),
+        als=als,
         name=s.name,
         created_at=time.time() if created_at is None else created_at,
         extra=s.scoring.to_extra(),
@@ -1278,25 +1306,14 @@ def assemble_catalog(
             progress(1, 1, "segments")
     else:
         log.warning("no panel given: the catalog has no segments")
-    return Catalog(
-        item_ids=tuple(ids),
-        titles=tuple((titles or {}).get(name, name) for name in ids),
-        popularity=pop,
-        nbr_indptr=ptr,
-        nbr_indices=idx,
-        nbr_weights=w,
-        segments=tuple(segs),
-        segment_rules=tuple(rules),
-        default_segment=default,
-        categories=None
-        if categories is None
-        else tuple(tuple(categories.get(name, ())) for name in ids),
-        item_factors=y,
-        gram=gram,
-        als=AlsParams(
-            factors=int(y.shape[1]), regularization=float(regularization), alpha=float(alpha)
-        ),
-        name=s.name,
-        created_at=time.time() if created_at is None else created_at,
-        extra=s.scoring.to_extra(),
+    return _make_catalog(
+        ids,
+        titles,
+        categories,
+        s,
+        pop=pop,
+        nbr=(ptr, idx, w),
+        factors=(y, gram, AlsParams(int(y.shape[1]), float(regularization), float(alpha))),
+        segments=(segs, rules, default),
+        created_at=created_at,
     )
