@@ -48,6 +48,11 @@ DEFAULT_BLOCK: Final = 16
 DEFAULT_LEVEL: Final = 9
 DEFAULT_CACHE_BLOCKS: Final = 256
 """Decoded blocks kept by a :class:`BlockStringTable` (a few hundred KiB for titles)."""
+MAX_BLOCK_BYTES: Final = 1 << 20
+"""The most a block may inflate to (16 titles of 64 KiB): the writer refuses more, the
+reader stops inflating there, so a signed deflate bomb costs at most this per block."""
+CACHE_BYTES: Final = 8 << 20
+"""The most inflated bytes a :class:`BlockStringTable` keeps cached."""
 DEFAULT_CODE_BITS: Final = 2
 """Bits of each neighbour entry's varint that carry its code delta (2 measured smallest
 on the 1M synthetic catalog in cluster order; see ``benchmarks/bench_codecs.py``)."""
@@ -130,7 +135,13 @@ def encode_block_strings(
             comp = zlib.compressobj(level, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, zdict)
         else:
             comp = zlib.compressobj(level, zlib.DEFLATED, -15, 9)
-        parts.append(comp.compress(sep.join(encoded[lo : lo + block])) + comp.flush())
+        joined = sep.join(encoded[lo : lo + block])
+        if len(joined) > MAX_BLOCK_BYTES:
+            raise ValueError(
+                f"strings {lo}..{lo + block - 1} take {len(joined)} bytes together, over "
+                f"{MAX_BLOCK_BYTES} (a title of tens of KiB is not a title)"
+            )
+        parts.append(comp.compress(joined) + comp.flush())
     lengths = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
     offsets = np.zeros(len(parts) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -159,6 +170,8 @@ class BlockStringTable(Sequence[str]):
     __slots__ = (
         "_block",
         "_cache",
+        "_cache_sizes",
+        "_cached_bytes",
         "_cache_blocks",
         "_count",
         "_data",
@@ -176,7 +189,7 @@ class BlockStringTable(Sequence[str]):
         count: int,
         block: int = DEFAULT_BLOCK,
         cache_blocks: int = DEFAULT_CACHE_BLOCKS,
-        max_block_bytes: int = 1 << 24,
+        max_block_bytes: int = MAX_BLOCK_BYTES,
     ) -> None:
         if block < 1 or count < 0 or cache_blocks < 1 or max_block_bytes < 1:
             raise ValueError("block, cache_blocks and max_block_bytes must be positive, count >= 0")
@@ -197,6 +210,8 @@ class BlockStringTable(Sequence[str]):
         self._block = int(block)
         self._zdict = data[: int(offsets[1])].tobytes()
         self._cache: OrderedDict[int, tuple[str, ...]] = OrderedDict()
+        self._cache_sizes: dict[int, int] = {}
+        self._cached_bytes = 0
         self._cache_blocks = int(cache_blocks)
         self._max_block_bytes = int(max_block_bytes)
         self._lock = threading.Lock()
@@ -257,11 +272,18 @@ class BlockStringTable(Sequence[str]):
                 self._cache.move_to_end(b)
                 return hit
         decoded = self._decode(b)
+        size = sum(map(len, decoded))
         with self._lock:
-            self._cache[b] = decoded
+            if b not in self._cache:
+                self._cache[b] = decoded
+                self._cache_sizes[b] = size
+                self._cached_bytes += size
             self._cache.move_to_end(b)
-            while len(self._cache) > self._cache_blocks:
-                self._cache.popitem(last=False)
+            while len(self._cache) > 1 and (
+                len(self._cache) > self._cache_blocks or self._cached_bytes > CACHE_BYTES
+            ):
+                old, _ = self._cache.popitem(last=False)
+                self._cached_bytes -= self._cache_sizes.pop(old)
         return decoded
 
     @overload
@@ -586,6 +608,9 @@ MAX_PACKED_BLOCK_ROWS: Final = 1 << 16
 MAX_TARGET_WIDTH: Final = 40
 """Widest zig-zag target offset a packed row may use (catalogs below 2**39 items)."""
 MAX_COUNT_BITS: Final = 32
+MAX_ROW_ENTRIES: Final = 4096
+"""The most neighbours one packed row may hold (the builder keeps 20 to 100): a signed
+row claiming millions of one-bit entries would otherwise cost a request gigabytes."""
 MAX_WIDTH_BITS: Final = 6
 _PACKED_PARAMS: Final = frozenset({"format", "block_rows", "count_bits", "width_bits"})
 
@@ -648,6 +673,8 @@ def encode_neighbours_packed(
     if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= n):
         raise ValueError("neighbours: an index is out of range")
     counts = np.diff(ptr)
+    if n and int(counts.max()) > MAX_ROW_ENTRIES:
+        raise ValueError(f"neighbours: a row has more than {MAX_ROW_ENTRIES} entries")
     count_bits = int(_bit_length(np.array([counts.max() if n else 0], np.uint64))[0])
     if count_bits > MAX_COUNT_BITS:
         raise ValueError("neighbours: a row is too long")
@@ -939,6 +966,13 @@ class PackedNeighbourStore:
         hdr = np.where(full, p.astype(np.int64) + 1 + 8 * (1 - cm), cb)
         if bool((hdr > length).any()):
             raise ValueError("neighbours: a row is shorter than its header")
+        if bool((~full & (length != cb)).any()):
+            raise ValueError("neighbours: an empty row has bits after its count")
+        if bool((count > MAX_ROW_ENTRIES).any()):
+            raise ValueError(f"neighbours: a row has more than {MAX_ROW_ENTRIES} entries")
+        # widest legal row: flags, 40-bit targets, 8-bit codes, or unary steps (<= 255 + k)
+        if bool((length > hdr + count * (2 + MAX_TARGET_WIDTH + 8) + 256).any()):
+            raise ValueError("neighbours: a row is longer than its entries can be")
         if bool((ws > MAX_TARGET_WIDTH).any() or (wb > MAX_TARGET_WIDTH).any()):
             raise ValueError(f"neighbours: a target width is over {MAX_TARGET_WIDTH}")
         if bool((count > length - hdr + 1).any()):

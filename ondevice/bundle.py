@@ -763,7 +763,12 @@ def _build_v2(raw: _Raw, header: dict[str, Any], where: str) -> Catalog:
 
     popularity = arrays.get("popularity", ("<f4",), (n,))
     _check_finite(popularity, "popularity")
-    order = arrays.get("popularity_order", ("<i4",), (min(n, _bundle2.POPULAR_PREFIX),))
+    order = arrays.get("popularity_order", ("<i4",), (None,))  # the head, or all of it
+    if not min(n, _bundle2.POPULAR_PREFIX) <= order.size <= n:
+        raise BundleError(
+            f"{where}: popularity_order must list between {min(n, _bundle2.POPULAR_PREFIX)} "
+            f"and {n} items"
+        )
     if n:
         _check_popular_prefix(popularity, order, where)
 

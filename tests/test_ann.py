@@ -223,7 +223,7 @@ def test_a_signed_bundle_whose_index_lies_is_refused(
 
 def test_the_writer_refuses_bad_settings(tmp_path: Path, key: Ed25519PrivateKey) -> None:
     catalog = clustered(500)
-    for bad in (0, -3, "always", 2.5):
+    for bad in (0, -3, "always", 2.5, np.array([1, 2]), None):
         with pytest.raises(BundleError, match="ann must be"):
             write_bundle(catalog, tmp_path / "x.odb", private_key=key, ann=bad)  # type: ignore[arg-type]
     with pytest.raises(BundleError, match="format 1"):
@@ -244,3 +244,13 @@ def test_an_index_round_trips(tmp_path: Path, key: Ed25519PrivateKey) -> None:
     np.testing.assert_array_equal(loaded.ann.offsets, catalog.ann.offsets)
     np.testing.assert_array_equal(loaded.ann.centroids, catalog.ann.centroids)
     assert (loaded.ann.nprobe, loaded.ann.recall) == (catalog.ann.nprobe, catalog.ann.recall)
+
+
+def test_ann_off_drops_an_index_the_catalog_already_has(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    indexed = ann_build.build_ivf(clustered(1_000, seed=9), clusters=8)
+    write_bundle(indexed, tmp_path / "off.odb", private_key=key, ann="off")
+    loaded = load_bundle(tmp_path / "off.odb", public_key=public_key_bytes(key))
+    assert loaded.ann is None
+    assert list(loaded.item_ids) == list(indexed.item_ids)  # the order stays

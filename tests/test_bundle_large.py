@@ -165,3 +165,19 @@ def test_categories_with_few_repeats_stay_one_row_per_item(
     got = _load(tmp_path / "u.odb", key)
     assert got.category_table is not None and got.category_table.item_set is None
     assert list(got.categories or ()) == [tuple(sorted(c)) for c in unique]
+
+
+def test_a_full_popularity_ranking_is_still_read(
+    tmp_path: Path, key: Ed25519PrivateKey, large: None
+) -> None:
+    # bundles written before the head-only ranking list every item: still valid
+    catalog = _catalog()
+    full = np.lexsort((np.arange(N), -catalog.popularity.astype(np.float64))).astype(np.int32)
+    (tmp_path / "f.odb").write_bytes(_large_signed(key, {"popularity_order": full}))
+    loaded = _load(tmp_path / "f.odb", key)
+    np.testing.assert_array_equal(loaded.popularity_order, full)  # type: ignore[arg-type]
+    too_short = full[:10].copy()  # fewer than the head
+    message = _refused(
+        tmp_path, _large_signed(key, {"popularity_order": too_short}), public_key_bytes(key)
+    )
+    assert "between 16 and 300" in message

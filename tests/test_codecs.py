@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ondevice import _bundle2
+from ondevice import _bundle2, _codecs
 from ondevice._bundle2 import strictly_increasing
 from ondevice._codecs import (
     BlockStringTable,
@@ -617,3 +618,72 @@ def test_packed_construction_is_cheap() -> None:
     store = PackedNeighbourStore(arrays, params, n)
     with pytest.raises(ValueError):
         store.gather(np.array([n - 1]))
+
+
+# --- regressions from the attack session ------------------------------------------------
+
+
+def _bits_to_payload(bits: np.ndarray) -> np.ndarray:
+    payload = np.zeros((bits.size >> 3) + 8, np.uint8)
+    packed = np.packbits(bits.astype(np.uint8), bitorder="little")
+    payload[: packed.size] = packed
+    return payload
+
+
+def test_a_packed_row_claiming_too_many_entries_is_refused_before_decoding() -> None:
+    # row 0: count K in 32 bits, target width 0 (the item itself), unary code steps of
+    # 0: one bit per entry, so a 1 MB file could claim 8M entries (GBs per request)
+    n, k, cb, wb = 4, 100_000, 32, 6
+    hdr = cb + 1 + wb + 1 + 8
+    row0 = hdr + (k - 1)
+    total = row0 + (n - 1) * cb
+    bits = np.zeros(total, np.uint8)
+    bits[:cb] = [(k >> j) & 1 for j in range(cb)]
+    bits[hdr:row0] = 1
+    starts = np.concatenate([[0], row0 + np.arange(n - 1, dtype=np.int64) * cb])
+    arrays = {
+        "payload": _bits_to_payload(bits),
+        "block_bits": np.array([0, total], np.int64),
+        "row_bits": starts.astype(np.uint32),
+    }
+    params = {"format": 1, "block_rows": 64, "count_bits": cb, "width_bits": wb}
+    store = _codecs.PackedNeighbourStore(arrays, params, n)
+    with pytest.raises(ValueError, match="more than 4096 entries"):
+        store.gather(np.array([0]))
+    with pytest.raises(ValueError, match="more than 4096"):
+        _codecs.encode_neighbours_packed(
+            np.array([0, 5000, 5000]), np.ones(5000, np.int64), np.zeros(5000, np.uint8)
+        )
+
+
+def test_rows_read_as_empty_under_a_lying_count_width_are_refused() -> None:
+    indptr = np.array([0, 3, 5, 5, 8])
+    indices = np.array([1, 2, 3, 0, 3, 0, 1, 2])
+    codes = np.array([0, 1, 1, 4, 9, 2, 2, 3], np.uint8)
+    arrays, params = _codecs.encode_neighbours_packed(indptr, indices, codes)
+    for lie in range(params["count_bits"]):  # fewer count bits: rows look empty or short
+        store = _codecs.PackedNeighbourStore(arrays, {**params, "count_bits": lie}, 4)
+        with pytest.raises(ValueError):
+            store.validate()
+    zeros = {**arrays, "payload": np.zeros_like(arrays["payload"])}
+    with pytest.raises(ValueError):
+        _codecs.PackedNeighbourStore(zeros, params, 4).validate()
+
+
+def test_a_title_block_cannot_inflate_past_the_limit_and_the_cache_is_bounded() -> None:
+    with pytest.raises(ValueError, match="over"):
+        _codecs.encode_block_strings(["x" * (_codecs.MAX_BLOCK_BYTES // 2 + 1)] * 2, block=2)
+    big = zlib.compressobj(9, zlib.DEFLATED, -15)
+    bomb = big.compress(b"a" * (_codecs.MAX_BLOCK_BYTES + 10)) + big.flush()
+    data = np.frombuffer(bomb, np.uint8)
+    table = _codecs.BlockStringTable(
+        np.array([0, 0, data.size], np.int64), data.copy(), count=1, block=1
+    )
+    with pytest.raises(ValueError, match="inflates past"):
+        table[0]
+    # many large legitimate blocks: the cache keeps at most CACHE_BYTES of them
+    titles = [f"t{i:05d}" + "y" * 60_000 for i in range(400)]
+    offsets, blob = _codecs.encode_block_strings(titles, block=1)
+    table = _codecs.BlockStringTable(offsets, blob, count=400, block=1)
+    assert [table[i] for i in range(400)] == titles
+    assert 0 < table.cached_blocks() * 60_000 <= _codecs.CACHE_BYTES

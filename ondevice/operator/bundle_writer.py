@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
@@ -137,9 +137,12 @@ def write_bundle(
         raise BundleError(f"format_version must be 1 or 2, not {format_version!r}")
     validate_catalog(catalog)
     _check_values(catalog)
-    clusters = isinstance(ann, int) and not isinstance(ann, bool)
-    if not (ann in ("auto", "off") or (clusters and ann >= 1)):  # type: ignore[operator]
+    named = isinstance(ann, str) and ann in ("auto", "off")
+    clusters = isinstance(ann, int) and not isinstance(ann, bool) and ann >= 1
+    if not (named or clusters):
         raise BundleError(f"ann must be 'auto', 'off' or a positive cluster count, not {ann!r}")
+    if ann == "off" and catalog.ann is not None:  # keep the order, drop the index
+        catalog = replace(catalog, ann=None)
     if clusters and format_version == 1:
         raise BundleError("format 1 bundles cannot hold an approximate index")
     if format_version == 2 and catalog.ann is None:
@@ -289,7 +292,10 @@ def _plan_v2(catalog: Catalog) -> tuple[list[_Planned], int, bytes]:
     offsets, blob = _bundle2.encode_strings([i[len(id_prefix) :] for i in ids])
     named += [("item_id_offsets", offsets), ("item_id_bytes", blob)]
     if large:
-        blocks, data = _codecs.encode_block_strings(titles)
+        try:
+            blocks, data = _codecs.encode_block_strings(titles)
+        except ValueError as exc:
+            raise BundleError(f"titles: {exc}") from None
         named += [("title_blocks", blocks), ("title_data", data)]
     else:
         offsets, blob = _bundle2.encode_strings(titles)
@@ -319,7 +325,10 @@ def _plan_v2(catalog: Catalog) -> tuple[list[_Planned], int, bytes]:
     named += [("popularity", pop), ("popularity_order", order[: _bundle2.POPULAR_PREFIX])]
     packed_params: dict[str, int] | None = None
     if large:
-        packed, packed_params = _codecs.encode_neighbours_packed(indptr, indices, codes)
+        try:
+            packed, packed_params = _codecs.encode_neighbours_packed(indptr, indices, codes)
+        except ValueError as exc:
+            raise BundleError(str(exc)) from None
         named += [(f"nbr_packed_{name}", array) for name, array in sorted(packed.items())]
     else:
         named += [
