@@ -592,12 +592,17 @@ class EvalResult:
                 def mean(k: str, st: tuple[Mapping[str, float], ...] = st) -> float:
                     return float(np.mean([x[k] for x in st]))
 
+                weights = (
+                    "neighbour weights not compared (the items were reordered)"
+                    if math.isnan(mean("weights_changed"))
+                    else f"neighbour weights changed in {mean('weights_changed'):.1%} of "
+                    f"entries, largest relative error {mean('weights_max_rel_error'):.2e}"
+                )
                 lines.append(
                     f"- {p}, {e.label}: item factors changed in "
                     f"{mean('factors_changed'):.1%} of their entries, relative error "
-                    f"||Y' - Y|| / ||Y|| {mean('factors_rel_error'):.2e}; neighbour weights "
-                    f"changed in {mean('weights_changed'):.1%} of entries, largest relative "
-                    f"error {mean('weights_max_rel_error'):.2e}; Gram matrix relative error "
+                    f"||Y' - Y|| / ||Y|| {mean('factors_rel_error'):.2e}; {weights}; "
+                    f"Gram matrix relative error "
                     f"{mean('gram_rel_error'):.2e}; kept as int8 and codes in memory: "
                     f"{_yes_no(mean('kept_compact'))} (if not, the loader decoded them to "
                     f"float32: the quantized values); items reordered by the bundle: "
