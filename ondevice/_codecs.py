@@ -170,9 +170,9 @@ class BlockStringTable(Sequence[str]):
     __slots__ = (
         "_block",
         "_cache",
+        "_cache_blocks",
         "_cache_sizes",
         "_cached_bytes",
-        "_cache_blocks",
         "_count",
         "_data",
         "_lock",

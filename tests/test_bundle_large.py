@@ -119,7 +119,7 @@ def test_corrupt_encoded_neighbours_and_titles_give_a_clear_error_when_used(
     tmp_path: Path, key: Ed25519PrivateKey, large: None
 ) -> None:
     catalog = _catalog()
-    packed, params = _codecs.encode_neighbours_packed(*_plain_neighbours(catalog))
+    packed, _ = _codecs.encode_neighbours_packed(*_plain_neighbours(catalog))
     bad_payload = packed["payload"].copy()
     start = (int(packed["block_bits"][0]) + int(packed["row_bits"][7])) // 8
     bad_payload[start : start + 2] = 0xFF  # item 7's row: a count that runs past its end
