@@ -80,6 +80,13 @@ class CatalogRuntime:
             self.cat_names, self.cat_indptr, self.cat_indices = category_index(
                 catalog.categories, self.n
             )
+        self._last_window: (
+            tuple[
+                bytes,
+                tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float32]],
+            ]
+            | None
+        ) = None
         #: The operator's tuned device knobs, shipped in the bundle (``scoring.*``).
         self.params = ScoringParams.from_extra(catalog.extra)
         #: Featured items per segment id (catalog indices), from the sync server's
@@ -105,6 +112,20 @@ class CatalogRuntime:
             return cat.item_factors, idx
         uniq, local = np.unique(idx, return_inverse=True)
         return cat.factor_rows(uniq), local.astype(np.int64)
+
+    def window_neighbours(
+        self, window: npt.NDArray[np.int64]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """:meth:`Catalog.gather_neighbours` of a window, remembered for the last window
+        asked (a request reads them twice: for its scores and for its explanations; a
+        large catalog decodes them from bit-packed rows)."""
+        key = window.tobytes()
+        last = self._last_window
+        if last is not None and last[0] == key:
+            return last[1]
+        got = self.catalog.gather_neighbours(window)
+        self._last_window = (key, got)  # one tuple, replaced whole: safe across threads
+        return got
 
     def category_rows(self, items: npt.NDArray[np.integer]) -> npt.NDArray[np.integer]:
         """The rows of ``cat_indptr`` holding the categories of ``items``."""

@@ -27,7 +27,7 @@ def window_scores(
     ``score[j] = sum_p weights[p] * sim(window[p], j)`` (``float32[n]``)."""
     if state.window.size == 0:
         return np.zeros(rt.n, dtype=np.float32)
-    owner, targets, sims = rt.catalog.gather_neighbours(state.window)
+    owner, targets, sims = rt.window_neighbours(state.window)
     contrib = sims.astype(np.float64) * weights[owner].astype(np.float64)
     return np.bincount(targets, weights=contrib, minlength=rt.n).astype(np.float32)
 
@@ -46,7 +46,7 @@ def evidence(
     if not items or state.window.size == 0:
         return {}
     win = state.window
-    pos, targets, sims = rt.catalog.gather_neighbours(win)
+    pos, targets, sims = rt.window_neighbours(win)
     hit = np.isin(targets, np.asarray(items, dtype=targets.dtype))
     if not hit.any():
         return {}
