@@ -85,24 +85,36 @@ def dequantize_rows(codes: npt.NDArray[np.int8], scale: F32) -> F32:
 # --- neighbour weights ----------------------------------------------------------
 
 
-def weight_table(w_max: float) -> F32:
-    """The writer's 256 weights: ``w_max * exp(-q * WEIGHT_STEP)``, strictly descending."""
-    table: F32 = (w_max * np.exp(-np.arange(WEIGHT_CODES) * WEIGHT_STEP)).astype(np.float32)
+def weight_table(w_max: float, step: float = WEIGHT_STEP) -> F32:
+    """The writer's 256 weights: ``w_max * exp(-q * step)``, strictly descending."""
+    table: F32 = (w_max * np.exp(-np.arange(WEIGHT_CODES) * step)).astype(np.float32)
     return table
 
 
 def encode_weights(weights: npt.NDArray[np.floating]) -> tuple[U8, F32]:
     """One byte per weight (the nearest entry of :func:`weight_table` in log space) and the
-    table. Weights must be finite and not negative; the largest maps to code 0 exactly,
-    and zero (which no writer of neighbour lists should emit) to the smallest entry."""
-    w = np.asarray(weights, dtype=np.float64)
-    w_max = float(w.max()) if w.size else 1.0
-    table = weight_table(w_max)
-    if w.size == 0:
-        return np.empty(0, np.uint8), table
-    with np.errstate(divide="ignore"):  # a zero weight takes the smallest code
-        q = np.rint(np.log(w_max / w) / WEIGHT_STEP)
-    return np.clip(q, 0, WEIGHT_CODES - 1).astype(np.uint8), table
+    table. The table spans the weights actually present: from the largest down to the
+    smallest positive one in 255 equal log steps, never coarser than
+    :data:`WEIGHT_STEP` (at most 1.6% off; 0.8% for weights spanning 4 e-folds, as
+    co-occurrence cosines do). Weights must be finite and not negative; the largest maps
+    to code 0 exactly, and zero (which no writer of neighbour lists should emit) to the
+    smallest entry."""
+    w = np.asarray(weights)
+    if w.size == 0 or float(w.max()) <= 0:
+        return np.zeros(w.size, np.uint8), weight_table(1.0)
+    w_max = float(w.max())
+    w_min = float(np.min(w, where=w > 0, initial=w_max))
+    step = min(WEIGHT_STEP, max(math.log(w_max / w_min) / (WEIGHT_CODES - 1), 1e-6))
+    table = weight_table(w_max, step)
+    if not (np.diff(table) < 0).all():  # float32 rounding merged entries: the fixed grid
+        step = WEIGHT_STEP
+        table = weight_table(w_max, step)
+    codes = np.empty(w.size, dtype=np.uint8)
+    for lo in range(0, w.size, 1 << 24):  # bounded scratch: 200M weights at 10M items
+        with np.errstate(divide="ignore"):  # a zero weight takes the smallest code
+            q = np.rint(np.log(w_max / w[lo : lo + (1 << 24)]) / step)
+        codes[lo : lo + (1 << 24)] = np.clip(q, 0, WEIGHT_CODES - 1)
+    return codes, table
 
 
 def check_weight_table(table: F32, where: str) -> None:

@@ -635,6 +635,7 @@ def encode_neighbours_packed(
     codes: U8,
     *,
     block_rows: int = PACKED_BLOCK_ROWS,
+    chunk_rows: int = 1 << 20,
 ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """``(arrays, params)`` for :class:`PackedNeighbourStore`: a bit-packed encoding of
     the same rows as :func:`encode_neighbours` (rows in their original order exactly,
@@ -659,8 +660,10 @@ def encode_neighbours_packed(
     if not 1 <= block_rows <= MAX_PACKED_BLOCK_ROWS:
         raise ValueError(f"block_rows must be 1..{MAX_PACKED_BLOCK_ROWS}")
     ptr = np.asarray(indptr).astype(np.int64)
-    idx = np.asarray(indices).astype(np.int64)
+    idx = np.asarray(indices)
     cds = np.asarray(codes)
+    if idx.size and idx.dtype.kind not in "iu":
+        raise ValueError("neighbours: indices must be integers")
     if ptr.ndim != 1 or ptr.size < 1 or int(ptr[0]) != 0 or int(ptr[-1]) != idx.size:
         raise ValueError("neighbours: indptr must start at 0 and end at len(indices)")
     if idx.shape != cds.shape or cds.dtype != np.uint8:
@@ -676,15 +679,94 @@ def encode_neighbours_packed(
     if n and int(counts.max()) > MAX_ROW_ENTRIES:
         raise ValueError(f"neighbours: a row has more than {MAX_ROW_ENTRIES} entries")
     count_bits = int(_bit_length(np.array([counts.max() if n else 0], np.uint64))[0])
-    if count_bits > MAX_COUNT_BITS:
-        raise ValueError("neighbours: a row is too long")
+    step = max(block_rows, (chunk_rows // block_rows) * block_rows)
+    chunks = [(lo, min(n, lo + step)) for lo in range(0, n, step)] or [(0, 0)]
+    b_max = 0
+    for lo, hi in chunks:  # the widest target offset decides the width field's bits
+        part = idx[int(ptr[lo]) : int(ptr[hi])].astype(np.int64)
+        if part.size:
+            rows = np.repeat(np.arange(lo, hi, dtype=np.int64), counts[lo:hi])
+            b_max = max(b_max, int(_bit_length(_zigzag(part - rows)).max()))
+    width_bits = max(1, int(_bit_length(np.array([b_max], np.uint64))[0]))
+    pieces: list[tuple[int, U64, int]] = []
+    block_parts: list[I64] = []
+    rel_parts: list[I64] = []
+    bit_base = 0
+    for lo, hi in chunks:
+        a, b = int(ptr[lo]), int(ptr[hi])
+        words_c, total_c, block_c, rel_c = _encode_packed_rows(
+            ptr[lo : hi + 1] - a,
+            idx[a:b].astype(np.int64),
+            cds[a:b],
+            lo,
+            count_bits,
+            width_bits,
+            block_rows,
+        )
+        pieces.append((bit_base, words_c, total_c))
+        block_parts.append(block_c + bit_base)
+        rel_parts.append(rel_c)
+        bit_base += total_c
+    total = bit_base
+    n_bytes = (total >> 3) + 8
+    words = np.zeros(n_bytes // 8 + 4, dtype=np.uint64)
+    for base, words_c, total_c in pieces:
+        _or_bits(words, words_c[: (total_c >> 6) + 1], base)
+    payload = words.astype("<u8").view(np.uint8)[:n_bytes].copy()
+    block_bits = np.concatenate([*block_parts, np.array([total], np.int64)])
+    rel = np.concatenate(rel_parts) if rel_parts else np.zeros(0, np.int64)
+    if rel.size and int(rel.max()) >= 1 << 32:
+        raise ValueError("neighbours: a block of rows spans 2**32 bits or more")
+    row_bits = (
+        rel.astype(np.uint16)
+        if (rel.size == 0 or int(rel.max()) < 1 << 16)
+        else rel.astype(np.uint32)
+    )
+    arrays: dict[str, np.ndarray] = {
+        "payload": payload,
+        "block_bits": block_bits,
+        "row_bits": row_bits,
+    }
+    params = {
+        "format": PACKED_FORMAT,
+        "block_rows": int(block_rows),
+        "count_bits": count_bits,
+        "width_bits": width_bits,
+    }
+    return arrays, params
+
+
+def _or_bits(dst: U64, src: U64, offset: int) -> None:
+    """OR the bit stream ``src`` (LSB first in each word) into ``dst`` at bit ``offset``."""
+    k, sh = offset >> 6, offset & 63
+    m = src.size
+    if sh == 0:
+        dst[k : k + m] |= src
+        return
+    dst[k : k + m] |= src << np.uint64(sh)
+    dst[k + 1 : k + 1 + m] |= src >> np.uint64(64 - sh)
+
+
+def _encode_packed_rows(
+    ptr: I64,
+    idx: I64,
+    cds: U8,
+    row_base: int,
+    count_bits: int,
+    width_bits: int,
+    block_rows: int,
+) -> tuple[U64, int, I64, I64]:
+    """Rows ``row_base ..`` (``ptr`` rebased to 0, ``row_base`` a multiple of
+    ``block_rows``) as a bit stream from bit 0: ``(words, total bits, block starts,
+    row starts relative to their block)``."""
+    n = ptr.size - 1
+    counts = np.diff(ptr)
     row_of = np.repeat(np.arange(n, dtype=np.int64), counts)
     local = np.arange(idx.size, dtype=np.int64) - ptr[:-1][row_of]
     nonempty = counts > 0
     heads = ptr[:-1][nonempty]  # first entry of each non-empty row
-    z = _zigzag(idx - row_of)
+    z = _zigzag(idx - (row_of + row_base))
     b = _bit_length(z)
-    width_bits = max(1, int(_bit_length(np.array([b.max() if b.size else 0], np.uint64))[0]))
     # targets: one width (tmode 0) or two with a flag per entry (tmode 1), per row the
     # cheapest; the narrow width is best at one of the row's own bit lengths
     wmax = np.zeros(n, dtype=np.int64)
@@ -779,31 +861,10 @@ def encode_neighbours_packed(
     np.bitwise_or.at(words, pos >> 6, vals << off)
     spill = np.flatnonzero((pos & 63) + wids > 64)
     np.bitwise_or.at(words, (pos[spill] >> 6) + 1, vals[spill] >> (np.uint64(64) - off[spill]))
-    payload = words.astype("<u8").view(np.uint8)[:n_bytes].copy()
     n_blocks = -(-n // block_rows)
-    block_bits = np.empty(n_blocks + 1, dtype=np.int64)
-    block_bits[:-1] = starts[:-1][::block_rows]
-    block_bits[-1] = total
-    rel = starts[:-1] - np.repeat(block_bits[:-1], block_rows)[:n]
-    row_bits = (
-        rel.astype(np.uint16)
-        if (rel.size == 0 or int(rel.max()) < 1 << 16)
-        else rel.astype(np.uint32)
-    )
-    if rel.size and int(rel.max()) >= 1 << 32:
-        raise ValueError("neighbours: a block of rows spans 2**32 bits or more")
-    arrays: dict[str, np.ndarray] = {
-        "payload": payload,
-        "block_bits": block_bits,
-        "row_bits": row_bits,
-    }
-    params = {
-        "format": PACKED_FORMAT,
-        "block_rows": int(block_rows),
-        "count_bits": count_bits,
-        "width_bits": width_bits,
-    }
-    return arrays, params
+    block_bits = np.asarray(starts[:-1][::block_rows], dtype=np.int64)[:n_blocks]
+    rel = starts[:-1] - np.repeat(block_bits, block_rows)[:n]
+    return words, total, block_bits, rel
 
 
 def _as_int_param(params: Mapping[str, int], key: str, lo: int, hi: int) -> int:

@@ -687,3 +687,26 @@ def test_a_title_block_cannot_inflate_past_the_limit_and_the_cache_is_bounded() 
     table = _codecs.BlockStringTable(offsets, blob, count=400, block=1)
     assert [table[i] for i in range(400)] == titles
     assert 0 < table.cached_blocks() * 60_000 <= _codecs.CACHE_BYTES
+
+
+def test_packed_encoding_in_chunks_of_rows_is_the_one_stream() -> None:
+    # 10M-item catalogs are encoded a million rows at a time: the chunks' bit streams,
+    # joined at arbitrary bit offsets, must be exactly the stream of one pass
+    rng = np.random.default_rng(5)
+    n = 1_000
+    counts = rng.integers(0, 25, size=n)
+    counts[::97] = 0
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    indices = (np.repeat(np.arange(n), counts) + rng.integers(-300, 300, indptr[-1])) % n
+    codes = np.sort(rng.integers(0, 256, indptr[-1]).astype(np.uint8))
+    codes[rng.random(codes.size) < 0.05] = 7  # some rows with falling codes (raw mode)
+    whole, p_whole = encode_neighbours_packed(indptr, indices, codes, chunk_rows=1 << 20)
+    for chunk_rows in (64, 128, 320):
+        parts, p_parts = encode_neighbours_packed(indptr, indices, codes, chunk_rows=chunk_rows)
+        assert p_parts == p_whole
+        for name in ("payload", "block_bits", "row_bits"):
+            np.testing.assert_array_equal(parts[name], whole[name], err_msg=name)
+    store = PackedNeighbourStore(whole, p_whole, n)
+    _, targets, got = store.gather(np.arange(n))
+    np.testing.assert_array_equal(targets, indices)
+    np.testing.assert_array_equal(got, codes)

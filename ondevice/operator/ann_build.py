@@ -193,9 +193,17 @@ def permute_catalog(catalog: Catalog, order: npt.NDArray[np.integer]) -> Catalog
     lens = np.diff(old_indptr)[order]
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lens, out=indptr[1:])
-    starts = old_indptr[order]
-    run_start = indptr[:-1]
-    offs = np.repeat(starts - run_start, lens) + np.arange(int(indptr[-1]), dtype=np.int64)
+    new_indices = np.empty(int(indptr[-1]), dtype=np.int32)
+    new_weights = np.empty(int(indptr[-1]), dtype=np.float32)
+    for lo in range(0, n, 1 << 20):  # rows at a time: bounded scratch at 10M items
+        hi = min(n, lo + (1 << 20))
+        a, b = int(indptr[lo]), int(indptr[hi])
+        starts = old_indptr[order[lo:hi]]
+        offs = np.repeat(starts - (indptr[lo:hi] - a), lens[lo:hi]) + np.arange(
+            a, b, dtype=np.int64
+        ) - a
+        new_indices[a:b] = inverse[np.asarray(old_indices[offs], dtype=np.int64)]
+        new_weights[a:b] = weights[offs]
     categories = catalog.categories
     factors = catalog.decoded_factors()
     return replace(
@@ -205,8 +213,8 @@ def permute_catalog(catalog: Catalog, order: npt.NDArray[np.integer]) -> Catalog
         categories=None if categories is None else _reorder(categories, order),
         popularity=np.asarray(catalog.popularity, dtype=np.float32)[order],
         nbr_indptr=indptr,
-        nbr_indices=inverse[old_indices.astype(np.int64)[offs]].astype(np.int32),
-        nbr_weights=np.asarray(weights[offs], dtype=np.float32),
+        nbr_indices=new_indices,
+        nbr_weights=new_weights,
         nbr_weight_table=None,
         nbr_store=None,
         item_factors=None if factors is None else np.ascontiguousarray(factors[order]),
