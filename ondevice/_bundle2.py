@@ -67,11 +67,16 @@ def narrow_offsets(total: int) -> np.dtype[Any]:
 def quantize_rows(factors: npt.NDArray[np.floating]) -> tuple[npt.NDArray[np.int8], F32]:
     """int8 codes and one scale per row: ``row ~= codes * scale``, with ``scale =
     max|row| / 127``, so each component is off by at most ``scale / 2``."""
-    y = np.asarray(factors, dtype=np.float64)
-    peak = np.abs(y).max(axis=1) if y.size else np.zeros(y.shape[0])
-    scale = (peak / 127.0).astype(np.float32)
-    safe = np.where(scale > 0, scale.astype(np.float64), 1.0)
-    codes = np.clip(np.rint(y / safe[:, None]), -127, 127).astype(np.int8)
+    n = factors.shape[0]
+    codes = np.empty(factors.shape, dtype=np.int8)
+    scale = np.empty(n, dtype=np.float32)
+    for lo in range(0, n, 1 << 16):  # row blocks: float64 scratch stays small at 10M rows
+        y = np.asarray(factors[lo : lo + (1 << 16)], dtype=np.float64)
+        peak = np.abs(y).max(axis=1) if y.size else np.zeros(y.shape[0])
+        scale[lo : lo + (1 << 16)] = (peak / 127.0).astype(np.float32)
+        s = scale[lo : lo + (1 << 16)]
+        safe = np.where(s > 0, s.astype(np.float64), 1.0)
+        codes[lo : lo + (1 << 16)] = np.clip(np.rint(y / safe[:, None]), -127, 127)
     return codes, scale
 
 
