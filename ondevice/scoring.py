@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -66,6 +66,34 @@ IntArray = npt.NDArray[np.int32]
 Int64Array = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
 Exclude = npt.NDArray[np.bool_] | npt.NDArray[np.integer] | Sequence[int] | None
+
+
+class SparseScores(NamedTuple):
+    """Scores that are zero but for a few items: ``items`` (increasing, int64) and their
+    ``values``; ``n`` items in all. A request's neighbour scores at 10M items, without a
+    10M-long array."""
+
+    items: npt.NDArray[np.int64]
+    values: npt.NDArray[np.float32]
+    n: int
+
+    def dense(self) -> npt.NDArray[np.float32]:
+        """The same scores as a ``float32[n]`` array."""
+        out = np.zeros(self.n, dtype=np.float32)
+        out[self.items] = self.values
+        return out
+
+    def at(self, items: npt.NDArray[np.integer]) -> npt.NDArray[np.float32]:
+        """The scores of ``items`` (0 for the items not listed)."""
+        idx = np.asarray(items, dtype=np.int64)
+        out = np.zeros(idx.size, dtype=np.float32)
+        if self.items.size == 0 or idx.size == 0:
+            return out
+        pos = np.minimum(np.searchsorted(self.items, idx), self.items.size - 1)
+        found = self.items[pos] == idx
+        out[found] = self.values[pos[found]]
+        return out
+
 
 _EMPTY = np.empty(0, dtype=np.int32)
 
@@ -367,7 +395,7 @@ def neighbour_scores(
 
 
 def rank_sparse(
-    scores: npt.NDArray[np.floating],
+    scores: npt.NDArray[np.floating] | SparseScores,
     k: int,
     *,
     exclude: Exclude = None,
@@ -376,16 +404,24 @@ def rank_sparse(
     """Rank the items with a positive score, then complete from ``fallback``.
 
     Used for neighbour scores, where most items score exactly zero: those are ordered by
-    ``fallback`` (usually global popularity) rather than by index.
+    ``fallback`` (usually global popularity) rather than by index. ``scores`` may be a
+    :class:`SparseScores` (the same ranking, without arrays as long as the catalog).
     """
     k = _check_k(k)
-    n = scores.shape[0]
-    mask = _exclusion_mask(exclude, n)
-    cand = np.flatnonzero(scores > 0)
-    if mask is not None and cand.size:
-        cand = cand[~mask[cand]]
+    if isinstance(scores, SparseScores):
+        n = scores.n
+        keep = scores.values > 0
+        cand, values = scores.items[keep], scores.values[keep]
+    else:
+        n = scores.shape[0]
+        cand = np.flatnonzero(scores > 0)
+        values = scores[cand]
+    excl = _excluded_items(exclude, n)
+    if excl.size and cand.size:
+        keep = ~np.isin(cand, excl)
+        cand, values = cand[keep], values[keep]
     if cand.size:
-        sub = scores[cand]
+        sub = values
         if cand.size > k:
             part = np.argpartition(sub, cand.size - k)[cand.size - k :]
             kth = sub[part].min()
@@ -399,7 +435,43 @@ def rank_sparse(
         head = cand[order].astype(np.int32)
     else:
         head = _EMPTY
-    return _fill(head, fallback, k, mask, n)
+    return _fill_from(head, fallback, k, excl)
+
+
+def _excluded_items(exclude: Exclude, n: int) -> npt.NDArray[np.int64]:
+    """The excluded item indices in ``[0, n)``, sorted (a mask becomes its indices)."""
+    if exclude is None:
+        return np.empty(0, dtype=np.int64)
+    arr = np.asarray(exclude)
+    if arr.dtype == np.bool_:
+        if arr.shape != (n,):
+            raise ValueError(f"exclusion mask must have shape ({n},), got {arr.shape}")
+        return np.flatnonzero(arr).astype(np.int64)
+    idx = arr.astype(np.int64, copy=False).ravel()
+    return np.unique(idx[(idx >= 0) & (idx < n)])
+
+
+def _fill_from(
+    head: IntArray, fallback: IntArray | None, k: int, excluded: npt.NDArray[np.int64]
+) -> IntArray:
+    """Complete ``head`` to ``k`` items from ``fallback``, skipping the excluded and the
+    chosen, with arrays as long as the few items involved (not the catalog)."""
+    if head.size >= k or fallback is None or fallback.size == 0:
+        return head[:k].astype(np.int32, copy=False)
+    need = k - head.size
+    skip = np.union1d(head.astype(np.int64), excluded)
+    start, step, extra = 0, max(need * 2, 64), []
+    while need > 0 and start < fallback.size:
+        chunk = fallback[start : start + step]
+        chunk = chunk[~np.isin(chunk, skip)][:need]  # a fallback lists each item once
+        if chunk.size:
+            extra.append(chunk)
+            need -= chunk.size
+        start += step
+        step *= 2
+    if not extra:
+        return head.astype(np.int32, copy=False)
+    return np.concatenate([head, *extra]).astype(np.int32)
 
 
 def aggregates(
@@ -696,7 +768,7 @@ def contextual_scores(
 def individual_ranking(
     item_factors: FloatArray,
     user_vector: FloatArray,
-    neighbour: npt.NDArray[np.floating] | None,
+    neighbour: npt.NDArray[np.floating] | SparseScores | None,
     k: int,
     *,
     exclude: Exclude = None,

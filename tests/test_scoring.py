@@ -272,3 +272,28 @@ def test_scoring_params_round_trip_through_catalog_extra_and_ignore_bad_values()
     bad = {"scoring.half_life": "-1", "scoring.fusion_c": "nan", "scoring.fusion_depth": "x",
            "scoring.session_gap": "inf"}
     assert scoring.ScoringParams.from_extra(bad) == scoring.ScoringParams()
+
+
+def test_sparse_neighbour_scores_rank_as_the_dense_ones() -> None:
+    # the levels keep neighbour scores sparse (a 10M-long array per request cost tens of
+    # ms); every ranking must be the dense one's, exclusions and fallback included
+    from ondevice.scoring import SparseScores, rank_sparse
+
+    rng = np.random.default_rng(3)
+    n = 500
+    for trial in range(200):
+        items = np.unique(rng.integers(0, n, size=int(rng.integers(0, 60))))
+        values = rng.choice([0.0, 0.25, 0.5, 1.0, 2.0], size=items.size).astype(np.float32)
+        sparse = SparseScores(items.astype(np.int64), values, n)
+        dense = sparse.dense()
+        excl = rng.integers(0, n, size=int(rng.integers(0, 40)))
+        mask = np.zeros(n, dtype=np.bool_)
+        mask[excl] = True
+        fallback = rng.permutation(n).astype(np.int32)
+        k = int(rng.integers(1, 30))
+        for exclude in (None, excl, mask):
+            want = rank_sparse(dense, k, exclude=exclude, fallback=fallback)
+            got = rank_sparse(sparse, k, exclude=exclude, fallback=fallback)
+            np.testing.assert_array_equal(got, want, err_msg=f"trial {trial}")
+        probe = rng.integers(0, n, size=50)
+        np.testing.assert_array_equal(sparse.at(probe), dense[probe])

@@ -22,14 +22,17 @@ def position_weights(rt: CatalogRuntime, state: UserState) -> npt.NDArray[np.flo
 
 def window_scores(
     rt: CatalogRuntime, state: UserState, weights: npt.NDArray[np.float32]
-) -> npt.NDArray[np.float32]:
+) -> scoring.SparseScores:
     """Neighbour scores of the window with the given per-position weights:
-    ``score[j] = sum_p weights[p] * sim(window[p], j)`` (``float32[n]``)."""
+    ``score[j] = sum_p weights[p] * sim(window[p], j)``, for the few items that have one
+    (no array as long as the catalog: at 10M items that alone took tens of ms)."""
     if state.window.size == 0:
-        return np.zeros(rt.n, dtype=np.float32)
+        return scoring.SparseScores(np.empty(0, np.int64), np.empty(0, np.float32), rt.n)
     owner, targets, sims = rt.window_neighbours(state.window)
     contrib = sims.astype(np.float64) * weights[owner].astype(np.float64)
-    return np.bincount(targets, weights=contrib, minlength=rt.n).astype(np.float32)
+    items, where = np.unique(targets, return_inverse=True)
+    sums = np.bincount(where, weights=contrib, minlength=items.size)
+    return scoring.SparseScores(items, sums.astype(np.float32), rt.n)
 
 
 def evidence(
@@ -82,18 +85,19 @@ def answer_from_scores(
     rt: CatalogRuntime,
     state: UserState,
     req: Request,
-    scores: npt.NDArray[np.float32],
+    scores: scoring.SparseScores,
     weights: npt.NDArray[np.float32],
 ) -> Answer | str:
     """Rank neighbour scores, complete with popular items, explain each."""
-    if not (scores > 0).any():
+    if not (scores.values > 0).any():
         return "the catalog lists no neighbours of the items in the window"
     ranked = scoring.rank_sparse(scores, req.k, exclude=state.excluded, fallback=rt.pop_order)
     items = [int(i) for i in ranked]
-    why = evidence(rt, state, [i for i in items if scores[i] > 0], weights)
+    got = scores.at(ranked).tolist()
+    why = evidence(rt, state, [i for i, s in zip(items, got, strict=True) if s > 0], weights)
     return Answer(
         items=items,
-        scores=[float(scores[i]) for i in items],
+        scores=[float(s) for s in got],
         explanations=[explain(rt, state, why[i]) if i in why else POPULAR for i in items],
     )
 

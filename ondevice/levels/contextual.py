@@ -45,7 +45,8 @@ def recommend(rt: CatalogRuntime, state: UserState, req: Request) -> Answer | st
     scores = window_scores(rt, state, weights)
     notes: dict[int, str] = {}
     if rt.cat_names and p.context_strength > 0:
-        cand = np.flatnonzero(scores > 0)
+        positive = scores.values > 0
+        cand = scores.items[positive]
         for field, value in sorted(req.context.items()):
             if not isinstance(value, str) or cand.size == 0:
                 continue
@@ -62,7 +63,9 @@ def recommend(rt: CatalogRuntime, state: UserState, req: Request) -> Answer | st
             boost = scoring.category_boost(
                 rt.cat_indptr, rt.cat_indices, affinity, rt.category_rows(cand), context=value
             )
-            scores[cand] *= np.power(np.maximum(boost, 1e-6), p.context_strength).astype(np.float32)
+            scores.values[positive] *= np.power(np.maximum(boost, 1e-6), p.context_strength).astype(
+                np.float32
+            )
             # Say so only where this context really differs from the user's overall
             # taste: the favourite category here beats its overall share by 10%.
             here, overall = affinity[value], affinity[""]

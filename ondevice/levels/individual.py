@@ -66,7 +66,9 @@ def recommend(rt: CatalogRuntime, state: UserState, req: Request) -> Answer | st
     )
     items = [int(i) for i in ranked]
     sub = cat.scores_of(ranked, x) if items else np.empty(0, np.float32)
-    why = evidence(rt, state, [i for i in items if neighbours[i] > 0], weights)
+    why = evidence(
+        rt, state, [i for i, s in zip(items, neighbours.at(ranked), strict=True) if s > 0], weights
+    )
     taste = (
         f"matches your taste profile, computed on this device from your "
         f"{state.window.size} recent interactions"
