@@ -265,34 +265,6 @@ def popularity_ranking(
     return top_k(popularity, k, exclude=exclude)
 
 
-def _fill(
-    head: IntArray, fallback: IntArray | None, k: int, mask: BoolArray | None, n: int
-) -> IntArray:
-    """Complete ``head`` to ``k`` items from ``fallback`` (skipping excluded and chosen)."""
-    if head.size >= k or fallback is None or fallback.size == 0:
-        return head[:k].astype(np.int32, copy=False)
-    need = k - head.size
-    taken = np.zeros(n, dtype=np.bool_)
-    taken[head] = True
-    if mask is not None:
-        taken |= mask
-    # walk the fallback in growing slices so the common case touches few items
-    start, step, extra = 0, max(need * 2, 64), []
-    while need > 0 and start < fallback.size:
-        chunk = fallback[start : start + step]
-        chunk = chunk[~taken[chunk]]
-        if chunk.size:
-            chunk = chunk[:need]
-            taken[chunk] = True
-            extra.append(chunk)
-            need -= chunk.size
-        start += step
-        step *= 2
-    if not extra:
-        return head.astype(np.int32, copy=False)
-    return np.concatenate([head, *extra]).astype(np.int32)
-
-
 def segment_ranking(
     top_items: IntArray,
     k: int,
@@ -304,11 +276,11 @@ def segment_ranking(
     """The ``segment`` level: the segment's top items in order, minus excluded ones,
     completed from ``fallback`` (usually the global popularity order) if too short."""
     k = _check_k(k)
-    mask = _exclusion_mask(exclude, n_items)
+    excl = _excluded_items(exclude, n_items)
     items = np.asarray(top_items, dtype=np.int32)
-    if mask is not None:
-        items = items[~mask[items]]
-    return _fill(items[:k], fallback, k, mask, n_items)
+    if excl.size:
+        items = items[~np.isin(items, excl)]
+    return _fill_from(items[:k], fallback, k, excl)
 
 
 def decay_weights(n: int, half_life: float) -> FloatArray:
