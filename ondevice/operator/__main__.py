@@ -95,20 +95,7 @@ def _build(args: argparse.Namespace) -> int:
             categories=categories,
             progress=None if args.quiet else bar,
         )
-    info = write_bundle(catalog, args.out, private_key=key)
-    print(
-        json.dumps(
-            {
-                "bundle": str(args.out),
-                "items": info.n_items,
-                "segments": info.n_segments,
-                "factors": info.n_factors,
-                "sha256": info.sha256,
-                "public_key": public_key_bytes(key).hex(),
-            }
-        )
-    )
-    return 0
+    return _write_and_report(catalog, args.out, key)
 
 
 def _load(path: Path, what: str) -> Any:
@@ -189,11 +176,22 @@ def _assemble(args: argparse.Namespace) -> int:
         titles=titles,
         categories=categories,
     )
-    info = write_bundle(catalog, args.out, private_key=key)
+    return _write_and_report(catalog, args.out, key)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    info = verify_bundle(args.bundle, public_key=bytes.fromhex(args.public_key))
+    print(json.dumps({"ok": True, "name": info.name, "items": info.n_items, "sha256": info.sha256}))
+    return 0
+
+
+def _write_and_report(catalog: Any, out: Path, key: Any) -> int:
+    """Write and sign the bundle; print what a device pins and checks, as one JSON line."""
+    info = write_bundle(catalog, out, private_key=key)
     print(
         json.dumps(
             {
-                "bundle": str(args.out),
+                "bundle": str(out),
                 "items": info.n_items,
                 "segments": info.n_segments,
                 "factors": info.n_factors,
@@ -202,12 +200,6 @@ def _assemble(args: argparse.Namespace) -> int:
             }
         )
     )
-    return 0
-
-
-def _verify(args: argparse.Namespace) -> int:
-    info = verify_bundle(args.bundle, public_key=bytes.fromhex(args.public_key))
-    print(json.dumps({"ok": True, "name": info.name, "items": info.n_items, "sha256": info.sha256}))
     return 0
 
 
