@@ -37,14 +37,13 @@ import numpy.typing as npt
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _scale_data
+from _varint_neighbours import NeighbourStore, encode_neighbours
 
 from ondevice import _bundle2
 from ondevice._codecs import (
     BlockStringTable,
-    NeighbourStore,
     PackedNeighbourStore,
     encode_block_strings,
-    encode_neighbours,
     encode_neighbours_packed,
 )
 from ondevice.bundle import load_bundle
