@@ -82,7 +82,7 @@ prefix every id shares, stored once), ``title_block``, ``nbr_packed`` and ``ann`
   ``<i8[C + 1]``); the items are then stored in cluster order.
 
 At 1M items of ``benchmarks/bench_scale.py``'s catalog (64 factors, 20 neighbours per
-item, shop-like ids and titles) that is 142 MB against format 1's 481 MB
+item, shop-like ids and titles) that is 146 MB against format 1's 481 MB
 (``docs/scale.md``).
 
 Every float array must hold only finite values (no NaN, no infinity):
