@@ -102,7 +102,7 @@ def _measure(n: int, args: argparse.Namespace, tmp: Path) -> None:
         got_a = [r.item_id for r in levels.recommend(PrivacyLevel.INDIVIDUAL, rt_a, st_a, req)]
         overlap.append(len(set(got_e) & set(got_a)) / 10)
         x = levels.individual.fold_in(rt_a, st_a)
-        cand = index.candidates(index.probe(x, 110 + st_a.window.size))
+        cand = index.candidates(index.probe(x, 110 + st_a.window.size)).items()
         cands.append(cand.size)
         full = approx.factor_scores(x) if approx.item_factor_scales is not None else (
             approx.item_factors @ x  # type: ignore[operator]

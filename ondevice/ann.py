@@ -30,10 +30,75 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["IvfIndex"]
+__all__ = ["ItemRuns", "IvfIndex"]
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ItemRuns:
+    """A set of items held as runs of consecutive item indices: run ``r`` is the items
+    ``starts[r]:ends[r]``, the runs increasing and disjoint. The items of a probe are a
+    few hundred such runs (adjacent probed clusters merged), so they are scored as
+    contiguous rows of the factor matrix, read in place, and never listed one by one
+    (at 10M items a probe holds about a million of them).
+
+    A *position* counts items across the runs in order: position 0 is ``starts[0]``,
+    position ``ends[0] - starts[0]`` is ``starts[1]``, and so on.
+    """
+
+    starts: I64
+    ends: I64
+
+    @classmethod
+    def of_items(cls, items: npt.NDArray[np.integer]) -> ItemRuns:
+        """The runs of ``items``, increasing item indices (as :meth:`items` returns)."""
+        idx = np.asarray(items, dtype=np.int64).ravel()
+        if idx.size and not bool((np.diff(idx) > 0).all()):
+            raise ValueError("items must be strictly increasing")
+        if idx.size == 0:
+            return cls(np.zeros(0, np.int64), np.zeros(0, np.int64))
+        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+        first = np.concatenate(([0], breaks))
+        last = np.concatenate((breaks - 1, [idx.size - 1]))
+        return cls(idx[first], idx[last] + 1)
+
+    @property
+    def size(self) -> int:
+        """How many items the runs hold."""
+        return int((self.ends - self.starts).sum())
+
+    def _firsts(self) -> I64:
+        """The position of every run's first item."""
+        lens = self.ends - self.starts
+        out: I64 = np.cumsum(lens) - lens
+        return out
+
+    def items(self) -> I64:
+        """Every item, increasing (``int64[size]``)."""
+        lens = self.ends - self.starts
+        out: I64 = np.repeat(self.starts - self._firsts(), lens) + np.arange(
+            int(lens.sum()), dtype=np.int64
+        )
+        return out
+
+    def items_at(self, positions: npt.NDArray[np.integer]) -> I64:
+        """The items at ``positions`` (each in ``[0, size)``)."""
+        pos = np.asarray(positions, dtype=np.int64)
+        firsts = self._firsts()
+        run = np.searchsorted(firsts, pos, side="right") - 1
+        out: I64 = self.starts[run] + (pos - firsts[run])
+        return out
+
+    def positions_of(self, items: npt.NDArray[np.integer]) -> I64:
+        """The positions of those of ``items`` the runs hold (others are left out)."""
+        idx = np.asarray(items, dtype=np.int64).ravel()
+        run = np.searchsorted(self.starts, idx, side="right") - 1
+        inside = run >= 0
+        inside[inside] = idx[inside] < self.ends[run[inside]]
+        out: I64 = self._firsts()[run[inside]] + (idx[inside] - self.starts[run[inside]])
+        return out
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -76,11 +141,18 @@ class IvfIndex:
         out: I64 = np.sort(best).astype(np.int64)
         return out
 
-    def candidates(self, clusters: I64) -> I64:
-        """Every item of ``clusters`` (increasing cluster ids give increasing items)."""
+    def candidates(self, clusters: I64) -> ItemRuns:
+        """The items of ``clusters`` (increasing cluster ids), as runs: adjacent clusters'
+        item ranges are merged, and empty clusters are left out."""
         starts = self.offsets[clusters]
-        lens = self.offsets[clusters + 1] - starts
-        total = int(lens.sum())
-        run_start = np.cumsum(lens) - lens
-        out: I64 = np.repeat(starts - run_start, lens) + np.arange(total, dtype=np.int64)
-        return out
+        ends = self.offsets[clusters + 1]
+        keep = ends > starts
+        starts, ends = starts[keep], ends[keep]
+        if starts.size == 0:
+            return ItemRuns(starts.astype(np.int64), ends.astype(np.int64))
+        joined = np.flatnonzero(starts[1:] == ends[:-1]) + 1  # run continues the previous
+        new = np.ones(starts.size, dtype=bool)
+        new[joined] = False
+        first = np.flatnonzero(new)
+        last = np.concatenate((first[1:] - 1, [starts.size - 1]))
+        return ItemRuns(starts[first].astype(np.int64), ends[last].astype(np.int64))

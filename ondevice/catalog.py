@@ -28,16 +28,17 @@ import numpy as np
 import numpy.typing as npt
 
 from ._codecs import PackedNeighbourStore
-from .ann import IvfIndex
+from .ann import ItemRuns, IvfIndex
 from .errors import BundleError
 
 __all__ = ["AlsParams", "Catalog", "CategoryLists", "CategoryTable", "Segment", "SegmentRule"]
 
 FloatArray = npt.NDArray[np.float32]
 
-SCORE_BLOCK = 1 << 16
-"""Rows of int8 factors dequantized at a time by :meth:`Catalog.factor_scores` (16 MB of
-float32 scratch at 64 factors)."""
+SCORE_BLOCK = 1 << 13
+"""Rows of int8 factors converted to float32 at a time when a run of rows is scored
+(:meth:`Catalog.factor_scores`, :meth:`Catalog.scores_of`): 2 MB of scratch at 64
+factors, which stays in cache between the conversion and the product."""
 DECODE_LIMIT = 1 << 23
 """A format 2 array with at most this many elements (100k items x 64 factors, 400k items
 x 20 neighbours) is decoded to float32 when loaded: small enough that speed beats
@@ -253,32 +254,64 @@ class Catalog:
         out *= self.item_factor_scales[items][..., None]
         return out
 
-    def scores_of(self, items: npt.NDArray[np.integer], x: npt.NDArray[np.floating]) -> FloatArray:
-        """``Y[items] @ x`` (a fresh ``float32[len(items)]``), computed in numpy's own
-        single-threaded loop: on one request's few thousand rows, waking BLAS threads on a
-        busy laptop costs more than the product (``benchmarks/bench_scale.py``)."""
-        rows = self.factor_rows(np.asarray(items))
-        out: FloatArray = np.einsum("ij,j->i", rows, np.asarray(x, dtype=np.float32))
+    def scores_of(
+        self, items: npt.NDArray[np.integer] | ItemRuns, x: npt.NDArray[np.floating]
+    ) -> FloatArray:
+        """``Y[items] @ x`` (a fresh ``float32[len(items)]``, in the order of ``items``),
+        computed in numpy's own single-threaded loop: on one request's rows, waking BLAS
+        threads on a busy laptop costs more than the product
+        (``benchmarks/bench_scale.py``). :class:`ItemRuns` (the items of an index's probe)
+        are scored as contiguous rows, converted in cache-sized blocks, never gathered."""
+        v = np.asarray(x, dtype=np.float32)
+        if isinstance(items, ItemRuns):
+            out: FloatArray = np.empty(items.size, dtype=np.float32)
+            block = self._score_block(int((items.ends - items.starts).max(initial=0)))
+            pos = 0
+            for lo, hi in zip(items.starts.tolist(), items.ends.tolist(), strict=True):
+                self._score_rows(lo, hi, v, out[pos : pos + hi - lo], block)
+                pos += hi - lo
+            return out
+        assert self.item_factors is not None
+        idx = np.asarray(items)
+        rows = self.item_factors[idx]
+        out = np.einsum("ij,j->i", rows.astype(np.float32, copy=False), v)
+        if self.item_factor_scales is not None:  # as _score_rows: scales on the products
+            out *= self.item_factor_scales[idx]
         return out
 
     def factor_scores(self, x: npt.NDArray[np.floating]) -> FloatArray:
         """``Y @ x`` for every item (a fresh ``float32[n]``); int8 factors are scored in
         blocks of :data:`SCORE_BLOCK` rows, never dequantized whole."""
+        assert self.item_factors is not None
+        v = np.asarray(x, dtype=np.float32)
+        if self.item_factor_scales is None:
+            out: FloatArray = self.item_factors @ v
+            return out
+        out = np.empty(self.n_items, dtype=np.float32)
+        self._score_rows(0, self.n_items, v, out, self._score_block(self.n_items))
+        return out
+
+    def _score_block(self, rows: int) -> FloatArray | None:
+        """Scratch for :meth:`_score_rows` (``None`` when the factors are float32)."""
+        if self.item_factor_scales is None or self.item_factors is None:
+            return None
+        return np.empty((min(rows, SCORE_BLOCK), self.item_factors.shape[1]), np.float32)
+
+    def _score_rows(
+        self, lo: int, hi: int, v: FloatArray, out: FloatArray, block: FloatArray | None
+    ) -> None:
+        """``out[:] = Y[lo:hi] @ v``; int8 codes go through ``block`` (cache-sized float32
+        scratch) a block of rows at a time, the row scales applied to the products."""
         y, scales = self.item_factors, self.item_factor_scales
         assert y is not None
-        v = np.asarray(x, dtype=np.float32)
-        if scales is None:
-            out: FloatArray = y @ v
-            return out
-        n = y.shape[0]
-        out = np.empty(n, dtype=np.float32)
-        block = np.empty((min(n, SCORE_BLOCK), y.shape[1]), dtype=np.float32)
-        for lo in range(0, n, SCORE_BLOCK):
-            hi = min(lo + SCORE_BLOCK, n)
-            np.copyto(block[: hi - lo], y[lo:hi], casting="unsafe")
-            np.matmul(block[: hi - lo], v, out=out[lo:hi])
-        out *= scales
-        return out
+        if scales is None or block is None:
+            np.einsum("ij,j->i", y[lo:hi], v, out=out)
+            return
+        for a in range(lo, hi, SCORE_BLOCK):
+            b = min(a + SCORE_BLOCK, hi)
+            np.copyto(block[: b - a], y[a:b], casting="unsafe")
+            np.einsum("ij,j->i", block[: b - a], v, out=out[a - lo : b - lo])
+        out *= scales[lo:hi]
 
     def decoded_factors(self) -> FloatArray | None:
         """The item factors as one float32 matrix (a copy when they are int8 codes)."""

@@ -39,6 +39,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from .ann import ItemRuns
+
 __all__ = [
     "ScoringParams",
     "aggregates",
@@ -748,15 +750,16 @@ def individual_ranking(
     neighbour_weight: float = 1.0,
     c: float = 60.0,
     scores: FloatArray | None = None,
-    candidates: npt.NDArray[np.int64] | None = None,
+    candidates: ItemRuns | npt.NDArray[np.int64] | None = None,
 ) -> IntArray:
     """The ``individual`` level: ``Y @ x`` ranked by :func:`top_k` (to ``depth``),
     fused by :func:`rank_fusion` with the ranking of the decayed ``neighbour`` scores
     (weight ``neighbour_weight``; ``None`` or weight 0 gives the fold-in alone).
     ``scores``, if given, is ``Y @ x`` computed by the caller (a fresh array this
-    function may overwrite), e.g. from int8 factors. With ``candidates`` (increasing
-    item indices, e.g. the clusters an approximate index probed), ``scores`` holds their
-    scores only, and the fold-in ranking is taken among them."""
+    function may overwrite), e.g. from int8 factors. With ``candidates`` (the items of
+    the clusters an approximate index probed, as :class:`~ondevice.ann.ItemRuns` or
+    increasing item indices), ``scores`` holds their scores only, in that order, and the
+    fold-in ranking is taken among them."""
     k = _check_k(k)
     n = item_factors.shape[0]
     if scores is None:
@@ -767,18 +770,22 @@ def individual_ranking(
     if excl is not None and excl.dtype != np.bool_:
         idx = excl.astype(np.int64, copy=False).ravel()
         excl = idx[(idx >= 0) & (idx < n)]
+    runs = None
+    if candidates is not None:
+        runs = candidates if isinstance(candidates, ItemRuns) else ItemRuns.of_items(candidates)
+        if scores.shape[0] != runs.size:
+            raise ValueError("scores must hold one score per candidate")
     if excl is not None and excl.size:
-        if candidates is None:
+        if runs is None:
             scores[excl] = -np.inf  # index or mask assignment, no copy of the scores
-        elif excl.dtype == np.bool_:
-            scores[excl[candidates]] = -np.inf
         else:
-            scores[np.isin(candidates, excl)] = -np.inf
+            items = np.flatnonzero(excl) if excl.dtype == np.bool_ else excl
+            scores[runs.positions_of(items)] = -np.inf
 
     def fold_in_top(m: int) -> IntArray:
-        if candidates is None:
+        if runs is None:
             return _top_k(scores, m)
-        ranked: IntArray = candidates[_top_k(scores, m)].astype(np.int32)
+        ranked: IntArray = runs.items_at(_top_k(scores, m)).astype(np.int32)
         return ranked
 
     if neighbour is None or neighbour_weight == 0.0:

@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_bundle import make_catalog
 from test_bundle_v2 import _refused, _signed
 
 from ondevice import levels, scoring
-from ondevice.ann import IvfIndex
+from ondevice.ann import ItemRuns, IvfIndex
 from ondevice.bundle import load_bundle, validate_catalog
 from ondevice.catalog import AlsParams, Catalog
 from ondevice.errors import BundleError
@@ -151,7 +153,7 @@ def test_the_calibrated_index_reaches_the_stated_recall_on_fresh_queries(
     assert got >= 0.95, got
     # the items of a probe are what the level scores: a probe's candidates hold the
     # approximate top 10 and are a small part of the catalog
-    cand = index.candidates(index.probe(queries[0], 110))
+    cand = index.candidates(index.probe(queries[0], 110)).items()
     assert 110 <= cand.size < 12_000 // 4
     assert (np.diff(cand) > 0).all()
 
@@ -171,7 +173,7 @@ def test_the_level_uses_the_index_and_still_answers_with_exclusions(
     assert not {r.item_id for r in answer} & set(ids)
     # the fold-in part of the ranking came from the probed clusters only
     x = levels.individual.fold_in(rt, state)
-    probed = set(catalog.ann.candidates(catalog.ann.probe(x, 200)).tolist())
+    probed = set(catalog.ann.candidates(catalog.ann.probe(x, 200)).items().tolist())
     fold_only = scoring.individual_ranking(
         catalog.item_factors,  # type: ignore[arg-type]
         x,
@@ -182,6 +184,65 @@ def test_the_level_uses_the_index_and_still_answers_with_exclusions(
         candidates=np.array(sorted(probed)),
     )
     assert set(fold_only.tolist()) <= probed
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sets(st.integers(0, 300), max_size=120), st.lists(st.integers(-5, 310), max_size=40))
+def test_item_runs_address_the_items_they_hold(held: set[int], asked: list[int]) -> None:
+    items = np.array(sorted(held), dtype=np.int64)
+    runs = ItemRuns.of_items(items)
+    assert runs.size == items.size
+    np.testing.assert_array_equal(runs.items(), items)
+    # runs are maximal: no two touch
+    assert (runs.starts[1:] > runs.ends[:-1]).all() and (runs.ends > runs.starts).all()
+    np.testing.assert_array_equal(runs.items_at(np.arange(items.size)), items)
+    # positions_of keeps the asked items that are held, in the asked order
+    want = [int(np.searchsorted(items, a)) for a in asked if a in held]
+    np.testing.assert_array_equal(runs.positions_of(np.array(asked, dtype=np.int64)), want)
+
+
+def test_item_runs_refuse_items_out_of_order() -> None:
+    with pytest.raises(ValueError, match="increasing"):
+        ItemRuns.of_items(np.array([3, 2]))
+    with pytest.raises(ValueError, match="increasing"):
+        ItemRuns.of_items(np.array([2, 2]))
+
+
+def test_a_probe_is_its_clusters_items_as_merged_runs() -> None:
+    # clusters 1 and 2 are adjacent, 3 is empty, 4 follows it: one run 2..9 and one 9..12
+    offsets = np.array([0, 2, 5, 9, 9, 12, 20], dtype=np.int64)
+    index = IvfIndex(np.zeros((6, 2), np.float32), offsets, nprobe=1, recall=1.0)
+    runs = index.candidates(np.array([1, 2, 3, 4], dtype=np.int64))
+    assert runs.starts.tolist() == [2] and runs.ends.tolist() == [12]
+    runs = index.candidates(np.array([0, 2, 5], dtype=np.int64))
+    assert runs.starts.tolist() == [0, 5, 12] and runs.ends.tolist() == [2, 9, 20]
+    assert index.candidates(np.array([3], dtype=np.int64)).size == 0
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_runs_score_as_the_items_they_hold(compact: bool) -> None:
+    """A probe's runs are scored in place, block by block (int8 codes through float32
+    scratch); every score equals the one computed for the item alone, at both
+    precisions, across runs longer than a scratch block."""
+    from ondevice import _bundle2
+    from ondevice.catalog import SCORE_BLOCK
+
+    catalog = clustered(3 * SCORE_BLOCK, seed=5)
+    if compact:
+        assert catalog.item_factors is not None
+        codes, scales = _bundle2.quantize_rows(catalog.item_factors)
+        catalog = replace(catalog, item_factors=codes, item_factor_scales=scales)
+    rng = np.random.default_rng(1)
+    held = np.flatnonzero(rng.random(catalog.n_items) < 0.5)
+    held = np.union1d(held, np.arange(100, 100 + 2 * SCORE_BLOCK + 7))  # a long run
+    runs = ItemRuns.of_items(held)
+    x = rng.standard_normal(16).astype(np.float32)
+    by_runs = catalog.scores_of(runs, x)
+    np.testing.assert_allclose(by_runs, catalog.scores_of(held, x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(by_runs, catalog.factor_scores(x)[held], rtol=1e-6, atol=1e-6)
+    y = catalog.decoded_factors()
+    assert y is not None
+    np.testing.assert_allclose(by_runs, y[held] @ x, rtol=1e-4, atol=1e-4)
 
 
 def _index_lie(catalog: Catalog) -> Catalog:

@@ -176,7 +176,7 @@ def recall_at(index: IvfIndex, y: F32, queries: F32, truth: I64, k: int = 10) ->
         return 1.0
     hits = 0
     for q, want in zip(queries, truth[:, :k], strict=True):
-        cand = index.candidates(index.probe(q, k))
+        cand = index.candidates(index.probe(q, k)).items()
         s = y[cand] @ q
         m = min(k, cand.size)
         part = np.argpartition(-s, m - 1)[:m] if m < cand.size else np.arange(cand.size)
