@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, overload
 
 import numpy as np
@@ -199,7 +200,8 @@ class StringTable(Sequence[str]):
             raise BundleError(f"{what}: the offsets must be monotone and end at the blob's end")
         raw = blob.tobytes()  # kept: slicing bytes is 3x faster than slicing the array
         try:
-            raw.decode("utf-8")
+            if blob.size and int(blob.max()) >= 0x80:  # ASCII (ids, mostly) is UTF-8
+                raw.decode("utf-8")
         except UnicodeDecodeError:
             raise BundleError(f"{what}: the strings are not valid UTF-8") from None
         starts = offsets[:-1][np.diff(offsets) > 0]
@@ -330,14 +332,25 @@ class ItemIndex:
 
 def is_permutation(order: npt.NDArray[np.integer], n: int) -> bool:
     """``order`` holds each of ``0 .. n - 1`` exactly once (values checked for range
-    before counting, so a hostile value never sizes an allocation)."""
+    before they index anything, so a hostile value never sizes an allocation).
+
+    ``n`` values in range that mark all ``n`` slots of a one-byte table are a permutation
+    (no slot is left for a repeat); the table is marked a block of values at a time, so
+    no index array of the catalog's size is ever copied (10M items: 10 MB of scratch)."""
     if order.shape != (n,):
         return False
     if n == 0:
         return True
     if int(order.min()) < 0 or int(order.max()) >= n:
         return False
-    return bool((np.bincount(order.astype(np.int64), minlength=n) == 1).all())
+    seen = np.zeros(n, dtype=np.bool_)
+    for lo in range(0, n, _SCATTER_BLOCK):
+        seen[order[lo : lo + _SCATTER_BLOCK]] = True
+    return bool(seen.all())
+
+
+_SCATTER_BLOCK = 1 << 20
+"""Values marked at a time by :func:`is_permutation`."""
 
 
 _PAIR_BLOCK = 1 << 16
@@ -429,6 +442,8 @@ def strictly_increasing(
     255). Then, in blocks of :data:`_PAIR_BLOCK`, the word pairs are taken in ``order``
     (one random read per string) and adjacent ones compared; only the pairs tied on all
     sixteen bytes with both strings longer go on, eight bytes at a time, from the blob.
+    Each pass splits its strings between :data:`VERIFY_THREADS` threads (numpy releases
+    the GIL in every step): 10M ids take 0.35 s on two threads, 0.6 to 0.8 s on one.
     Memory: 17 bytes per string plus per-block scratch. Expects what
     :class:`StringTable` checks first: ``offsets`` monotone and inside the blob, ``order``
     indexes of ``offsets[:-1]`` (no read outside the blob happens regardless).
@@ -440,42 +455,77 @@ def strictly_increasing(
     n = int(offsets.shape[0]) - 1
     keys = np.empty((max(n, 0), 2), dtype=np.uint64)
     short = np.empty(max(n, 0), dtype=np.uint8)  # min(length, 255)
-    for lo in range(0, n, _PAIR_BLOCK):
-        hi = min(lo + _PAIR_BLOCK, n)
-        starts, lengths = _bounds(offsets, slice(lo, hi), size)
-        keys[lo:hi, 0] = _word(words, tail, split, starts, lengths, 0)
-        keys[lo:hi, 1] = _word(words, tail, split, starts, lengths, 8)
-        np.minimum(lengths, 255, out=lengths)
-        short[lo:hi] = lengths
+
+    def fill(first: int, last: int) -> bool:
+        for lo in range(first, last, _PAIR_BLOCK):
+            hi = min(lo + _PAIR_BLOCK, last)
+            starts, lengths = _bounds(offsets, slice(lo, hi), size)
+            keys[lo:hi, 0] = _word(words, tail, split, starts, lengths, 0)
+            keys[lo:hi, 1] = _word(words, tail, split, starts, lengths, 8)
+            np.minimum(lengths, 255, out=lengths)
+            short[lo:hi] = lengths
+        return True
+
     rows = keys.view(np.dtype((np.void, 16))).reshape(-1)  # one 16-byte item per string
-    for lo in range(0, order.size - 1, _PAIR_BLOCK):
-        hi = min(lo + _PAIR_BLOCK, order.size - 1)
-        o = order[lo : hi + 1]
-        k = np.take(rows, o).view(np.uint64).reshape(-1, 2)
-        wa, wb = k[:-1, 0], k[1:, 0]
-        if (wa > wb).any():
-            return False
-        tied = np.flatnonzero(wa == wb)
-        if not tied.size:
-            continue
-        for pos in (0, 8):
-            if pos:  # compare the second words of the pairs tied on the first
-                wa, wb = k[tied, 1], k[tied + 1, 1]
-                if (wa > wb).any():
-                    return False
-                tied = tied[wa == wb]
-            la = short[o[tied]].astype(np.int64)
-            lb = short[o[tied + 1]].astype(np.int64)
-            # tied words where a string ended: the shorter must be first; equal: a dup
-            ended = (la <= pos + 8) | (lb <= pos + 8)
-            if (la[ended] >= lb[ended]).any():
+
+    def pairs(first: int, last: int) -> bool:
+        """Pairs ``(order[j], order[j + 1])`` for ``j`` in ``first .. last - 1``."""
+        for lo in range(first, last, _PAIR_BLOCK):
+            o = order[lo : min(lo + _PAIR_BLOCK, last) + 1]
+            if not _pairs_increasing(offsets, size, words, tail, split, rows, short, o):
                 return False
-            tied = tied[~ended]
-            if not tied.size:
-                break
-        if tied.size and not _tail_increasing(offsets, size, words, tail, split, o, tied):
+        return True
+
+    return _split(fill, n) and _split(pairs, order.size - 1)
+
+
+def _split(work: Callable[[int, int], bool], n: int) -> bool:
+    """``work`` over ``0 .. n`` cut into :data:`VERIFY_THREADS` contiguous parts (whole
+    :data:`_PAIR_BLOCK` blocks), run on as many threads; whether every part said True."""
+    per = -(-n // VERIFY_THREADS // _PAIR_BLOCK) * _PAIR_BLOCK
+    parts = [(lo, min(lo + per, n)) for lo in range(0, n, per)] if per else []
+    if len(parts) < 2:
+        return all(work(lo, hi) for lo, hi in parts)
+    with ThreadPoolExecutor(max_workers=len(parts), thread_name_prefix="bundle-ids") as pool:
+        done = [pool.submit(work, lo, hi) for lo, hi in parts]
+        return all([d.result() for d in done])
+
+
+def _pairs_increasing(
+    offsets: npt.NDArray[np.integer],
+    size: int,
+    words: npt.NDArray[np.uint64],
+    tail: npt.NDArray[np.uint64],
+    split: int,
+    rows: npt.NDArray[np.void],
+    short: U8,
+    o: npt.NDArray[np.integer],
+) -> bool:
+    """Whether the strings ``o[0], o[1], ...`` strictly increase: their keys (see
+    :func:`strictly_increasing`) first, then the blob for the pairs tied on them."""
+    k = np.take(rows, o).view(np.uint64).reshape(-1, 2)
+    wa, wb = k[:-1, 0], k[1:, 0]
+    if (wa > wb).any():
+        return False
+    tied = np.flatnonzero(wa == wb)
+    if not tied.size:
+        return True
+    for pos in (0, 8):
+        if pos:  # compare the second words of the pairs tied on the first
+            wa, wb = k[tied, 1], k[tied + 1, 1]
+            if (wa > wb).any():
+                return False
+            tied = tied[wa == wb]
+        la = short[o[tied]].astype(np.int64)
+        lb = short[o[tied + 1]].astype(np.int64)
+        # tied words where a string ended: the shorter must be first; equal: a dup
+        ended = (la <= pos + 8) | (lb <= pos + 8)
+        if (la[ended] >= lb[ended]).any():
             return False
-    return True
+        tied = tied[~ended]
+        if not tied.size:
+            return True
+    return _tail_increasing(offsets, size, words, tail, split, o, tied)
 
 
 def _tail_increasing(

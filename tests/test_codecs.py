@@ -112,6 +112,23 @@ def test_strictly_increasing_trivial_and_empty_strings() -> None:
     assert not strictly_increasing(offsets, blob, np.arange(2)[::-1].copy())
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(-2, 12), max_size=12),
+    st.integers(0, 12),
+    st.sampled_from([1, 3, 1 << 20]),
+)
+def test_is_permutation_matches_reference(values: list[int], n: int, block: int) -> None:
+    saved = _bundle2._SCATTER_BLOCK
+    _bundle2._SCATTER_BLOCK = block  # small blocks: a repeat across two blocks
+    try:
+        for dtype in (np.int32, np.int64):
+            got = _bundle2.is_permutation(np.asarray(values, dtype=dtype), n)
+            assert got == (sorted(values) == list(range(n)))
+    finally:
+        _bundle2._SCATTER_BLOCK = saved
+
+
 # --- block-compressed strings ----------------------------------------------------
 
 _text = st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=30)
