@@ -883,11 +883,12 @@ def _check_popular_prefix(
     ties = (pop[1:] == pop[:-1]) & (order[1:] > order[:-1])
     if not (falls | ties).all():
         raise BundleError(f"{where}: popularity_order does not sort by popularity (ties by index)")
-    if order.size < n:
-        last, last_pop = int(order[-1]), float(pop[-1])
-        rest = np.flatnonzero(~listed)
-        rest_pop = popularity[rest]
-        if (rest_pop > last_pop).any() or ((rest_pop == last_pop) & (rest < last)).any():
+    if order.size < n:  # masks over the catalog, no index array of its size
+        last, last_pop = int(order[-1]), pop[-1]
+        unlisted = ~listed
+        if (unlisted & (popularity > last_pop)).any() or (
+            unlisted[:last] & (popularity[:last] == last_pop)
+        ).any():
             raise BundleError(f"{where}: an item left out of popularity_order ranks above it")
 
 

@@ -181,3 +181,29 @@ def test_a_full_popularity_ranking_is_still_read(
         tmp_path, _large_signed(key, {"popularity_order": too_short}), public_key_bytes(key)
     )
     assert "between 16 and 300" in message
+
+
+@pytest.mark.parametrize(
+    ("head", "ok"),
+    [
+        ([0, 1], True),
+        ([0, 1, 2], True),
+        ([0, 1, 2, 3, 4], True),
+        ([0, 2], False),  # item 1 ties with item 2 and has the lower index: ranks above
+        ([0, 1, 3], False),  # item 2 left out, tied with 3, lower index
+        ([1, 2], False),  # the most popular item left out
+        ([0, 2, 1], False),  # ties not by index
+    ],
+)
+def test_a_popularity_head_must_be_the_top_of_the_ranking_ties_by_index(
+    head: list[int], ok: bool
+) -> None:
+    from ondevice.bundle import _check_popular_prefix
+
+    popularity = np.array([5, 3, 3, 3, 1], dtype=np.float32)
+    order = np.array(head, dtype=np.int32)
+    if ok:
+        _check_popular_prefix(popularity, order, "t")
+    else:
+        with pytest.raises(BundleError, match="popularity_order"):
+            _check_popular_prefix(popularity, order, "t")
