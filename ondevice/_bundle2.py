@@ -360,9 +360,10 @@ _SCATTER_BLOCK = 1 << 20
 """Values marked at a time by :func:`is_permutation`."""
 
 
-_PAIR_BLOCK = 1 << 16
-"""Strings or adjacent pairs handled at a time by :func:`strictly_increasing` (bounded
-scratch that stays in the CPU caches; larger blocks measured slower)."""
+_PAIR_BLOCK = 1 << 14
+"""Strings or adjacent pairs handled at a time by :func:`strictly_increasing`: scratch of
+128 KB per array, which stays in the CPU caches and, freed by a worker thread, is not
+kept by its allocator (1 << 16 kept 6 MB more after a 1M-item open, no faster)."""
 _EIGHT = (~np.uint64(0)) << (np.uint64(8) * (np.uint64(8) - np.arange(9, dtype=np.uint64)))
 _EIGHT[0] = 0  # a shift by 64 is undefined: no byte kept
 _EIGHT[8] = ~np.uint64(0)
