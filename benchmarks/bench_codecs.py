@@ -48,8 +48,9 @@ from ondevice._codecs import (
 )
 from ondevice.bundle import load_bundle
 
-DEFAULT_BUNDLE = _scale_data.DEFAULT_CACHE / "scale-n1000000-s0-g2-fca09fc657b6.bundle"
-DEFAULT_KEY = "92e29ea5d44646ad545315e10e8afdd5f163d79bcc6c1595f05d7e49cfef69b7"
+DEFAULT_BUNDLE, _ = _scale_data.cache_paths(1_000_000, 0, _scale_data.DEFAULT_CACHE)
+"""``bench_scale.py``'s cached 1M-item bundle for the current bundle code, if written."""
+DEFAULT_KEY = _scale_data.public_key(0).hex()
 
 DEFAULT_NPZ = Path("/tmp/nbr1m_clustered.npz")
 
