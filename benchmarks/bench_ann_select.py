@@ -10,20 +10,49 @@ vectors from the device's own implicit-ALS fold-in, measures in one run:
 * candidate indexes (``--candidates``, default all): usearch and voyager HNSW with the
   inner-product metric directly and with the MIPS -> cosine transform (an extra
   dimension ``sqrt(M^2 - |y|^2)``, query with 0 there), in float32, float16/E4M3 and
-  8-bit storage; and ``ivf-np``, an inverted file written here in numpy (k-means
+  8-bit storage; ``ivf-np``, an inverted file written here in numpy (k-means
   centroids, the int8 factors stored in cluster order, probe the ``nprobe`` clusters
-  whose centroid scores best, score those rows exactly).
+  whose centroid scores best, score those rows exactly); and faiss-cpu indexes with
+  the inner-product metric: ``faiss-ivf-flat`` (``IndexIVFFlat``, float32 lists) and
+  ``faiss-ivf-sq8`` (``IndexIVFScalarQuantizer``, ``QT_8bit``: 8 bits per dimension,
+  residuals), both with ivf-np's number of lists (``ann_build.default_clusters``),
+  trained by faiss on ivf-np's sample of ``64 x nlist`` items with its defaults for
+  inner product (spherical k-means, each item in the list whose centroid has the
+  largest inner product with it, probes by inner product with the centroids);
+  ``-l2km`` variants take ivf-np's clustering instead (the L2 k-means of ``ann_build``,
+  each item in the list of its nearest centroid), to separate clustering from storage;
+  ``faiss-hnsw-sq8`` / ``faiss-hnsw-flat`` (``IndexHNSWSQ`` / ``IndexHNSWFlat``).
 
 For every candidate: build time (2 threads), serialized size, and, in a fresh child
 process that reads the serialized bytes into private anonymous memory first (as
 ``ondevice.bundle`` does with a verified bundle, at a 64-byte offset as inside a
 bundle), the restore-from-that-buffer time (median of 5; usearch both ``view``, no
 copy, and ``load``, a copy; voyager ``Index.load`` of an ``io.BytesIO`` over the
-buffer; ivf-np: ``np.frombuffer`` views), the resident memory the restored index adds
+buffer; ivf-np: ``np.frombuffer`` views; faiss: ``faiss.deserialize_index`` of the
+buffer, a copy, and ``read_index`` through a ``faiss.ZeroCopyIOReader`` over the
+buffer, no copy of the vectors or lists), the resident memory the restored index adds
 beyond that buffer (steady and peak), and single-query latency (library threads = 1,
 BLAS threads = 1) with recall@10 against the exact float32 top 10, sweeping ``ef``
-(``nprobe`` for ivf-np) up to the smallest value that reaches ``--target`` recall,
-then p50/p99 over ``--passes`` passes at that value.
+(``nprobe`` for the inverted files) up to the smallest value that reaches ``--target``
+recall, then p50/p99 over ``--passes`` passes at that value.
+
+Sizes: ``idx MB`` is the serialized index; ``extra MB`` what it adds to a bundle that
+ships the per-row int8 factors anyway (64 MB + 4 MB of scales at 1M items). ivf-np's
+blob here holds those factors in cluster order (a bundle stores its catalog in that
+order), so its extra is the centroids and offsets alone; an HNSW or faiss index holds
+its own copy of the vectors (faiss IVF: float32 or 8-bit codes in its lists, plus an
+int64 id per item, 8 bytes), so all of it is extra.
+
+faiss restore: ``faiss.deserialize_index`` first copies the array into a
+``std::vector`` and then reads the index out of that into faiss's own memory, so the
+RSS it adds is about the index size and the peak about twice that. ``IO_FLAG_MMAP``
+(on-disk inverted lists) and ``IO_FLAG_MMAP_IFC`` map a file, from a file name or a
+``FILE*`` (bundles are never memory-mapped), but ``read_index`` through a
+``faiss.ZeroCopyIOReader(ptr, size)`` (faiss >= 1.11) makes the inverted lists' codes
+and ids, the coarse centroids, flat and SQ codes and the HNSW neighbour table views of
+the caller's buffer (which must then outlive the index; HNSW levels and offsets, 12
+bytes per item, are still copied). The child measures its RSS first, on a clean heap,
+keeps it, and checks that it returns the same top 10 as the copy.
 
 ``--determinism N`` also builds every candidate twice on the first N items with one
 thread and twice with two, and says whether the serialized bytes are identical.
@@ -31,7 +60,8 @@ thread and twice with two, and says whether the serialized bytes are identical.
     .venv/bin/python benchmarks/bench_ann_select.py [--items 1000000] [--queries 200]
         [--candidates NAME,...] [--passes 3] [--target 0.95] [--determinism 50000]
 
-Needs ``pip install usearch voyager`` (not dependencies of the package).
+Needs ``pip install usearch voyager faiss-cpu==1.15.1`` (not dependencies of the
+package); a candidate whose library is missing is reported as a failed build.
 """
 
 from __future__ import annotations
@@ -70,7 +100,7 @@ OFFSET_IN_BUNDLE = 64  # the child restores from buf[64:], as an array inside a 
 @dataclass
 class Candidate:
     name: str
-    lib: str  # usearch | voyager | ivf-np
+    lib: str  # usearch | voyager | ivf-np | faiss
     metric: str  # ip | cos-aug (MIPS->cosine transform) | ...
     dtype: str  # storage
     params: dict[str, int] = field(default_factory=dict)
@@ -95,7 +125,14 @@ CANDIDATES = [
     Candidate("vo-cos-aug-f8-M16", "voyager", "cos-aug", "f8", {"M": 16, "efc": 128}),
     Candidate("vo-cos-aug-f8-M8", "voyager", "cos-aug", "f8", {"M": 8, "efc": 128}),
     Candidate("vo-ip-f8-M8", "voyager", "ip", "f8", {"M": 8, "efc": 128}),
-    Candidate("ivf-np-i8", "ivf-np", "ip", "i8", {"nlist": 0}),  # 0: ~sqrt(n)
+    Candidate("ivf-np-i8", "ivf-np", "ip", "i8", {"nlist": 0}),  # 0: default_clusters
+    # faiss: nlist 0 = ann_build.default_clusters (as ivf-np); l2km 1 = ivf-np's clusters
+    Candidate("faiss-ivf-flat", "faiss", "ip", "f32", {"nlist": 0}),
+    Candidate("faiss-ivf-sq8", "faiss", "ip", "sq8", {"nlist": 0}),
+    Candidate("faiss-ivf-flat-l2km", "faiss", "ip", "f32", {"nlist": 0, "l2km": 1}),
+    Candidate("faiss-ivf-sq8-l2km", "faiss", "ip", "sq8", {"nlist": 0, "l2km": 1}),
+    Candidate("faiss-hnsw-sq8", "faiss", "ip", "sq8", {"M": 16, "efc": 128}),
+    Candidate("faiss-hnsw-flat", "faiss", "ip", "f32", {"M": 16, "efc": 128}),
 ]
 BY_NAME = {c.name: c for c in CANDIDATES}
 
@@ -139,9 +176,9 @@ def query_vectors(cand: Candidate, q: np.ndarray) -> np.ndarray:
 
 def build(
     cand: Candidate, vecs: np.ndarray, threads: int, extra: dict[str, Any]
-) -> tuple[bytes | bytearray, float]:
-    """Build the index over ``vecs`` (keys 0..n-1); return its serialized bytes and the
-    build time (serialization excluded)."""
+) -> tuple[bytes | bytearray | np.ndarray, float]:
+    """Build the index over ``vecs`` (keys 0..n-1); return its serialized bytes (a
+    uint8 array for faiss) and the build time (serialization excluded)."""
     n, dim = vecs.shape
     t0 = time.perf_counter()
     if cand.lib == "usearch":
@@ -186,9 +223,83 @@ def build(
     elif cand.lib == "ivf-np":
         blob = ivf_build(extra["yq"], extra["scale"], vecs, cand.params["nlist"], threads)
         t_build = time.perf_counter() - t0
+    elif cand.lib == "faiss":
+        import faiss
+
+        index = faiss_build(cand, vecs, threads)
+        t_build = time.perf_counter() - t0
+        blob = faiss.serialize_index(index)  # uint8 array
+        del index
     else:
         raise ValueError(cand.lib)
     return blob, t_build
+
+
+# -- faiss -----------------------------------------------------------------------------------
+
+
+def ivf_sample(y: np.ndarray, nlist: int) -> np.ndarray:
+    """The k-means training sample of ivf-np (and of the faiss inverted files): ``64 x
+    nlist`` distinct rows, in item order."""
+    n = y.shape[0]
+    rng = np.random.default_rng(7)
+    return y[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))]
+
+
+def faiss_build(cand: Candidate, y: np.ndarray, threads: int) -> Any:
+    """A faiss index over ``y`` (ids 0..n-1) with the inner-product metric.
+
+    Inverted files: ``nlist`` lists (0: ``default_nlist``), trained on ivf-np's sample,
+    probed by the inner product of the query with the centroids (``IndexFlatIP``). By
+    default faiss's own training (for inner product: spherical k-means, 10 iterations)
+    and assignment (each item to the centroid of largest inner product); with ``l2km``
+    exactly ivf-np's clustering: its centroids (L2 k-means, 12 iterations) in the
+    coarse quantizer and each item in the list of its nearest centroid (L2), through
+    ``add_core`` (faiss then trains only the scalar quantizer). ``sq8`` is
+    ``QT_8bit`` (per-dimension min/max, on the residuals to the centroid, faiss's
+    default). HNSW: ``M`` and ``efConstruction``."""
+    import faiss
+    from threadpoolctl import threadpool_limits
+
+    n, dim = y.shape
+    y = np.ascontiguousarray(y, dtype=np.float32)
+    faiss.omp_set_num_threads(threads)
+    ip = faiss.METRIC_INNER_PRODUCT
+    p = cand.params
+    if "nlist" in p:
+        nlist = p["nlist"] or default_nlist(n)
+        sample = np.ascontiguousarray(ivf_sample(y, nlist))
+        quantizer = faiss.IndexFlatIP(dim)
+        labels = None
+        if p.get("l2km"):
+            with threadpool_limits(threads):
+                cent = ann_build._kmeans(sample, nlist, np.random.default_rng(11))
+                labels = ann_build._assign(y, cent).astype(np.int64)
+            quantizer.add(cent)
+        if cand.dtype == "f32":
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, ip)
+        elif cand.dtype == "sq8":
+            qt = faiss.ScalarQuantizer.QT_8bit
+            index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, qt, ip)
+        else:
+            raise ValueError(cand.dtype)
+        index.cp.seed = 11
+        index.train(sample)  # l2km: the scalar quantizer only
+        if labels is None:  # each item to the list whose centroid scores it best (IP)
+            index.add(y)  # ids 0..n-1; the wrapper keeps ``quantizer`` alive
+        else:  # ivf-np's assignment: the nearest centroid (L2); ids 0..n-1 (None)
+            index.add_core(n, faiss.swig_ptr(y), None, faiss.swig_ptr(labels))
+        return index
+    if cand.dtype == "f32":
+        index = faiss.IndexHNSWFlat(dim, p["M"], ip)
+    elif cand.dtype == "sq8":
+        index = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_8bit, p["M"], ip)
+        index.train(y)  # per-dimension min/max over every item
+    else:
+        raise ValueError(cand.dtype)
+    index.hnsw.efConstruction = p["efc"]
+    index.add(y)
+    return index
 
 
 # -- ivf-np: an inverted file in numpy ---------------------------------------------------
@@ -207,8 +318,7 @@ def ivf_build(yq: np.ndarray, scale: np.ndarray, y: np.ndarray, nlist: int, thre
 
     n = y.shape[0]
     nlist = nlist or default_nlist(n)
-    rng = np.random.default_rng(7)
-    sample = y[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))]
+    sample = ivf_sample(y, nlist)
     with threadpool_limits(threads):
         # the same k-means (L2, 12 iterations) and assignment the bundle writer uses
         cent = ann_build._kmeans(sample, nlist, np.random.default_rng(11))
@@ -341,7 +451,9 @@ def restore(lib: str, buf: np.ndarray, mode: str) -> Any:
     """Restore from the in-memory buffer. usearch modes: ``view`` (no copy, the key ->
     slot table not built: search still returns keys), ``view+keys`` (the default view),
     ``load`` (a copy). voyager: ``Index.load`` of an ``io.BytesIO`` over the buffer (one
-    memcpy, then native parsing; a pure-Python reader costs one call per element)."""
+    memcpy, then native parsing; a pure-Python reader costs one call per element).
+    faiss: ``copy`` (``deserialize_index``) or ``zerocopy`` (``read_index`` through a
+    ``ZeroCopyIOReader`` over the buffer)."""
     if lib == "usearch":
         from usearch.index import Index
 
@@ -367,6 +479,15 @@ def restore(lib: str, buf: np.ndarray, mode: str) -> Any:
             f.close()
     if lib == "ivf-np":
         return IvfIndex(buf)
+    if lib == "faiss":
+        import faiss
+
+        if mode == "zerocopy":  # views of ``buf``: it must outlive the index
+            reader = faiss.ZeroCopyIOReader(faiss.swig_ptr(buf), buf.size)
+            index = faiss.read_index(reader)
+            index.referenced_objects = [buf]  # faiss's own keep-alive attribute
+            return index
+        return faiss.deserialize_index(buf)  # copies buf into a std::vector, then reads
     raise ValueError(lib)
 
 
@@ -388,6 +509,23 @@ def make_searcher(lib: str, index: Any) -> tuple[Any, Any]:
 
         def search(q: np.ndarray) -> np.ndarray:
             return index.query(q, k=K, num_threads=1, query_ef=box["ef"])[0]
+
+    elif lib == "faiss":
+        import faiss
+
+        faiss.omp_set_num_threads(1)
+        if isinstance(index, faiss.IndexIVF):
+
+            def set_ef(ef: int) -> None:
+                index.nprobe = ef
+
+        else:
+
+            def set_ef(ef: int) -> None:
+                index.hnsw.efSearch = ef
+
+        def search(q: np.ndarray) -> np.ndarray:
+            return index.search(q[None, :], K)[1][0]
 
     else:
 
@@ -429,9 +567,20 @@ def child_main(spec_path: str) -> None:
     out: dict[str, Any] = {}
     with threadpool_limits(1):
         buf = private_buffer(spec["index"])
-        modes = {"usearch": ["view", "view+keys", "load"], "voyager": ["load", "memfd"]}.get(
-            lib, ["load"]
-        )
+        modes = {
+            "usearch": ["view", "view+keys", "load"],
+            "voyager": ["load", "memfd"],
+            "faiss": ["copy", "zerocopy"],
+        }.get(lib, ["load"])
+        zc_index = None
+        if lib == "faiss":  # the zero-copy restore's memory, before any heap is freed
+            import faiss  # first: the library's own pages are not the index's
+
+            faiss.omp_set_num_threads(1)
+            gc.collect()
+            r0 = rss_mb()
+            zc_index = restore(lib, buf, "zerocopy")
+            out["rss_added_zc"] = rss_mb() - r0
         # resident memory added by the first restore (+ the sweep's queries below)
         gc.collect()
         rss0 = rss_mb()
@@ -444,11 +593,12 @@ def child_main(spec_path: str) -> None:
         set_ef, search = make_searcher(lib, index)
         for q in queries[:5]:
             search(q)  # warm-up
-        sweep = NPROBE_SWEEP if lib == "ivf-np" else EF_SWEEP
+        nlist = spec.get("nlist", 0)  # inverted files: sweep nprobe up to nlist
+        sweep = NPROBE_SWEEP if nlist else EF_SWEEP
         rows = []
         best = None
         for ef in sweep:
-            if lib == "ivf-np" and ef > index.centroids.shape[0]:
+            if nlist and ef > nlist:
                 break
             if ef > spec["max_ef"]:
                 break
@@ -468,6 +618,7 @@ def child_main(spec_path: str) -> None:
         out["final"] = final
         out["rss_added"] = rss_mb() - rss0
         out["peak_added"] = hwm_mb() - hwm0
+        keys_first = [np.asarray(search(q), dtype=np.int64) for q in queries]
         del index, search, set_ef
         gc.collect()
         # restore times, median of 5, for each mode
@@ -490,6 +641,13 @@ def child_main(spec_path: str) -> None:
             for q in queries:
                 search2(q)
             out["rss_added_load"] = rss_mb() - r0
+        if zc_index is not None:  # the zero-copy index: the same answers as the copy?
+            set_ef2, search2 = make_searcher(lib, zc_index)
+            set_ef2(best)
+            keys_zc = [np.asarray(search2(q), dtype=np.int64) for q in queries]
+            out["zc_same"] = all(
+                np.array_equal(a, b) for a, b in zip(keys_first, keys_zc, strict=True)
+            )
     print("RESULT " + json.dumps(out))
 
 
@@ -571,7 +729,7 @@ def determinism(cand: Candidate, y: np.ndarray, n: int) -> str:
 
 def versions() -> str:
     out = [f"python {platform.python_version()}", f"numpy {np.__version__}"]
-    for mod in ("usearch", "voyager"):
+    for mod in ("usearch", "voyager", "faiss-cpu"):
         try:
             from importlib.metadata import version
 
@@ -592,7 +750,12 @@ def main() -> None:
     ap.add_argument("--build-threads", type=int, default=2)
     ap.add_argument("--query-kind", choices=["foldin", "sum"], default="foldin")
     ap.add_argument("--determinism", type=int, default=0, help="N items; 0: skip")
-    ap.add_argument("--nlist", type=int, default=0, help="ivf-np lists; 0: ~sqrt(items)")
+    ap.add_argument(
+        "--nlist",
+        type=int,
+        default=0,
+        help="ivf-np and faiss IVF lists; 0: default_clusters",
+    )
     ap.add_argument("--max-ef", type=int, default=2048, help="stop the sweep here")
     ap.add_argument("--save", help="write the results as JSON here (after each candidate)")
     ap.add_argument("--tmp", default=None, help="directory for serialized indexes")
@@ -639,7 +802,7 @@ def main() -> None:
     np.save(gtpath, gt)
     results = []
     for cand in cands:
-        if cand.lib == "ivf-np" and cand.params["nlist"] == 0:
+        if cand.params.get("nlist", -1) == 0:  # ivf-np and the faiss inverted files
             cand.params["nlist"] = args.nlist or default_nlist(args.items)
         print(f"... {cand.name}: building", flush=True)
         vecs = index_vectors(cand, y)
@@ -651,7 +814,7 @@ def main() -> None:
         del vecs
         ipath = os.path.join(tmpdir, cand.name + ".idx")
         with open(ipath, "wb") as f:
-            f.write(blob)
+            f.write(memoryview(blob))
         size_mb = len(blob) / 1e6
         digest = hashlib.sha256(blob).hexdigest()[:12]
         del blob
@@ -665,6 +828,7 @@ def main() -> None:
             "target": args.target,
             "passes": args.passes,
             "max_ef": args.max_ef,
+            "nlist": cand.params.get("nlist", 0),
         }
         spath = os.path.join(tmpdir, "spec.json")
         with open(spath, "w") as f:
@@ -687,6 +851,13 @@ def main() -> None:
         # the bundle needs the factors too: int8 factors beside an HNSW index; the
         # ivf-np blob already holds them (in cluster order)
         res["bundle_mb"] = size_mb + (0.0 if cand.lib == "ivf-np" else i8_mb)
+        # beyond the int8 factors the bundle ships anyway: ivf-np's centroids + offsets;
+        # every other index holds its own copy of the vectors (faiss IVF: + int64 ids)
+        if cand.lib == "ivf-np":
+            nl = cand.params["nlist"]
+            res["extra_mb"] = (nl * y.shape[1] * 4 + (nl + 1) * 8) / 1e6
+        else:
+            res["extra_mb"] = size_mb
         if args.determinism:
             res["determinism"] = determinism(cand, y, args.determinism)
         results.append(res)
@@ -723,7 +894,7 @@ def report(args, base, base_end, results, i8_mb, f32_mb) -> None:
     )
     hdr = (
         f"{'candidate':<20}{'lib':<8}{'metric':<8}{'store':<6}{'params':<16}{'build s':>8}"
-        f"{'idx MB':>8}{'+i8 MB':>8}{'restore ms':>22}{'RSS+ MB':>9}{'peak+':>7}"
+        f"{'idx MB':>8}{'+i8 MB':>8}{'extra MB':>9}{'restore ms':>22}{'RSS+ MB':>9}{'peak+':>7}"
         f"{'ef':>6}{'p50 ms':>8}{'p99 ms':>8}{'recall':>7}{'p50 x':>7}{'p99 x':>7}"
     )
     print(hdr)
@@ -731,35 +902,55 @@ def report(args, base, base_end, results, i8_mb, f32_mb) -> None:
         c = r["cand"]
         p = c["params"]
         params = f"M{p['M']}/efc{p['efc']}" if "M" in p else f"nlist {p['nlist']}"
+        if p.get("l2km"):
+            params += " l2km"
         rm = r["restore_ms"]
         restore = (
             f"v {rm['view']:.0f}/vk {rm['view+keys']:.0f}/c {rm['load']:.0f}"
             if "view" in rm
             else f"{rm['load']:.0f}/m {rm['memfd']:.0f}"
             if "memfd" in rm
+            else f"c {rm['copy']:.0f}/z {rm['zerocopy']:.1f}"
+            if "zerocopy" in rm
             else f"{rm['load']:.0f}"
         )
         f = r["final"]
         rss = f"{r['rss_added']:.0f}"
         if "rss_added_load" in r:
             rss += f"/{r['rss_added_load']:.0f}"
+        if "rss_added_zc" in r:
+            rss += f"/{r['rss_added_zc']:.0f}"
         print(
             f"{c['name']:<20}{c['lib']:<8}{c['metric']:<8}{c['dtype']:<6}{params:<16}"
-            f"{r['build_s']:>8.1f}{r['size_mb']:>8.1f}{r['bundle_mb']:>8.1f}{restore:>22}"
+            f"{r['build_s']:>8.1f}{r['size_mb']:>8.1f}{r['bundle_mb']:>8.1f}"
+            f"{r['extra_mb']:>9.1f}{restore:>22}"
             f"{rss:>9}{r['peak_added']:>7.0f}{f['ef']:>6}{f['p50']:>8.2f}{f['p99']:>8.2f}"
             f"{f['recall']:>7.3f}{f['p50'] / ref['p50']:>7.3f}{f['p99'] / ref['p99']:>7.3f}"
         )
     print(
         "idx MB: serialized index; +i8 MB: what the bundle holds for it (HNSW: index + "
         f"per-row int8 factors, {i8_mb:.1f} MB; ivf-np: its blob, which is those factors in "
-        "cluster order plus centroids/offsets/order). restore: usearch v = Index.restore("
+        "cluster order plus centroids/offsets/order; faiss: index + int8 factors, like "
+        "HNSW). extra MB: what the index adds to a bundle that ships the int8 factors "
+        "anyway (ivf-np: centroids + offsets, its items being stored in cluster order; "
+        "every other index: all of it, a second copy of the vectors, and for faiss IVF an "
+        "int64 id per item, 8 bytes). restore: usearch v = Index.restore("
         "buf, view=True, enable_key_lookups=False) (no copy; the queries use this), vk = "
         "the same with the default key lookups, c = Index.restore(buf) (a copy); voyager "
         "Index.load(io.BytesIO(buf)), m = Index.load('/proc/self/fd/N') of a memfd holding "
-        "a copy (Linux only); ivf-np np.frombuffer views. RSS+: resident memory "
-        "added beyond the buffer after restore and the sweep (usearch: view/copy); peak+: "
-        f"peak added. float32 factors alone: {f32_mb:.1f} MB."
+        "a copy (Linux only); ivf-np np.frombuffer views; faiss c = deserialize_index(buf) "
+        "(a copy; the queries use this), z = read_index(ZeroCopyIOReader(buf)) (views of "
+        "buf). RSS+: resident memory added beyond the buffer after restore and the sweep "
+        "(usearch: view/copy; faiss: copy/zero-copy, the latter right after its restore, "
+        "faiss imported first); peak+: peak added (faiss: the copy "
+        f"passes through a std::vector first). float32 factors alone: {f32_mb:.1f} MB."
     )
+    zc = [r for r in results if "zc_same" in r]
+    if zc:
+        print(
+            "faiss zero-copy restore, same top 10 as the copy on every query: "
+            + ", ".join(f"{r['cand']['name']} {'yes' if r['zc_same'] else 'NO'}" for r in zc)
+        )
     print()
     print("## Sweeps: ef (nprobe): recall@10 p50/p99 ms, one pass")
     for r in results:
