@@ -11,8 +11,10 @@ request scores the ``C`` centroids, then only the items of the ``nprobe`` best c
 Why an inverted file written here and not a graph index from a library: at 1M items the
 HNSW libraries that can be restored from bytes (``usearch``, ``voyager``) need their own
 copy of the vectors plus a graph, 218 to 345 MB at settings that reach recall 0.95
-(``benchmarks/bench_ann_select.py``), against a 150 MB budget for the whole bundle; the
-inverted file needs no copy (the bundle's int8 factors *are* the index, reordered) and
+(``benchmarks/bench_ann_select.py``), against a 150 MB budget for the whole bundle;
+faiss's inverted file has this one's recall with the same clusters but also keeps its own
+copy of the vectors and an int64 id per item (73 MB at the smallest, 8-bit codes); the
+inverted file here needs no copy (the bundle's int8 factors *are* the index, reordered) and
 adds ``C x f`` floats plus ``C + 1`` offsets (1 MB at 1M items), restored as two array
 views of verified bytes. At 1M items with 4,096 clusters a request scores about 2% of
 the items for recall@10 0.97 (``docs/scale.md``).
