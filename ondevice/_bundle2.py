@@ -25,7 +25,7 @@ import bisect
 import math
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Final, overload
+from typing import Any, Final, NamedTuple, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -370,52 +370,58 @@ _EIGHT[8] = ~np.uint64(0)
 """``_EIGHT[k]`` keeps the ``k`` high (first) bytes of a big-endian word, ``k`` in 0..8."""
 
 
-def _word(
-    words: npt.NDArray[np.uint64],
-    tail: npt.NDArray[np.uint64],
-    split: int,
-    starts: npt.NDArray[np.int64],
-    lengths: npt.NDArray[np.int64],
-    pos: int,
-) -> npt.NDArray[np.uint64]:
-    """Bytes ``pos .. pos + 7`` of each string as one big-endian word (zeros past its end).
+class _Blob(NamedTuple):
+    """A string table's bytes read as words: ``words[k]`` is the (unaligned, big-endian)
+    word at blob byte ``k`` for ``k < split`` (a zero-copy strided view),
+    ``tail[k - split]`` the zero-padded one for the last few bytes."""
 
-    ``words[k]`` is the (unaligned, big-endian) word at blob byte ``k`` for
-    ``k < split``; ``tail[k - split]`` the zero-padded one for the last few bytes (see
-    :func:`_blob_words`). One gather per string, no per-byte work.
-    """
-    at = starts + pos
-    near_end = at >= split
-    if near_end.any():
-        got = np.empty(at.shape, dtype=np.uint64)
-        far = ~near_end
-        got[far] = words[at[far]]
-        got[near_end] = tail[np.minimum(at[near_end] - split, tail.size - 1)]
-    else:
-        got = words[at].astype(np.uint64)
-    keep = lengths - pos
-    np.maximum(keep, 0, out=keep)
-    np.minimum(keep, 8, out=keep)
-    got &= _EIGHT[keep]
-    return got
+    offsets: npt.NDArray[np.integer]
+    size: int
+    words: npt.NDArray[np.uint64]
+    tail: npt.NDArray[np.uint64]
+    split: int
 
+    @classmethod
+    def of(cls, offsets: npt.NDArray[np.integer], blob: U8) -> _Blob:
+        size = int(blob.size)
+        split = max(size - 7, 0)
+        if split:
+            base = np.ascontiguousarray(blob)
+            rows = np.lib.stride_tricks.as_strided(base, shape=(split, 8), strides=(1, 1))
+            words: npt.NDArray[np.uint64] = rows.view(">u8")[:, 0]
+        else:
+            words = np.empty(0, dtype=np.uint64)
+        padded = np.zeros(16, dtype=np.uint8)
+        padded[: size - split] = blob[split:]
+        tail = np.lib.stride_tricks.as_strided(padded, shape=(9, 8), strides=(1, 1))
+        tail_words: npt.NDArray[np.uint64] = tail.view(">u8")[:, 0].astype(np.uint64)
+        return cls(offsets, size, words, tail_words, split)
 
-def _blob_words(blob: U8) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], int]:
-    """Zero-copy big-endian words at every byte of ``blob`` that has 7 bytes after it,
-    and (copied) zero-padded words for the last bytes: ``(words, tail, split)``."""
-    size = int(blob.size)
-    split = max(size - 7, 0)
-    if split:
-        base = np.ascontiguousarray(blob)
-        rows = np.lib.stride_tricks.as_strided(base, shape=(split, 8), strides=(1, 1))
-        words: npt.NDArray[np.uint64] = rows.view(">u8")[:, 0]
-    else:
-        words = np.empty(0, dtype=np.uint64)
-    padded = np.zeros(16, dtype=np.uint8)
-    padded[: size - split] = blob[split:]
-    tail = np.lib.stride_tricks.as_strided(padded, shape=(9, 8), strides=(1, 1))
-    tail_words: npt.NDArray[np.uint64] = tail.view(">u8")[:, 0].astype(np.uint64)
-    return words, tail_words, split
+    def word(
+        self, starts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64], pos: int
+    ) -> npt.NDArray[np.uint64]:
+        """Bytes ``pos .. pos + 7`` of each string as one big-endian word (zeros past its
+        end): one gather per string, no per-byte work."""
+        at = starts + pos
+        near_end = at >= self.split
+        if near_end.any():
+            got = np.empty(at.shape, dtype=np.uint64)
+            far = ~near_end
+            got[far] = self.words[at[far]]
+            got[near_end] = self.tail[np.minimum(at[near_end] - self.split, self.tail.size - 1)]
+        else:
+            got = self.words[at].astype(np.uint64)
+        keep = lengths - pos
+        np.maximum(keep, 0, out=keep)
+        np.minimum(keep, 8, out=keep)
+        got &= _EIGHT[keep]
+        return got
+
+    def bounds(
+        self, which: npt.NDArray[np.integer] | slice
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """:func:`_bounds` of the strings ``which``."""
+        return _bounds(self.offsets, which, self.size)
 
 
 def _bounds(
@@ -458,8 +464,7 @@ def strictly_increasing(
     """
     if order.size < 2:
         return True
-    size = int(blob.size)
-    words, tail, split = _blob_words(blob)
+    text = _Blob.of(offsets, blob)
     n = int(offsets.shape[0]) - 1
     # strings of at most 8 bytes (short ids) need only the first word
     width = 2 if n > 0 and int(np.diff(offsets).max()) > 8 else 1
@@ -469,9 +474,9 @@ def strictly_increasing(
     def fill(first: int, last: int) -> bool:
         for lo in range(first, last, _PAIR_BLOCK):
             hi = min(lo + _PAIR_BLOCK, last)
-            starts, lengths = _bounds(offsets, slice(lo, hi), size)
+            starts, lengths = text.bounds(slice(lo, hi))
             for col in range(width):
-                keys[lo:hi, col] = _word(words, tail, split, starts, lengths, 8 * col)
+                keys[lo:hi, col] = text.word(starts, lengths, 8 * col)
             np.minimum(lengths, 255, out=lengths)
             short[lo:hi] = lengths
         return True
@@ -482,7 +487,7 @@ def strictly_increasing(
         """Pairs ``(order[j], order[j + 1])`` for ``j`` in ``first .. last - 1``."""
         for lo in range(first, last, _PAIR_BLOCK):
             o = order[lo : min(lo + _PAIR_BLOCK, last) + 1]
-            if not _pairs_increasing(offsets, size, words, tail, split, rows, short, o):
+            if not _pairs_increasing(text, rows, short, o):
                 return False
         return True
 
@@ -502,14 +507,7 @@ def _split(work: Callable[[int, int], bool], n: int) -> bool:
 
 
 def _pairs_increasing(
-    offsets: npt.NDArray[np.integer],
-    size: int,
-    words: npt.NDArray[np.uint64],
-    tail: npt.NDArray[np.uint64],
-    split: int,
-    rows: npt.NDArray[np.void],
-    short: U8,
-    o: npt.NDArray[np.integer],
+    text: _Blob, rows: npt.NDArray[np.void], short: U8, o: npt.NDArray[np.integer]
 ) -> bool:
     """Whether the strings ``o[0], o[1], ...`` strictly increase: their keys (see
     :func:`strictly_increasing`) first, then the blob for the pairs tied on them."""
@@ -536,26 +534,20 @@ def _pairs_increasing(
         tied = tied[~ended]
         if not tied.size:
             return True
-    return _tail_increasing(offsets, size, words, tail, split, o, tied)
+    return _tail_increasing(text, o, tied)
 
 
 def _tail_increasing(
-    offsets: npt.NDArray[np.integer],
-    size: int,
-    words: npt.NDArray[np.uint64],
-    tail: npt.NDArray[np.uint64],
-    split: int,
-    o: npt.NDArray[np.integer],
-    tied: npt.NDArray[np.intp],
+    text: _Blob, o: npt.NDArray[np.integer], tied: npt.NDArray[np.intp]
 ) -> bool:
     """For the pairs ``(o[t], o[t + 1])`` whose first sixteen bytes tie and which both go
     on: whether each first string is below the second, comparing from byte 16 on."""
-    sa, la = _bounds(offsets, o[tied].astype(np.int64), size)
-    sb, lb = _bounds(offsets, o[tied + 1].astype(np.int64), size)
+    sa, la = text.bounds(o[tied].astype(np.int64))
+    sb, lb = text.bounds(o[tied + 1].astype(np.int64))
     pos = 16
     while sa.size:
-        wa = _word(words, tail, split, sa, la, pos)
-        wb = _word(words, tail, split, sb, lb, pos)
+        wa = text.word(sa, la, pos)
+        wb = text.word(sb, lb, pos)
         if (wa > wb).any():
             return False
         tied_here = wa == wb
