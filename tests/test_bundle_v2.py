@@ -119,6 +119,24 @@ def test_round_trip_exact_where_exact_and_within_the_stated_error_elsewhere(
     np.testing.assert_allclose(got.gram, y.T @ y, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("block", [1, 3, 1 << 14])
+@pytest.mark.parametrize("prefix", ["", "sku-", "日-"])
+def test_iterating_a_string_table_gives_what_indexing_gives(
+    block: int, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_bundle2, "_ITER_BLOCK", block)
+    strings = ["a", "", "zé", "日本", "x" * 40, "", "b\x00c", "é"]
+    encoded = [t.encode("utf-8") for t in strings]
+    offsets = np.zeros(len(strings) + 1, dtype=np.int64)
+    np.cumsum([len(e) for e in encoded], out=offsets[1:])
+    blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    table = StringTable(offsets, blob, prefix=prefix)
+    want = [prefix + t for t in strings]
+    assert list(table) == want == [table[i] for i in range(len(table))]
+    empty = StringTable(np.zeros(1, np.int64), np.zeros(0, np.uint8), prefix=prefix)
+    assert list(empty) == []
+
+
 @pytest.mark.parametrize("search", [True, False], ids=["binary-search", "dictionary"])
 def test_the_runtime_finds_every_id_and_nothing_else(
     tmp_path: Path, key: Ed25519PrivateKey, pinned: bytes, monkeypatch: pytest.MonkeyPatch,
@@ -126,6 +144,7 @@ def test_the_runtime_finds_every_id_and_nothing_else(
 ) -> None:
     if search:  # as if the catalog had millions of items
         monkeypatch.setattr(_bundle2, "INDEX_DICT_LIMIT", 0)
+    monkeypatch.setattr(_bundle2, "_ITER_BLOCK", 7)  # the dictionary is built across blocks
     want = _with_unicode_ids(make_catalog(5, n=200))
     write_bundle(want, tmp_path / "c.odb", private_key=key)
     got = load_bundle(tmp_path / "c.odb", public_key=pinned)
