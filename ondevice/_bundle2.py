@@ -179,7 +179,7 @@ class StringTable(Sequence[str]):
     by its bytes in the blob.
     """
 
-    __slots__ = ("_blob", "_offsets", "_order", "_prefix", "_raw")
+    __slots__ = ("_blob", "_memo", "_offsets", "_order", "_prefix", "_raw")
 
     def __init__(
         self,
@@ -224,6 +224,9 @@ class StringTable(Sequence[str]):
         self._blob = blob
         self._raw = raw
         self._order = order
+        #: strings decoded lately, by index: a request shows the same popular items'
+        #: ids and titles again and again (bounded; cleared whole when full)
+        self._memo: dict[int, str] = {}
         try:
             self._prefix = prefix.encode("utf-8")
         except UnicodeEncodeError:
@@ -241,7 +244,15 @@ class StringTable(Sequence[str]):
     def __getitem__(self, index: int | slice) -> str | list[str]:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        return (self._prefix + self._bytes(index)).decode("utf-8")
+        i = operator.index(index)
+        memo = self._memo
+        found = memo.get(i)
+        if found is None:
+            found = (self._prefix + self._bytes(i)).decode("utf-8")
+            if len(memo) >= _STRING_MEMO:
+                memo.clear()
+            memo[i] = found
+        return found
 
     def _bytes(self, index: int) -> bytes:
         n = self._offsets.shape[0] - 1
@@ -289,6 +300,8 @@ class StringTable(Sequence[str]):
         return int(self._blob.nbytes + self._offsets.nbytes) + extra
 
 
+_STRING_MEMO = 1 << 12
+"""Decoded strings a :class:`StringTable` remembers (by index) before it starts over."""
 _ITER_BLOCK = 1 << 14
 """Strings decoded at a time when a :class:`StringTable` is iterated."""
 

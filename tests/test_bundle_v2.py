@@ -130,9 +130,15 @@ def test_iterating_a_string_table_gives_what_indexing_gives(
     offsets = np.zeros(len(strings) + 1, dtype=np.int64)
     np.cumsum([len(e) for e in encoded], out=offsets[1:])
     blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    monkeypatch.setattr(_bundle2, "_STRING_MEMO", 3)  # the memo of decoded strings fills
     table = StringTable(offsets, blob, prefix=prefix)
     want = [prefix + t for t in strings]
     assert list(table) == want == [table[i] for i in range(len(table))]
+    rng = np.random.default_rng(block)
+    for i in rng.integers(-len(want), len(want), size=60).tolist():
+        assert table[i] == want[i] and table[np.int64(i)] == want[i]
+    with pytest.raises(IndexError):
+        table[len(want)]
     empty = StringTable(np.zeros(1, np.int64), np.zeros(0, np.uint8), prefix=prefix)
     assert list(empty) == []
 
