@@ -10,13 +10,12 @@ escape value whose code follows the row's entries as one more varint.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
-from ondevice._codecs import _check_offsets, _narrow_offsets, _unzigzag, _zigzag
+from ondevice._codecs import RowReader, _check_offsets, _narrow_offsets, _unzigzag, _zigzag
 
 U8 = npt.NDArray[np.uint8]
 I64 = npt.NDArray[np.int64]
@@ -145,7 +144,7 @@ def encode_neighbours(
     return _narrow_offsets(row_offsets), payload
 
 
-class NeighbourStore:
+class NeighbourStore(RowReader):
     """Neighbour lists of ``n_items`` items over :func:`encode_neighbours` output.
 
     Construction checks the offsets (``O(n)``: 1-D integers, ``n_items + 1`` of them,
@@ -186,30 +185,6 @@ class NeighbourStore:
     def nbytes(self) -> int:
         """Bytes of the encoded arrays."""
         return int(self._offsets.nbytes + self._payload.nbytes)
-
-    def gather(self, items: npt.NDArray[np.integer] | Sequence[int]) -> tuple[I64, I64, U8]:
-        """``(owner_pos, targets, codes)`` of the rows of ``items``, concatenated: for
-        each requested item in turn its row in its original order, as CSR fancy
-        indexing would give; ``owner_pos[j]`` is the position in ``items`` of entry
-        ``j``'s row. IndexError for an item outside ``[0, n_items)``; ValueError for a
-        corrupt row."""
-        it = np.asarray(items)
-        if it.ndim != 1 or (it.size and it.dtype.kind not in "iu"):
-            raise IndexError("items must be a 1-D array of integers")
-        it = it.astype(np.int64)
-        if it.size and (int(it.min()) < 0 or int(it.max()) >= self._n):
-            raise IndexError(f"an item is outside [0, {self._n})")
-        return self._decode_rows(it)
-
-    def row(self, item: int) -> tuple[I64, U8]:
-        """``(targets, codes)`` of one item's row, in its original order."""
-        _, targets, codes = self.gather(np.array([item], dtype=np.int64))
-        return targets, codes
-
-    def validate(self, chunk: int = 1 << 16) -> None:
-        """Decode every row, ``chunk`` rows at a time; ValueError at a corrupt one."""
-        for lo in range(0, self._n, chunk):
-            self._decode_rows(np.arange(lo, min(lo + chunk, self._n), dtype=np.int64))
 
     def _decode_rows(self, items: I64) -> tuple[I64, I64, U8]:
         m = items.size

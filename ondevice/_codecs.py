@@ -632,7 +632,37 @@ def _check_items(items: npt.NDArray[np.integer] | Sequence[int], n: int) -> I64:
     return it
 
 
-class PackedNeighbourStore:
+class RowReader:
+    """The reader API neighbour-row codecs share over their ``_decode_rows`` (the
+    bit-packed store here, the varint baseline in ``benchmarks/_varint_neighbours.py``):
+    ``_n`` rows, each decoded to ``(targets, codes)``."""
+
+    __slots__ = ()
+    _n: int
+
+    def _decode_rows(self, items: I64) -> tuple[I64, I64, U8]:
+        raise NotImplementedError
+
+    def gather(self, items: npt.NDArray[np.integer] | Sequence[int]) -> tuple[I64, I64, U8]:
+        """``(owner, targets, codes)`` of the rows of ``items``, concatenated: for each
+        requested item in turn its row in its original order; ``owner[j]`` is the position
+        in ``items`` of entry ``j``'s row. IndexError for an item outside ``[0, n)``,
+        ValueError for a corrupt row."""
+        return self._decode_rows(_check_items(items, self._n))
+
+    def row(self, item: int) -> tuple[I64, U8]:
+        """``(targets, codes)`` of one item's row, in its original order."""
+        _, targets, codes = self.gather(np.array([item], dtype=np.int64))
+        return targets, codes
+
+    def validate(self, chunk: int = 1 << 16) -> None:
+        """Decode every row, ``chunk`` rows at a time; ValueError at a corrupt one."""
+        for lo in range(0, self._n, chunk):
+            self._decode_rows(np.arange(lo, min(lo + chunk, self._n), dtype=np.int64))
+
+
+
+class PackedNeighbourStore(RowReader):
     """Neighbour lists of ``n_items`` items over :func:`encode_neighbours_packed` output,
     with the reader API of the varint baseline in ``benchmarks/_varint_neighbours.py``.
 
@@ -719,23 +749,6 @@ class PackedNeighbourStore:
     def nbytes(self) -> int:
         """Bytes of the encoded arrays."""
         return int(self._payload.nbytes + self._base.nbytes + self._rel.nbytes)
-
-    def gather(self, items: npt.NDArray[np.integer] | Sequence[int]) -> tuple[I64, I64, U8]:
-        """``(owner, targets, codes)`` of the rows of ``items``, concatenated: for each
-        requested item in turn its row in its original order; ``owner[j]`` is the position
-        in ``items`` of entry ``j``'s row. IndexError for an item outside ``[0, n)``,
-        ValueError for a corrupt row."""
-        return self._decode_rows(_check_items(items, self._n))
-
-    def row(self, item: int) -> tuple[I64, U8]:
-        """``(targets, codes)`` of one item's row, in its original order."""
-        _, targets, codes = self.gather(np.array([item], dtype=np.int64))
-        return targets, codes
-
-    def validate(self, chunk: int = 1 << 16) -> None:
-        """Decode every row, ``chunk`` rows at a time; ValueError at a corrupt one."""
-        for lo in range(0, self._n, chunk):
-            self._decode_rows(np.arange(lo, min(lo + chunk, self._n), dtype=np.int64))
 
     def _bits(self, pos: I64, width: I64 | int) -> U64:
         """The ``width``-bit fields at bit positions ``pos`` (each ``pos`` at most the
